@@ -1,0 +1,99 @@
+"""The package's exceptions: one tree, so callers can catch ``LitestreamError`` or a precise subclass.
+
+Lower layers raise these; only the VFS boundary turns them into apsw errors. Messages name the
+object (LTX key, replica URL with any secret removed) and the problem, never a credential.
+"""
+
+from __future__ import annotations
+
+
+class LitestreamError(Exception):
+    """Base class of every error raised by ltxvfs."""
+
+
+# --- LTX codec -------------------------------------------------------------------------------
+
+
+class LTXError(LitestreamError):
+    """An LTX file (or part of one) is not valid."""
+
+
+class InvalidMagicError(LTXError):
+    """The file does not start with the ``LTX1`` magic."""
+
+
+class InvalidHeaderError(LTXError):
+    """A header field is out of range: flags, page size, TXIDs, checksums, WAL fields."""
+
+
+class TruncatedError(LTXError):
+    """The data ends before the structure it should hold (header, frame, index, trailer)."""
+
+
+class ChecksumMismatchError(LTXError):
+    """The file checksum in the trailer does not match the file's contents."""
+
+
+class MalformedIndexError(LTXError):
+    """The page index at the end of the file cannot be parsed or disagrees with the frames."""
+
+
+class PageOrderError(LTXError):
+    """Page numbers are out of order, out of bounds, the lock page, or missing from a snapshot."""
+
+
+class PageFrameError(LTXError):
+    """A page frame has bad flags, does not decompress, or decompresses to the wrong size."""
+
+
+# --- replica storage -------------------------------------------------------------------------
+
+
+class StorageError(LitestreamError):
+    """Object storage (S3 or a directory) failed or refused a request."""
+
+
+class ReplicaURLError(StorageError, ValueError):
+    """A replica URL cannot be parsed or names an unsupported scheme."""
+
+
+class BucketNotFoundError(StorageError):
+    """The bucket (or replica root directory) does not exist."""
+
+
+class AccessDeniedError(StorageError):
+    """The credentials were refused (wrong key, no permission)."""
+
+
+class ObjectNotFoundError(StorageError):
+    """An LTX object named by a listing or a plan is not there (deleted by retention, or missing)."""
+
+
+class ObjectExistsError(StorageError):
+    """An exclusive write found the object already there (another writer took that TXID)."""
+
+
+# --- planning and restore --------------------------------------------------------------------
+
+
+class PlanError(LitestreamError):
+    """No consistent set of LTX files answers the request."""
+
+
+class TxNotAvailableError(PlanError):
+    """The replica has no files for the requested TXID or time (or is empty)."""
+
+
+class NonContiguousError(PlanError):
+    """The replica has a gap between TXIDs that no compacted file covers."""
+
+
+class RestoreError(LitestreamError):
+    """A restore cannot proceed (output exists, bad target, ...)."""
+
+
+# --- write mode ------------------------------------------------------------------------------
+
+
+class ConflictError(LitestreamError):
+    """The remote replica moved on without us; our changes were not uploaded (nothing overwritten)."""

@@ -1,0 +1,115 @@
+"""The replica storage interface: list, read a range, write, delete LTX files of one replica.
+
+Two implementations live beside this module: ``s3.py`` (boto3) and ``file.py`` (a directory laid
+out as Litestream's file backend). Both are thread-safe: one client serves every thread.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import BinaryIO
+
+SNAPSHOT_LEVEL = 9
+MAX_LEVEL = 9
+
+_NAME_RE = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{16})\.ltx$")
+
+
+def format_txid(txid: int) -> str:
+    """TXIDs in names and text are 16 lowercase hex digits."""
+    return f"{txid:016x}"
+
+
+def ltx_filename(min_txid: int, max_txid: int) -> str:
+    """``<min>-<max>.ltx``; refuses anything but valid TXIDs so keys are never built from junk."""
+    if not (isinstance(min_txid, int) and isinstance(max_txid, int)):
+        raise TypeError("TXIDs must be integers")
+    if not (1 <= min_txid <= max_txid < 1 << 64):
+        raise ValueError(f"invalid TXID range {min_txid}-{max_txid}")
+    return f"{min_txid:016x}-{max_txid:016x}.ltx"
+
+
+def parse_ltx_filename(name: str) -> tuple[int, int] | None:
+    """(min, max) of a ``<min>-<max>.ltx`` name, or None for anything else (skipped in listings)."""
+    m = _NAME_RE.match(name)
+    if not m:
+        return None
+    lo, hi = int(m.group(1), 16), int(m.group(2), 16)
+    if lo < 1 or hi < lo:
+        return None
+    return lo, hi
+
+
+def check_level(level: int) -> int:
+    if not isinstance(level, int) or not (0 <= level <= MAX_LEVEL):
+        raise ValueError(f"invalid LTX level {level!r} (0..{MAX_LEVEL})")
+    return level
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """One LTX file in a replica, as a listing reports it."""
+
+    level: int
+    min_txid: int
+    max_txid: int
+    size: int
+    #: UTC, timezone-aware. LastModified (S3) or mtime (file) by default; the LTX header
+    #: timestamp (``litestream-timestamp`` metadata / mtime) when listed with ``use_metadata``.
+    created_at: datetime
+
+    @property
+    def name(self) -> str:
+        return ltx_filename(self.min_txid, self.max_txid)
+
+    def __str__(self) -> str:
+        return f"L{self.level}/{self.name}"
+
+
+class ReplicaClient(abc.ABC):
+    """Access to the LTX files of one replica (one database)."""
+
+    #: The replica URL with any secret removed; safe to log and put in messages.
+    url: str
+
+    @abc.abstractmethod
+    def list_files(self, level: int, *, seek: int = 0, use_metadata: bool = False) -> list[FileInfo]:
+        """Files of ``level`` with ``min_txid >= seek``, ascending by (min_txid, max_txid).
+
+        ``use_metadata`` asks for ``created_at`` = the LTX header timestamp (needed for time
+        travel): S3 reads the ``litestream-timestamp`` metadata (one HEAD per file).
+        """
+
+    @abc.abstractmethod
+    def read(self, level: int, min_txid: int, max_txid: int, offset: int = 0,
+             size: int | None = None) -> bytes:
+        """Bytes ``[offset, offset+size)`` of a file (to the end when ``size`` is None).
+
+        Raises ObjectNotFoundError when the file is gone.
+        """
+
+    @abc.abstractmethod
+    def write(self, level: int, min_txid: int, max_txid: int, data: bytes | BinaryIO,
+              timestamp_ms: int, *, exclusive: bool = False) -> FileInfo:
+        """Store a whole LTX file atomically (readers never see a partial object).
+
+        ``data`` is bytes or a seekable binary file positioned at 0. ``timestamp_ms`` is the LTX
+        header timestamp (stored as metadata / mtime). With ``exclusive`` the write fails with
+        ObjectExistsError if the object already exists (conditional PUT / exclusive create).
+        """
+
+    @abc.abstractmethod
+    def delete(self, files: list[FileInfo]) -> None:
+        """Delete files; missing ones are ignored."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections; the client must not be used afterwards."""
+
+    def __enter__(self) -> ReplicaClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
