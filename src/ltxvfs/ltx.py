@@ -1,0 +1,542 @@
+"""The LTX file format (version 3, as written by Litestream 0.5.x): decode, verify, encode.
+
+Layout::
+
+    [header 100 B][page frame]*[6 zero bytes][page index][index length u64][trailer 16 B]
+
+Page frames come in two encodings, chosen per page by the frame's flag bit:
+
+* flag 0x0001 ("block", Litestream >= 0.5.16): pgno u32, flags u16, size u32, LZ4 block.
+* flag 0x0000 ("frame", Litestream <= 0.5.15): pgno u32, flags u16, one LZ4 frame.
+
+We write the block encoding only. The file checksum is CRC-64/GO-ISO over the header, every
+page header (with the size field) and the *decompressed* page, the end marker, the index and the
+post-apply checksum. Every malformed input raises a subclass of :class:`~ltxvfs.errors.LTXError`.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import fastcrc
+import lz4.block
+import lz4.frame
+
+from .errors import (
+    ChecksumMismatchError,
+    InvalidHeaderError,
+    InvalidMagicError,
+    MalformedIndexError,
+    PageFrameError,
+    PageOrderError,
+    TruncatedError,
+)
+
+MAGIC = b"LTX1"
+HEADER_SIZE = 100
+PAGE_HEADER_SIZE = 6
+TRAILER_SIZE = 16
+HEADER_FLAG_NO_CHECKSUM = 0x00000002
+PAGE_FLAG_SIZE = 0x0001
+CHECKSUM_FLAG = 1 << 63
+PENDING_BYTE = 0x40000000
+MIN_PAGE_SIZE, MAX_PAGE_SIZE = 512, 65536
+#: How much of a file's end the VFS fetches to find the page index in one request.
+ESTIMATED_INDEX_TAIL = 32768
+
+_HEADER = struct.Struct(">4sIIIQQqQqqIIQ")  # 80 bytes, then 20 reserved bytes
+_PAGE_HEADER = struct.Struct(">IH")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_END_OF_PAGES = bytes(PAGE_HEADER_SIZE)
+# A compressed page can exceed the page size (LZ4 bound); anything far beyond it is hostile.
+_MAX_BLOCK_OVERHEAD = 1024
+
+
+def crc64(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
+    """CRC-64/GO-ISO (Go's ``crc64.ISO``), continuing from ``crc`` so it can be streamed."""
+    return fastcrc.crc64.go_iso(data, initial=crc)
+
+
+def is_valid_page_size(page_size: int) -> bool:
+    return MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE and page_size & (page_size - 1) == 0
+
+
+def lock_pgno(page_size: int) -> int:
+    """The page holding SQLite's PENDING_BYTE; it is never stored in LTX files."""
+    return PENDING_BYTE // page_size + 1
+
+
+@dataclass(frozen=True)
+class Header:
+    """The 100-byte LTX header. ``timestamp`` is milliseconds since the Unix epoch (UTC)."""
+
+    page_size: int
+    commit: int
+    min_txid: int
+    max_txid: int
+    timestamp: int
+    flags: int = HEADER_FLAG_NO_CHECKSUM
+    pre_apply_checksum: int = 0
+    wal_offset: int = 0
+    wal_size: int = 0
+    wal_salt1: int = 0
+    wal_salt2: int = 0
+    node_id: int = 0
+
+    @property
+    def is_snapshot(self) -> bool:
+        """A snapshot holds every page 1..commit (Litestream: MinTXID == 1)."""
+        return self.min_txid == 1
+
+    def validate(self) -> None:
+        """The checks Go's ``Header.Validate`` makes; raises InvalidHeaderError."""
+        if self.flags & ~HEADER_FLAG_NO_CHECKSUM:
+            raise InvalidHeaderError(f"invalid flags: 0x{self.flags:08x}")
+        if not is_valid_page_size(self.page_size):
+            raise InvalidHeaderError(f"invalid page size: {self.page_size}")
+        if self.min_txid == 0 or self.max_txid == 0:
+            raise InvalidHeaderError("minimum transaction id required")
+        if self.min_txid > self.max_txid:
+            raise InvalidHeaderError(
+                f"transaction ids out of order: ({self.min_txid},{self.max_txid})")
+        if self.wal_offset < 0 or self.wal_size < 0:
+            raise InvalidHeaderError("negative WAL offset or size")
+        if (self.wal_salt1 or self.wal_salt2) and self.wal_offset == 0:
+            raise InvalidHeaderError("WAL salts set without a WAL offset")
+        if self.wal_offset == 0 and self.wal_size != 0:
+            raise InvalidHeaderError("WAL size set without a WAL offset")
+        no_checksum = bool(self.flags & HEADER_FLAG_NO_CHECKSUM)
+        if self.is_snapshot and self.pre_apply_checksum != 0:
+            raise InvalidHeaderError("pre-apply checksum must be zero on snapshots")
+        if not self.is_snapshot:
+            if no_checksum and self.pre_apply_checksum != 0:
+                raise InvalidHeaderError("pre-apply checksum not allowed")
+            if not no_checksum and not self.pre_apply_checksum & CHECKSUM_FLAG:
+                raise InvalidHeaderError("pre-apply checksum required")
+
+    def pack(self) -> bytes:
+        self.validate()
+        return _HEADER.pack(
+            MAGIC, self.flags, self.page_size, self.commit, self.min_txid, self.max_txid,
+            self.timestamp, self.pre_apply_checksum, self.wal_offset, self.wal_size,
+            self.wal_salt1, self.wal_salt2, self.node_id) + bytes(HEADER_SIZE - _HEADER.size)
+
+    @classmethod
+    def unpack(cls, data: bytes | memoryview) -> Header:
+        """Decode and validate the first 100 bytes of ``data``."""
+        if len(data) < HEADER_SIZE:
+            if bytes(data[:4]) != MAGIC[:len(data[:4])]:
+                raise InvalidMagicError("invalid LTX file: wrong magic")
+            raise TruncatedError(f"LTX header truncated: {len(data)} of {HEADER_SIZE} bytes")
+        fields = _HEADER.unpack_from(data, 0)
+        if fields[0] != MAGIC:
+            raise InvalidMagicError(f"invalid LTX file: magic {fields[0]!r}, expected {MAGIC!r}")
+        header = cls(page_size=fields[2], commit=fields[3], min_txid=fields[4],
+                     max_txid=fields[5], timestamp=fields[6], flags=fields[1],
+                     pre_apply_checksum=fields[7], wal_offset=fields[8], wal_size=fields[9],
+                     wal_salt1=fields[10], wal_salt2=fields[11], node_id=fields[12])
+        header.validate()
+        return header
+
+
+@dataclass(frozen=True)
+class Trailer:
+    post_apply_checksum: int
+    file_checksum: int
+
+
+# --- page index ------------------------------------------------------------------------------
+
+#: pgno -> (offset of the frame from the start of the file, frame size in bytes)
+PageIndex = dict[int, tuple[int, int]]
+
+
+def _uvarint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _read_uvarint(buf: bytes | memoryview, i: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if i >= end:
+            raise MalformedIndexError("page index: varint runs past the index")
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, i
+        shift += 7
+        if shift > 63:
+            raise MalformedIndexError("page index: varint too long")
+
+
+def page_index_start(tail: bytes | memoryview, file_size: int) -> int:
+    """Absolute offset where the page index begins, from the last >= 24 bytes of the file."""
+    if file_size < HEADER_SIZE + PAGE_HEADER_SIZE + 1 + 8 + TRAILER_SIZE:
+        raise TruncatedError(f"ltx file too short to contain a page index: {file_size} bytes")
+    if len(tail) < 24:
+        raise TruncatedError(f"need the last 24 bytes of the file, got {len(tail)}")
+    (length,) = _U64.unpack_from(tail, len(tail) - 24)
+    start = file_size - TRAILER_SIZE - 8 - length
+    if length < 1 or start < HEADER_SIZE + PAGE_HEADER_SIZE:
+        raise MalformedIndexError(f"page index length {length} does not fit a {file_size}-byte file")
+    return start
+
+
+def parse_page_index(data: bytes | memoryview, file_size: int, data_offset: int | None = None,
+                     page_size: int | None = None) -> PageIndex:
+    """Parse the page index from ``data``, the bytes ``[data_offset, file_size)`` of a file.
+
+    ``data_offset`` defaults to ``file_size - len(data)`` (a tail). Raises TruncatedError if the
+    index starts before ``data_offset`` (fetch more), MalformedIndexError if it is inconsistent.
+    """
+    if data_offset is None:
+        data_offset = file_size - len(data)
+    if data_offset + len(data) != file_size:
+        raise TruncatedError("page index data does not reach the end of the file")
+    start = page_index_start(data, file_size)
+    if start < data_offset:
+        raise TruncatedError(f"page index starts at {start}, before the fetched tail at {data_offset}")
+    i, end = start - data_offset, len(data) - TRAILER_SIZE - 8
+    frames_end = start - PAGE_HEADER_SIZE
+    max_frame = (page_size or MAX_PAGE_SIZE) + _MAX_BLOCK_OVERHEAD + 10
+    index: PageIndex = {}
+    prev = 0
+    while True:
+        pgno, i = _read_uvarint(data, i, end)
+        if pgno == 0:
+            break
+        offset, i = _read_uvarint(data, i, end)
+        size, i = _read_uvarint(data, i, end)
+        if pgno <= prev:
+            raise MalformedIndexError(f"page index: pgno {pgno} after {prev}")
+        if offset < HEADER_SIZE or size <= PAGE_HEADER_SIZE or size > max_frame \
+                or offset + size > frames_end:
+            raise MalformedIndexError(
+                f"page index: frame of page {pgno} at {offset}+{size} is outside the page data")
+        index[pgno] = (offset, size)
+        prev = pgno
+    if i != end:
+        raise MalformedIndexError("page index: terminator is not at the recorded index length")
+    return index
+
+
+def encode_page_index(entries: Iterable[tuple[int, int, int]]) -> bytes:
+    """Index bytes for (pgno, offset, size) entries: varints, terminator, u64 length."""
+    body = b"".join(_uvarint(p) + _uvarint(o) + _uvarint(s) for p, o, s in entries) + b"\x00"
+    return body + _U64.pack(len(body))
+
+
+# --- page frames -----------------------------------------------------------------------------
+
+
+def decode_page_frame(frame: bytes | memoryview, page_size: int,
+                      expected_pgno: int | None = None) -> bytes:
+    """Decompress one whole page frame (as located by the page index) into page bytes."""
+    if len(frame) < PAGE_HEADER_SIZE:
+        raise TruncatedError(f"page frame truncated: {len(frame)} bytes")
+    pgno, flags = _PAGE_HEADER.unpack_from(frame, 0)
+    if expected_pgno is not None and pgno != expected_pgno:
+        raise PageFrameError(f"page frame holds page {pgno}, expected page {expected_pgno}")
+    if flags & ~PAGE_FLAG_SIZE:
+        raise PageFrameError(f"invalid page header flags: 0x{flags:04x} (page {pgno})")
+    if flags & PAGE_FLAG_SIZE:
+        if len(frame) < PAGE_HEADER_SIZE + 4:
+            raise TruncatedError(f"page frame of page {pgno} truncated")
+        (n,) = _U32.unpack_from(frame, PAGE_HEADER_SIZE)
+        payload = frame[PAGE_HEADER_SIZE + 4:PAGE_HEADER_SIZE + 4 + n]
+        if len(payload) != n:
+            raise TruncatedError(f"page frame of page {pgno} truncated: {len(payload)} of {n} bytes")
+        return _decompress_block(payload, page_size, pgno)
+    try:
+        data = lz4.frame.decompress(bytes(frame[PAGE_HEADER_SIZE:]))
+    except RuntimeError as err:
+        raise PageFrameError(f"decompress frame of page {pgno}: {err}") from err
+    if len(data) != page_size:
+        raise PageFrameError(f"page {pgno} decompressed to {len(data)} bytes, not {page_size}")
+    return data
+
+
+def _decompress_block(payload: bytes | memoryview, page_size: int, pgno: int) -> bytes:
+    if len(payload) > page_size + _MAX_BLOCK_OVERHEAD:
+        raise PageFrameError(f"page {pgno}: compressed size {len(payload)} is implausible")
+    try:
+        data = lz4.block.decompress(payload, uncompressed_size=page_size)
+    except (lz4.block.LZ4BlockError, ValueError) as err:
+        raise PageFrameError(f"decompress block of page {pgno}: {err}") from err
+    if len(data) != page_size:
+        raise PageFrameError(f"page {pgno} decompressed to {len(data)} bytes, not {page_size}")
+    return data
+
+
+def encode_page_frame(pgno: int, data: bytes) -> bytes:
+    """One frame in the block encoding (what Litestream 0.5.16+ writes)."""
+    comp = lz4.block.compress(data, store_size=False)
+    return _PAGE_HEADER.pack(pgno, PAGE_FLAG_SIZE) + _U32.pack(len(comp)) + comp
+
+
+# --- page-number rules -----------------------------------------------------------------------
+
+
+class _PageOrder:
+    """Checks the page-number rules shared by the encoder and the decoder."""
+
+    def __init__(self, header: Header) -> None:
+        self.header = header
+        self.lock = lock_pgno(header.page_size)
+        self.prev = 0
+
+    def check(self, pgno: int) -> None:
+        h = self.header
+        if pgno == 0 or pgno > h.commit:
+            raise PageOrderError(f"page number {pgno} out-of-bounds for commit size {h.commit}")
+        if pgno == self.lock:
+            raise PageOrderError(f"cannot encode lock page: pgno={pgno}")
+        if pgno <= self.prev:
+            raise PageOrderError(f"out-of-order page numbers: {self.prev},{pgno}")
+        if h.is_snapshot:
+            expected = self.prev + 1
+            if expected == self.lock:
+                expected += 1
+            if pgno != expected:
+                if self.prev == 0:
+                    raise PageOrderError("snapshot transaction file must start with page number 1")
+                raise PageOrderError(
+                    f"nonsequential page numbers in snapshot transaction: {self.prev},{pgno}")
+        self.prev = pgno
+
+    def finish(self) -> None:
+        h = self.header
+        if h.is_snapshot:
+            last = h.commit - 1 if h.commit == self.lock else h.commit
+            if self.prev != last:
+                raise PageOrderError(
+                    f"snapshot ends at page {self.prev} but commit is {h.commit}")
+
+
+# --- streaming decoder -----------------------------------------------------------------------
+
+
+class Decoder:
+    """Reads a whole LTX file from a binary stream, page by page, and verifies it at the end.
+
+    Iterating yields ``(pgno, page bytes)``; after the last page the index and trailer are read,
+    checked against the frames, and the file checksum verified (ChecksumMismatchError).
+    Memory stays at one page plus the read buffer, whatever the file size.
+    """
+
+    _CHUNK = 256 * 1024
+
+    def __init__(self, f: BinaryIO, name: str = "LTX file") -> None:
+        self._f = f
+        self.name = name
+        self._buf = b""
+        self._off = 0  # read position in self._buf
+        self._pos = 0  # read position in the file
+        raw = self._take(HEADER_SIZE, "header")
+        self.header = Header.unpack(raw)
+        self._crc = crc64(raw)
+        self.index: PageIndex = {}
+        self.trailer: Trailer | None = None
+
+    def _fill(self, n: int) -> bool:
+        """Make at least ``n`` unread bytes available; False at end of stream."""
+        while len(self._buf) - self._off < n:
+            chunk = self._f.read(max(self._CHUNK, n - (len(self._buf) - self._off)))
+            if not chunk:
+                return False
+            self._buf = self._buf[self._off:] + chunk
+            self._off = 0
+        return True
+
+    def _take(self, n: int, what: str) -> bytes:
+        if not self._fill(n):
+            raise TruncatedError(f"{self.name}: truncated in {what} at offset {self._pos}")
+        out = self._buf[self._off:self._off + n]
+        self._off += n
+        self._pos += n
+        return out
+
+    def __iter__(self) -> Iterator[tuple[int, bytes]]:
+        page_size = self.header.page_size
+        order = _PageOrder(self.header)
+        frames: list[tuple[int, int, int]] = []
+        while True:
+            start = self._pos
+            ph = self._take(PAGE_HEADER_SIZE, "page header")
+            self._crc = crc64(ph, self._crc)
+            pgno, flags = _PAGE_HEADER.unpack(ph)
+            if pgno == 0:
+                if flags:
+                    raise PageFrameError(f"{self.name}: invalid end-of-pages flags 0x{flags:04x}")
+                break
+            if flags & ~PAGE_FLAG_SIZE:
+                raise PageFrameError(f"{self.name}: invalid page header flags: 0x{flags:04x}")
+            try:
+                order.check(pgno)
+            except PageOrderError as err:
+                raise PageOrderError(f"{self.name}: {err}") from None
+            if flags & PAGE_FLAG_SIZE:
+                size_field = self._take(4, f"page {pgno}")
+                (n,) = _U32.unpack(size_field)
+                if n > page_size + _MAX_BLOCK_OVERHEAD:
+                    raise PageFrameError(f"{self.name}: page {pgno}: implausible size {n}")
+                data = _decompress_block(self._take(n, f"page {pgno}"), page_size, pgno)
+                self._crc = crc64(size_field, self._crc)
+            else:
+                data = self._decode_lz4_frame(pgno, page_size)
+            self._crc = crc64(data, self._crc)
+            frames.append((pgno, start, self._pos - start))
+            yield pgno, data
+        order.finish()
+        self._finish(frames)
+
+    def _decode_lz4_frame(self, pgno: int, page_size: int) -> bytes:
+        d = lz4.frame.LZ4FrameDecompressor()
+        out = bytearray()
+        while not d.eof:
+            if len(self._buf) == self._off and not self._fill(1):
+                raise TruncatedError(f"{self.name}: truncated in LZ4 frame of page {pgno}")
+            chunk = self._buf[self._off:]
+            try:
+                out += d.decompress(chunk)
+            except RuntimeError as err:
+                raise PageFrameError(f"{self.name}: decompress frame of page {pgno}: {err}") from err
+            used = len(chunk) - len(d.unused_data) if d.eof else len(chunk)
+            self._off += used
+            self._pos += used
+            if len(out) > page_size:
+                break
+        if len(out) != page_size:
+            raise PageFrameError(f"{self.name}: page {pgno} decompressed to {len(out)} bytes")
+        return bytes(out)
+
+    def _finish(self, frames: list[tuple[int, int, int]]) -> None:
+        index_start = self._pos
+        while self._fill(len(self._buf) - self._off + 1):  # the rest: index + trailer
+            if len(self._buf) - self._off > 64 << 20:
+                raise MalformedIndexError(f"{self.name}: implausibly large page index")
+        rest = self._take(len(self._buf) - self._off, "page index")
+        file_size = self._pos
+        if len(rest) < 8 + TRAILER_SIZE + 1:
+            raise TruncatedError(f"{self.name}: truncated in page index or trailer")
+        try:
+            self.index = parse_page_index(rest, file_size, index_start, self.header.page_size)
+        except TruncatedError as err:
+            raise MalformedIndexError(f"{self.name}: {err}") from None
+        except MalformedIndexError as err:
+            raise MalformedIndexError(f"{self.name}: {err}") from None
+        if page_index_start(rest, file_size) != index_start:
+            raise MalformedIndexError(f"{self.name}: page index length disagrees with the frames")
+        if [(p, o, s) for p, (o, s) in self.index.items()] != frames:
+            raise MalformedIndexError(f"{self.name}: page index does not match the page frames")
+        self._crc = crc64(rest[:-8], self._crc)
+        post, checksum = struct.unpack(">QQ", rest[-TRAILER_SIZE:])
+        self.trailer = Trailer(post, checksum)
+        if self.header.flags & HEADER_FLAG_NO_CHECKSUM and post != 0:
+            raise ChecksumMismatchError(f"{self.name}: post-apply checksum must be zero")
+        if checksum != CHECKSUM_FLAG | self._crc:
+            raise ChecksumMismatchError(
+                f"{self.name}: file checksum mismatch: stored {checksum:016x}, "
+                f"computed {CHECKSUM_FLAG | self._crc:016x}")
+
+
+@dataclass
+class LTXFile:
+    header: Header
+    pages: dict[int, bytes]
+    index: PageIndex
+    trailer: Trailer
+
+
+def decode_file(data: bytes, name: str = "LTX file") -> LTXFile:
+    """Decode and verify a whole LTX file held in memory."""
+    import io
+
+    dec = Decoder(io.BytesIO(data), name)
+    pages = dict(dec)
+    assert dec.trailer is not None
+    return LTXFile(dec.header, pages, dec.index, dec.trailer)
+
+
+def read_header(f: BinaryIO) -> Header:
+    return Header.unpack(f.read(HEADER_SIZE))
+
+
+# --- streaming encoder -----------------------------------------------------------------------
+
+
+class Encoder:
+    """Writes an LTX file (block encoding, NoChecksum) to a binary stream, one page at a time."""
+
+    def __init__(self, f: BinaryIO, header: Header) -> None:
+        if header.flags != HEADER_FLAG_NO_CHECKSUM or header.pre_apply_checksum:
+            # Litestream 0.5.x tracks no database checksums; its compactor would reject ours.
+            raise InvalidHeaderError("ltxvfs writes NoChecksum files only (flags 0x2, checksum 0)")
+        if header.commit == 0:
+            raise InvalidHeaderError("commit must be at least 1")
+        raw = header.pack()
+        self.header = header
+        self._f = f
+        self._order = _PageOrder(header)
+        self._entries: list[tuple[int, int, int]] = []
+        self._pos = 0
+        self._crc = 0
+        self._closed = False
+        self._write(raw, raw)
+
+    def _write(self, raw: bytes, hashed: bytes) -> None:
+        self._f.write(raw)
+        self._pos += len(raw)
+        self._crc = crc64(hashed, self._crc)
+
+    def write_page(self, pgno: int, data: bytes) -> None:
+        if len(data) != self.header.page_size:
+            raise PageFrameError(f"page {pgno} is {len(data)} bytes, not {self.header.page_size}")
+        self._order.check(pgno)
+        frame = encode_page_frame(pgno, data)
+        self._entries.append((pgno, self._pos, len(frame)))
+        self._f.write(frame)
+        self._pos += len(frame)
+        self._crc = crc64(data, crc64(frame[:PAGE_HEADER_SIZE + 4], self._crc))
+
+    def close(self) -> Trailer:
+        """Write the end marker, index and trailer; returns the trailer."""
+        if self._closed:
+            raise ValueError("encoder already closed")
+        self._order.finish()
+        self._write(_END_OF_PAGES, _END_OF_PAGES)
+        index = encode_page_index(self._entries)
+        self._write(index, index)
+        post = _U64.pack(0)
+        self._write(post, post)
+        checksum = CHECKSUM_FLAG | self._crc
+        self._f.write(_U64.pack(checksum))
+        self._pos += 8
+        self._closed = True
+        return Trailer(0, checksum)
+
+    @property
+    def size(self) -> int:
+        return self._pos
+
+
+def encode_file(header: Header, pages: Iterable[tuple[int, bytes]]) -> bytes:
+    """A whole LTX file in memory; pages in ascending pgno order."""
+    import io
+
+    buf = io.BytesIO()
+    enc = Encoder(buf, header)
+    for pgno, data in pages:
+        enc.write_page(pgno, data)
+    enc.close()
+    return buf.getvalue()
