@@ -14,6 +14,13 @@ from .errors import (
 
 __version__ = "0.1.0"
 
+
+def register(name: str = "litestream", config=None, makedefault: bool = False):
+    """Register the ``litestream`` VFS (see :func:`ltxvfs.vfs.register`) and return it."""
+    from .vfs import register as _register
+
+    return _register(name, config, makedefault)
+
 __all__ = [
     "ChecksumMismatchError",
     "ConflictError",
@@ -23,4 +30,5 @@ __all__ = [
     "StorageError",
     "TxNotAvailableError",
     "__version__",
+    "register",
 ]
