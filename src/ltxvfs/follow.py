@@ -1,0 +1,164 @@
+"""Following a primary: one :class:`Replica` per replica URL, and a shared poll scheduler.
+
+A poll makes one LIST (L0, from the next TXID). New contiguous L0 files are applied directly. If
+L0 has a gap (files removed by retention after compaction) the full latest plan is computed and
+the files beyond our TXID applied — compacted files included, since per page the newest TXID
+wins. A replica that went backwards (restored or replaced) is rebuilt. Nothing here can freeze
+the follower: every poll starts again from the TXID we have.
+
+Polls for all open replicas run on one scheduler thread and a small shared pool, so 100 open
+databases do not mean 100 threads.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+
+from .errors import LitestreamError, TxNotAvailableError
+from .pages import DatabaseState, PageStore, build_state, fetch_indexes
+from .plan import compute_plan
+from .storage.base import ReplicaClient
+
+log = logging.getLogger("ltxvfs.follow")
+
+#: Threads shared by every open replica for index fetches and polls.
+POOL_THREADS = 8
+
+
+class Replica:
+    """The latest known state of one replica, plus its page store. Shared by its connections."""
+
+    def __init__(self, client: ReplicaClient, store: PageStore, pool: ThreadPoolExecutor,
+                 state: DatabaseState, poll_interval: float) -> None:
+        self.client = client
+        self.store = store
+        self.pool = pool
+        self.poll_interval = poll_interval
+        self._state = state
+        self._lock = threading.Lock()
+        self._poll_lock = threading.Lock()
+        self.last_poll_success: float | None = time.monotonic()
+        self.last_error: str | None = None
+        self.polls = 0
+        self.refcount = 0
+
+    @property
+    def state(self) -> DatabaseState:
+        return self._state
+
+    def poll(self) -> DatabaseState:
+        """Check for new LTX files and advance the latest state. Errors are logged and kept in
+        ``last_error``; the previous state stays in force."""
+        with self._poll_lock:
+            self.polls += 1
+            try:
+                state = self._advance(self._state)
+            except LitestreamError as err:
+                self.last_error = str(err)
+                log.warning("poll of %s failed: %s", self.client.url, err)
+                return self._state
+            with self._lock:
+                self._state = state
+            self.last_poll_success = time.monotonic()
+            self.last_error = None
+            return state
+
+    def _advance(self, state: DatabaseState) -> DatabaseState:
+        files = self.client.list_files(0, seek=state.txid + 1)
+        chain = []
+        nxt = state.txid + 1
+        for f in files:
+            if f.min_txid != nxt:
+                break
+            chain.append(f)
+            nxt = f.max_txid + 1
+        gap = bool(files) and not chain
+        if not gap:
+            if not chain:
+                return state
+            indexes = fetch_indexes(self.client, chain, self.pool)
+            return state.applying(indexes, indexes[-1].header.commit)  # type: ignore[union-attr]
+        plan = compute_plan(self.client)
+        if plan.txid < state.txid:
+            log.warning("replica %s went back from TXID %016x to %016x; rebuilding",
+                        self.client.url, state.txid, plan.txid)
+            return build_state(self.client, plan, self.pool)
+        newer = [f for f in plan.files if f.max_txid > state.txid]
+        if not newer:
+            return state
+        indexes = fetch_indexes(self.client, newer, self.pool)
+        return state.applying(indexes, indexes[-1].header.commit)  # type: ignore[union-attr]
+
+    def lag_seconds(self) -> int:
+        if self.last_poll_success is None:
+            return -1
+        return int(time.monotonic() - self.last_poll_success)
+
+    def state_at(self, *, txid: int | None = None, timestamp: datetime | None = None
+                 ) -> DatabaseState:
+        """A state in the past (time travel). Raises TxNotAvailableError."""
+        plan = compute_plan(self.client, txid=txid, timestamp=timestamp)
+        if txid is not None and plan.txid != txid:
+            raise TxNotAvailableError(f"transaction not available: {txid:016x}")
+        return build_state(self.client, plan, self.pool)
+
+
+class PollScheduler:
+    """One thread that runs each registered replica's poll every ``poll_interval`` on a pool."""
+
+    def __init__(self, pool: ThreadPoolExecutor) -> None:
+        self._pool = pool
+        self._heap: list[tuple[float, int, Replica]] = []
+        self._running: set[int] = set()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    def add(self, replica: Replica) -> None:
+        with self._cond:
+            heapq.heappush(self._heap, (time.monotonic() + replica.poll_interval, id(replica),
+                                        replica))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="ltxvfs-poller",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def remove(self, replica: Replica) -> None:
+        with self._cond:
+            self._heap = [e for e in self._heap if e[2] is not replica]
+            heapq.heapify(self._heap)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped and (not self._heap or self._heap[0][0] > time.monotonic()):
+                    timeout = self._heap[0][0] - time.monotonic() if self._heap else None
+                    self._cond.wait(timeout)
+                if self._stopped:
+                    return
+                _, key, replica = heapq.heappop(self._heap)
+                heapq.heappush(self._heap, (time.monotonic() + replica.poll_interval, key, replica))
+                if key in self._running:
+                    continue  # the previous poll is still running: skip, never pile up
+                self._running.add(key)
+            self._pool.submit(self._poll, key, replica)
+
+    def _poll(self, key: int, replica: Replica) -> None:
+        try:
+            replica.poll()
+        except Exception:  # noqa: BLE001 - a poller must survive anything
+            log.exception("poll crashed")
+        finally:
+            with self._cond:
+                self._running.discard(key)

@@ -1,0 +1,270 @@
+""""What are the bytes of page N as of TXID T?" — the page index, the page cache, the fetcher.
+
+A :class:`DatabaseState` is an immutable view of the database at one TXID: page size, commit and,
+for every page, where its newest frame lives (LTX file, offset, size). States are built from a
+restore plan and advanced by applying newer LTX files; connections pin one state per read
+transaction. A :class:`PageStore` (one per replica, shared by its connections) turns a state and
+a page number into bytes: LRU cache bounded in bytes, ranged GETs that coalesce adjacent frames of
+one file (readahead that widens while SQLite scans), and one fetch per page however many threads
+miss it at once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from .errors import LitestreamError, TruncatedError
+from .ltx import ESTIMATED_INDEX_TAIL, HEADER_SIZE, Header, decode_page_frame, parse_page_index
+from .ltx import page_index_start
+from .plan import Plan
+from .storage.base import FileInfo, ReplicaClient
+
+
+class PageNotFoundError(LitestreamError):
+    """A page SQLite asked for is in no LTX file of the current state (a bug or a broken replica)."""
+
+
+#: Where one page's frame lives: (file, offset of the frame, frame size).
+PageRef = tuple[FileInfo, int, int]
+
+
+@dataclass(frozen=True)
+class FileIndex:
+    """What the page index of one LTX file says, plus its header when it was cheap to get."""
+
+    info: FileInfo
+    pages: dict[int, tuple[int, int]]
+    header: Header | None
+
+
+@dataclass(frozen=True)
+class DatabaseState:
+    """The database as of one TXID. Immutable: updates make a new state."""
+
+    page_size: int
+    commit: int
+    txid: int
+    created_at: datetime
+    index: dict[int, PageRef] = field(repr=False)
+
+    @property
+    def size(self) -> int:
+        return self.commit * self.page_size
+
+    def applying(self, files: Sequence[FileIndex], commit: int) -> DatabaseState:
+        """A new state with ``files`` applied: per page the newest TXID wins, pages beyond the
+        new commit are dropped (the database shrank)."""
+        index = dict(self.index)
+        for fi in files:
+            for pgno, (off, size) in fi.pages.items():
+                cur = index.get(pgno)
+                if cur is None or cur[0].max_txid <= fi.info.max_txid:
+                    index[pgno] = (fi.info, off, size)
+        if index and max(index) > commit:
+            index = {p: r for p, r in index.items() if p <= commit}
+        last = max(files, key=lambda f: f.info.max_txid).info if files else None
+        return DatabaseState(self.page_size, commit, max(self.txid, last.max_txid if last else 0),
+                             last.created_at if last else self.created_at, index)
+
+
+def fetch_file_index(client: ReplicaClient, info: FileInfo, want_header: bool = False) -> FileIndex:
+    """Read a file's page index from its tail: one ranged GET, two if the index is larger than
+    the tail. A file no larger than the tail comes whole, header included."""
+    start = max(0, info.size - ESTIMATED_INDEX_TAIL)
+    tail = client.read(info.level, info.min_txid, info.max_txid, start, info.size - start)
+    if len(tail) != info.size - start:
+        raise TruncatedError(f"{info}: read {len(tail)} bytes of the tail, expected "
+                             f"{info.size - start} (object changed or truncated)")
+    try:
+        pages = parse_page_index(tail, info.size, start)
+    except TruncatedError:
+        begin = page_index_start(tail, info.size)
+        more = client.read(info.level, info.min_txid, info.max_txid, begin, start - begin)
+        pages = parse_page_index(more + tail, info.size, begin)
+    header = None
+    if start == 0:
+        header = Header.unpack(tail[:HEADER_SIZE])
+    elif want_header:
+        header = Header.unpack(client.read(info.level, info.min_txid, info.max_txid, 0, HEADER_SIZE))
+    return FileIndex(info, pages, header)
+
+
+def fetch_indexes(client: ReplicaClient, files: Sequence[FileInfo], pool: ThreadPoolExecutor
+                  ) -> list[FileIndex]:
+    """Page indexes of ``files`` fetched in parallel; the last one always with its header."""
+    futures = [pool.submit(fetch_file_index, client, f, i == len(files) - 1)
+               for i, f in enumerate(files)]
+    return [f.result() for f in futures]
+
+
+def build_state(client: ReplicaClient, plan: Plan, pool: ThreadPoolExecutor) -> DatabaseState:
+    """The state at the end of ``plan``."""
+    indexes = fetch_indexes(client, plan.files, pool)
+    last = indexes[-1].header
+    assert last is not None
+    for fi in indexes:
+        if fi.header is not None and fi.header.page_size != last.page_size:
+            raise LitestreamError(f"{fi.info}: page size {fi.header.page_size} differs from "
+                                  f"{last.page_size} in {indexes[-1].info}")
+    empty = DatabaseState(last.page_size, 0, 0, plan.files[0].created_at, {})
+    return empty.applying(indexes, last.commit)
+
+
+class PageCache:
+    """LRU of decompressed pages keyed by frame location, bounded in bytes. Thread-safe.
+
+    Keys name an immutable frame (file + offset), so entries never go stale: a newer version of
+    a page lives at another key, and old ones simply age out.
+    """
+
+    def __init__(self, capacity_bytes: int) -> None:
+        self.capacity = max(capacity_bytes, 1)
+        self._data: OrderedDict[tuple, bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple) -> bytes | None:
+        with self._lock:
+            page = self._data.get(key)
+            if page is None:
+                self.misses += 1
+                return None
+            self._data.move_to_end(key)
+            self.hits += 1
+            return page
+
+    def put(self, key: tuple, page: bytes) -> None:
+        with self._lock:
+            old = self._data.pop(key, None)
+            if old is not None:
+                self._bytes -= len(old)
+            self._data[key] = page
+            self._bytes += len(page)
+            while self._bytes > self.capacity and len(self._data) > 1:
+                _, evicted = self._data.popitem(last=False)
+                self._bytes -= len(evicted)
+
+    def __contains__(self, key: tuple) -> bool:
+        with self._lock:
+            return key in self._data
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+
+def _key(ref: PageRef) -> tuple:
+    info = ref[0]
+    return (info.level, info.min_txid, info.max_txid, ref[1])
+
+
+class PageStore:
+    """Pages of one replica: cache + fetcher shared by every connection to it."""
+
+    #: Readahead grows (doubling) up to this many pages per GET while reads are sequential.
+    MAX_READAHEAD_PAGES = 256
+    MAX_READAHEAD_BYTES = 4 * 1024 * 1024
+
+    def __init__(self, client: ReplicaClient, cache_bytes: int) -> None:
+        self.client = client
+        self.cache = PageCache(cache_bytes)
+        self._inflight: dict[tuple, Future[bytes]] = {}
+        self._lock = threading.Lock()
+        self._last_miss = -1
+        self._window = 1
+        self.gets = 0
+        self.bytes_fetched = 0
+
+    def read_page(self, state: DatabaseState, pgno: int) -> bytes:
+        ref = state.index.get(pgno)
+        if ref is None:
+            raise PageNotFoundError(f"page not found: {pgno} (TXID {state.txid:016x})")
+        page = self.cache.get(_key(ref))
+        if page is not None:
+            return page
+        return self._miss(state, pgno, ref)
+
+    def _miss(self, state: DatabaseState, pgno: int, ref: PageRef) -> bytes:
+        key = _key(ref)
+        with self._lock:
+            fut = self._inflight.get(key)
+            owner = fut is None
+            if owner:
+                run = self._run(state, pgno, ref)
+                fut = Future()
+                futures = {}
+                for p, r in run:
+                    k = _key(r)
+                    if k not in self._inflight:
+                        f = fut if k == key else Future()
+                        self._inflight[k] = f
+                        futures[p] = (r, f)
+        if not owner:
+            return fut.result()
+        try:
+            self._fetch_run(state.page_size, [(p, r, f) for p, (r, f) in futures.items()])
+        finally:
+            with self._lock:
+                for r, _ in futures.values():
+                    self._inflight.pop(_key(r), None)
+        return fut.result()
+
+    def _run(self, state: DatabaseState, pgno: int, ref: PageRef) -> list[tuple[int, PageRef]]:
+        """Pages to fetch with ``pgno``: following pages whose frames sit right after it in the
+        same file, as many as the readahead window allows. Called with the lock held."""
+        if pgno == self._last_miss + 1:
+            self._window = min(self._window * 2, self.MAX_READAHEAD_PAGES)
+        elif pgno != self._last_miss:
+            self._window = 1
+        run = [(pgno, ref)]
+        budget = min(self._window, self.MAX_READAHEAD_BYTES // state.page_size)
+        nxt = pgno + 1
+        info, end = ref[0], ref[1] + ref[2]
+        while len(run) < budget:
+            r = state.index.get(nxt)
+            if r is None or r[0] is not info or r[1] != end or _key(r) in self._inflight \
+                    or _key(r) in self.cache:
+                break
+            run.append((nxt, r))
+            end = r[1] + r[2]
+            nxt += 1
+        self._last_miss = run[-1][0]
+        return run
+
+    def _fetch_run(self, page_size: int, run: list[tuple[int, PageRef, Future[bytes]]]) -> None:
+        info = run[0][1][0]
+        start = run[0][1][1]
+        end = run[-1][1][1] + run[-1][1][2]
+        try:
+            data = self.client.read(info.level, info.min_txid, info.max_txid, start, end - start)
+            self.gets += 1
+            self.bytes_fetched += len(data)
+            if len(data) != end - start:
+                raise TruncatedError(f"{info}: short read {len(data)} of {end - start} bytes")
+            view = memoryview(data)
+            for pgno, (_, off, size), fut in run:
+                page = decode_page_frame(view[off - start:off - start + size], page_size, pgno)
+                self.cache.put((info.level, info.min_txid, info.max_txid, off), page)
+                fut.set_result(page)
+        except BaseException as err:
+            for _, _, fut in run:
+                if not fut.done():
+                    fut.set_exception(err)
+            raise
+
+    def prefetch(self, state: DatabaseState, pgnos: Iterable[int]) -> None:
+        """Warm the cache for pages (used by hydration and b-tree prefetch); errors ignored."""
+        for pgno in pgnos:
+            try:
+                self.read_page(state, pgno)
+            except LitestreamError:
+                pass

@@ -1,0 +1,125 @@
+"""``PRAGMA litestream_*`` and the SQL functions, and the time expressions they accept.
+
+The VFS file hands every ``SQLITE_FCNTL_PRAGMA`` here; names we do not know go back to SQLite.
+Times are RFC 3339 first, then relative phrases ("5 minutes ago", "yesterday") through the
+``dateparser`` package, always resolved in UTC; ``latest`` returns to following the replica.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Protocol
+
+
+class PragmaError(ValueError):
+    """A bad PRAGMA value or a write to a read-only PRAGMA; reaches the caller as SQLError."""
+
+
+def parse_time(text: str, now: datetime | None = None) -> datetime:
+    """A moment from RFC 3339 or a relative phrase; raises PragmaError with the input."""
+    s = text.strip()
+    if not s:
+        raise PragmaError("invalid timestamp (expected RFC3339 or relative time like "
+                          "'5 minutes ago'): ''")
+    try:
+        value = datetime.fromisoformat(s)
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    except ValueError:
+        pass
+    import dateparser  # imported lazily: it takes ~0.3 s to load
+
+    base = (now or datetime.now(timezone.utc)).astimezone(timezone.utc).replace(tzinfo=None)
+    value = dateparser.parse(s, settings={
+        "RELATIVE_BASE": base, "TIMEZONE": "UTC", "TO_TIMEZONE": "UTC",
+        "RETURN_AS_TIMEZONE_AWARE": True, "PREFER_DATES_FROM": "past"})
+    if value is None:
+        raise PragmaError("invalid timestamp (expected RFC3339 or relative time like "
+                          f"'5 minutes ago'): {text}")
+    return value.astimezone(timezone.utc)
+
+
+def format_time(t: datetime) -> str:
+    """Go's RFC3339Nano: fractional seconds without trailing zeros, ``Z`` for UTC."""
+    frac = f"{t.microsecond:06d}".rstrip("0")
+    base = t.strftime("%Y-%m-%dT%H:%M:%S") + (f".{frac}" if frac else "")
+    off = t.utcoffset()
+    if off is None or off.total_seconds() == 0:
+        return base + "Z"
+    minutes = int(off.total_seconds() // 60)
+    sign = "+" if minutes >= 0 else "-"
+    return f"{base}{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+
+
+class PragmaTarget(Protocol):
+    """What a VFS file offers the PRAGMAs."""
+
+    def txid(self) -> int: ...
+    def lag(self) -> int: ...
+    def time_text(self) -> str: ...
+    def travel_to(self, when: datetime | None = None, txid: int | None = None) -> None: ...
+    def hydration_progress(self) -> str: ...
+    def hydration_file(self) -> str: ...
+    def write_enabled(self) -> bool: ...
+    def set_write_enabled(self, enabled: bool) -> None: ...
+
+
+#: Every PRAGMA the VFS answers, with its one-line meaning (docs and tests read this table).
+PRAGMAS = {
+    "litestream_txid": "TXID the connection sees, 16 hex digits (read-only)",
+    "litestream_lag": "seconds since the last successful poll, -1 if never (read-only)",
+    "litestream_time": "time of the data seen; set to RFC 3339, a relative time, or 'latest'",
+    "litestream_pin_txid": "set to a TXID (hex) to read the database as of that TXID; "
+                           "'latest' to follow again; reads the pinned TXID or 'latest'",
+    "litestream_hydration_progress": "percent of the hydration file written (read-only)",
+    "litestream_hydration_file": "path of the hydration file, '' if none (read-only)",
+    "litestream_write_enabled": "1 if writes are enabled; set to 1/0 (true/false, on/off)",
+}
+_READ_ONLY = {"litestream_txid", "litestream_lag", "litestream_hydration_progress",
+              "litestream_hydration_file"}
+
+
+def handle_pragma(target: PragmaTarget, name: str, value: str | None,
+                  pinned_txid: int | None = None) -> str | None:
+    """The result of ``PRAGMA name`` / ``PRAGMA name = value``; None if the name is not ours."""
+    name = name.lower()
+    if name not in PRAGMAS:
+        return None
+    if value is not None and name in _READ_ONLY:
+        raise PragmaError(f"{name} is read-only")
+    if name == "litestream_txid":
+        return f"{target.txid():016x}"
+    if name == "litestream_lag":
+        return str(target.lag())
+    if name == "litestream_hydration_progress":
+        return target.hydration_progress()
+    if name == "litestream_hydration_file":
+        return target.hydration_file()
+    if name == "litestream_time":
+        if value is not None:
+            v = value.strip()
+            target.travel_to(None if v.lower() == "latest" else parse_time(v))
+        return target.time_text()
+    if name == "litestream_pin_txid":
+        if value is not None:
+            v = value.strip()
+            target.travel_to(txid=None if v.lower() == "latest" else _parse_txid(v))
+        return "latest" if pinned_txid is None else f"{pinned_txid:016x}"
+    if value is not None:  # litestream_write_enabled
+        v = value.strip().lower()
+        if v in ("1", "true", "on"):
+            target.set_write_enabled(True)
+        elif v in ("0", "false", "off"):
+            target.set_write_enabled(False)
+        else:
+            raise PragmaError(f"invalid value for litestream_write_enabled: {value} (use 0 or 1)")
+    return "1" if target.write_enabled() else "0"
+
+
+def _parse_txid(text: str) -> int:
+    try:
+        txid = int(text, 16)
+    except ValueError:
+        raise PragmaError(f"invalid TXID {text!r}: expected hex, e.g. 000000000000002a") from None
+    if not 1 <= txid < 1 << 64:
+        raise PragmaError(f"invalid TXID {text!r}: out of range")
+    return txid
