@@ -17,12 +17,13 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import datetime
 
 from .errors import LitestreamError, TxNotAvailableError
-from .pages import DatabaseState, PageStore, build_state, fetch_indexes
-from .plan import compute_plan
-from .storage.base import ReplicaClient
+from .pages import DatabaseState, PageStore, build_state, fetch_file_index, fetch_indexes
+from .plan import compute_plan, list_levels
+from .storage.base import SNAPSHOT_LEVEL, FileInfo, ReplicaClient
 
 log = logging.getLogger("ltxvfs.follow")
 
@@ -81,18 +82,61 @@ class Replica:
         if not gap:
             if not chain:
                 return state
-            indexes = fetch_indexes(self.client, chain, self.pool)
+            indexes = fetch_indexes(self.client, chain, self.pool, self.store)
             return state.applying(indexes, indexes[-1].header.commit)  # type: ignore[union-attr]
         plan = compute_plan(self.client)
         if plan.txid < state.txid:
             log.warning("replica %s went back from TXID %016x to %016x; rebuilding",
                         self.client.url, state.txid, plan.txid)
-            return build_state(self.client, plan, self.pool)
+            return build_state(self.client, plan, self.pool, self.store)
         newer = [f for f in plan.files if f.max_txid > state.txid]
         if not newer:
             return state
-        indexes = fetch_indexes(self.client, newer, self.pool)
+        indexes = fetch_indexes(self.client, newer, self.pool, self.store)
         return state.applying(indexes, indexes[-1].header.commit)  # type: ignore[union-attr]
+
+    def recover(self, state: DatabaseState, missing: FileInfo) -> DatabaseState | None:
+        """``state`` with its frames in ``missing`` (deleted by retention after compaction)
+        moved to a compacted file that covers it without going past ``state.txid``. Such a file
+        holds the very same page versions, so the result is the same database and may replace
+        ``state`` even inside a read transaction. None if no such file exists; then the latest
+        state is rebuilt from a fresh plan, for the next transaction to use."""
+        with self._poll_lock:
+            listing = list_levels(self.client, levels=range(1, SNAPSHOT_LEVEL + 1))
+            covering = [f for files in listing.values() for f in files
+                        if f.min_txid <= missing.min_txid and missing.max_txid <= f.max_txid
+                        <= state.txid]
+            if not covering:
+                log.info("%s is gone and no compacted file covers it up to TXID %016x; "
+                         "rebuilding", missing, state.txid)
+                self._rebuild()
+                return None
+            best = max(covering, key=lambda f: (f.max_txid, f.level))
+            pages = fetch_file_index(self.client, best).pages
+            gone = (missing.level, missing.min_txid, missing.max_txid)
+            index = dict(state.index)
+            for pgno, (info, _, _) in state.index.items():
+                if (info.level, info.min_txid, info.max_txid) == gone:
+                    if pgno not in pages:
+                        self._rebuild()
+                        return None
+                    index[pgno] = (best, *pages[pgno])
+            fixed = replace(state, index=index)
+            if self._state is state:
+                self._state = fixed
+            return fixed
+
+    def _rebuild(self) -> None:
+        """Replace the latest state by one built from a fresh plan (no deleted files in it)."""
+        try:
+            state = build_state(self.client, compute_plan(self.client), self.pool,
+                                self.store)
+        except LitestreamError as err:
+            self.last_error = str(err)
+            log.warning("rebuild of %s failed: %s", self.client.url, err)
+            return
+        with self._lock:
+            self._state = state
 
     def lag_seconds(self) -> int:
         if self.last_poll_success is None:
@@ -105,7 +149,7 @@ class Replica:
         plan = compute_plan(self.client, txid=txid, timestamp=timestamp)
         if txid is not None and plan.txid != txid:
             raise TxNotAvailableError(f"transaction not available: {txid:016x}")
-        return build_state(self.client, plan, self.pool)
+        return build_state(self.client, plan, self.pool, self.store)
 
 
 class PollScheduler:

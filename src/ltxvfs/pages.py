@@ -18,9 +18,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from .errors import LitestreamError, TruncatedError
-from .ltx import ESTIMATED_INDEX_TAIL, HEADER_SIZE, Header, decode_page_frame, parse_page_index
-from .ltx import page_index_start
+from .errors import LitestreamError, MalformedIndexError, TruncatedError
+from .ltx import (
+    ESTIMATED_INDEX_TAIL,
+    HEADER_SIZE,
+    Header,
+    decode_file,
+    decode_page_frame,
+    page_index_start,
+    parse_page_index,
+)
 from .plan import Plan
 from .storage.base import FileInfo, ReplicaClient
 
@@ -35,11 +42,16 @@ PageRef = tuple[FileInfo, int, int]
 
 @dataclass(frozen=True)
 class FileIndex:
-    """What the page index of one LTX file says, plus its header when it was cheap to get."""
+    """What the page index of one LTX file says, plus its header when it was cheap to get.
+
+    A file no larger than the index tail arrives whole: it is then fully decoded and its file
+    checksum verified, and its pages come along in ``decoded`` (ready for the cache).
+    """
 
     info: FileInfo
     pages: dict[int, tuple[int, int]]
     header: Header | None
+    decoded: dict[int, bytes] | None = None
 
 
 @dataclass(frozen=True)
@@ -88,23 +100,31 @@ def fetch_file_index(client: ReplicaClient, info: FileInfo, want_header: bool = 
         pages = parse_page_index(more + tail, info.size, begin)
     header = None
     if start == 0:
-        header = Header.unpack(tail[:HEADER_SIZE])
-    elif want_header:
+        whole = decode_file(tail, name=str(info))
+        if whole.index != pages:
+            raise MalformedIndexError(f"{info}: page index does not match the page frames")
+        return FileIndex(info, pages, whole.header, whole.pages)
+    if want_header:
         header = Header.unpack(client.read(info.level, info.min_txid, info.max_txid, 0, HEADER_SIZE))
     return FileIndex(info, pages, header)
 
 
-def fetch_indexes(client: ReplicaClient, files: Sequence[FileInfo], pool: ThreadPoolExecutor
-                  ) -> list[FileIndex]:
-    """Page indexes of ``files`` fetched in parallel; the last one always with its header."""
+def fetch_indexes(client: ReplicaClient, files: Sequence[FileInfo], pool: ThreadPoolExecutor,
+                  store: PageStore | None = None) -> list[FileIndex]:
+    """Page indexes of ``files`` fetched in parallel; the last one always with its header.
+    Pages of files that arrived whole go into ``store``'s cache."""
     futures = [pool.submit(fetch_file_index, client, f, i == len(files) - 1)
                for i, f in enumerate(files)]
-    return [f.result() for f in futures]
+    indexes = [f.result() for f in futures]
+    if store is not None:
+        store.seed(indexes)
+    return indexes
 
 
-def build_state(client: ReplicaClient, plan: Plan, pool: ThreadPoolExecutor) -> DatabaseState:
+def build_state(client: ReplicaClient, plan: Plan, pool: ThreadPoolExecutor,
+                store: PageStore | None = None) -> DatabaseState:
     """The state at the end of ``plan``."""
-    indexes = fetch_indexes(client, plan.files, pool)
+    indexes = fetch_indexes(client, plan.files, pool, store)
     last = indexes[-1].header
     assert last is not None
     for fi in indexes:
@@ -260,6 +280,14 @@ class PageStore:
                 if not fut.done():
                     fut.set_exception(err)
             raise
+
+    def seed(self, files: Iterable[FileIndex]) -> None:
+        """Cache the pages of files that arrived whole (small L0 files): no GET needed later."""
+        for fi in files:
+            if fi.decoded:
+                info = fi.info
+                for pgno, page in fi.decoded.items():
+                    self.cache.put((info.level, info.min_txid, info.max_txid, fi.pages[pgno][0]), page)
 
     def prefetch(self, state: DatabaseState, pgnos: Iterable[int]) -> None:
         """Warm the cache for pages (used by hydration and b-tree prefetch); errors ignored."""

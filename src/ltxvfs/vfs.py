@@ -131,14 +131,14 @@ class LitestreamVFS(apsw.VFS):
                             f"replica {client.url} has no LTX files after waiting "
                             f"{cfg.open_timeout:g}s (open_timeout)") from None
                     time.sleep(min(cfg.poll_interval, max(deadline - time.monotonic(), 0.01)))
-            state = build_state(client, plan, self.pool)
+            store = PageStore(client, cfg.cache_size)
+            state = build_state(client, plan, self.pool, store)
         except BaseException:
             client.close()
             raise
         log.info("opened %s at TXID %016x (%d pages of %d bytes, %d LTX files)", client.url,
                  state.txid, state.commit, state.page_size, len(plan))
-        return Replica(client, PageStore(client, cfg.cache_size), self.pool, state,
-                       cfg.poll_interval)
+        return Replica(client, store, self.pool, state, cfg.poll_interval)
 
     def release(self, replica: Replica) -> None:
         with self._lock:
@@ -179,33 +179,46 @@ class LitestreamFile:
     # --- reads --------------------------------------------------------------------------------
 
     def xRead(self, amount: int, offset: int) -> bytes:  # noqa: N802
-        state = self._state
+        for attempt in range(3):
+            state = self._state
+            try:
+                return self._read(state, amount, offset)
+            except ObjectNotFoundError as err:
+                # A file of our state was removed (retention after compaction). A compacted
+                # file covering it holds the same pages: carry on from there, same snapshot.
+                pgno = offset // state.page_size + 1
+                missing = state.index[pgno][0] if pgno in state.index else None
+                fixed = self.replica.recover(state, missing) if missing and attempt < 2 else None
+                if fixed is None:
+                    raise apsw.BusyError(f"litestream: {err}; the replica moved on, "
+                                         "retry the transaction") from err
+                if self._pinned is state:
+                    self._pinned = fixed
+                self._state = fixed
+            except LitestreamError as err:
+                raise to_apsw_error(err) from err
+        raise AssertionError("unreachable")
+
+    def _read(self, state: DatabaseState, amount: int, offset: int) -> bytes:
         page_size = state.page_size
-        try:
-            if offset >= state.size:
-                return b""
-            pgno, start = divmod(offset, page_size)
-            pgno += 1
-            if start + amount <= page_size:
-                page = self._store.read_page(state, pgno)
-                if pgno == 1:
-                    page = self._patch_header(page)
-                return page[start:start + amount]
-            out = bytearray()
-            while len(out) < amount and offset + len(out) < state.size:
-                pos = offset + len(out)
-                pgno, start = divmod(pos, page_size)
-                page = self._store.read_page(state, pgno + 1)
-                if pgno == 0:
-                    page = self._patch_header(page)
-                out += page[start:start + amount - len(out)]
-            return bytes(out)
-        except ObjectNotFoundError as err:
-            # A file of our state was removed (retention after compaction): catch up, retry.
-            self.replica.poll()
-            raise apsw.BusyError(f"litestream: {err}; the replica moved on, retry") from err
-        except LitestreamError as err:
-            raise to_apsw_error(err) from err
+        if offset >= state.size:
+            return b""
+        pgno, start = divmod(offset, page_size)
+        pgno += 1
+        if start + amount <= page_size:
+            page = self._store.read_page(state, pgno)
+            if pgno == 1:
+                page = self._patch_header(page)
+            return page[start:start + amount]
+        out = bytearray()
+        while len(out) < amount and offset + len(out) < state.size:
+            pos = offset + len(out)
+            pgno, start = divmod(pos, page_size)
+            page = self._store.read_page(state, pgno + 1)
+            if pgno == 0:
+                page = self._patch_header(page)
+            out += page[start:start + amount - len(out)]
+        return bytes(out)
 
     def _patch_header(self, page: bytes) -> bytes:
         """Rollback-journal mode, and a change counter (also 'version valid for') that moves

@@ -1,0 +1,325 @@
+"""The read path through apsw: queries, following a primary, snapshots, time travel, errors."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime, timezone
+
+import apsw
+import pytest
+
+import ltxvfs
+from ltxvfs.storage import open_replica
+
+from replicas import FakePrimary, compact
+
+FAST = "poll_interval=20ms"
+
+
+def wait_for(cond, timeout=5.0, interval=0.01):
+    """Poll ``cond`` until it returns a truthy value; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="module")
+def vfs():
+    return ltxvfs.register()
+
+
+def connect(url: str, extra: str = FAST) -> apsw.Connection:
+    from urllib.parse import quote
+
+    uri = f"file:db?vfs=litestream&replica_url={quote(url, safe='')}" + (f"&{extra}" if extra else "")
+    return apsw.Connection(uri, flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+
+
+@pytest.fixture(params=["file", "s3"])
+def replica_url(request, tmp_path):
+    if request.param == "s3":
+        return request.getfixturevalue("s3_url")
+    return (tmp_path / "replica").as_uri()
+
+
+@pytest.fixture
+def primary(tmp_path, replica_url):
+    with open_replica(replica_url) as client:
+        p = FakePrimary(tmp_path / "primary.db", client)
+        p.commit("CREATE TABLE t(id INTEGER PRIMARY KEY, name TEXT, body BLOB)",
+                 "INSERT INTO t(name, body) SELECT 'row' || value, randomblob(200) "
+                 "FROM generate_series(1, 500)")
+        p.url = replica_url
+        yield p
+
+
+def rows(con, sql="SELECT * FROM t ORDER BY 1"):
+    return con.execute(sql).fetchall()
+
+
+@pytest.mark.parametrize("page_size", [512, 4096, 65536])
+def test_queries_match_the_primary(vfs, tmp_path, replica_url, page_size):
+    with open_replica(replica_url) as client:
+        p = FakePrimary(tmp_path / "p.db", client, page_size)
+        p.commit("CREATE TABLE t(id INTEGER PRIMARY KEY, name TEXT, body BLOB)",
+                 "CREATE INDEX t_name ON t(name)",
+                 "INSERT INTO t(name, body) SELECT 'n' || (value % 97), randomblob(value % 3000) "
+                 "FROM generate_series(1, 800)")
+        p.commit("UPDATE t SET body = randomblob(5000) WHERE id % 50 = 0")
+        con = connect(replica_url)
+        assert rows(con) == p.rows()
+        assert rows(con, "SELECT name, count(*) FROM t GROUP BY name ORDER BY 1") == \
+            p.rows("SELECT name, count(*) FROM t GROUP BY name ORDER BY 1")
+        assert rows(con, "PRAGMA integrity_check") == [("ok",)]
+        assert rows(con, "PRAGMA page_size") == [(page_size,)]
+        assert rows(con, "PRAGMA journal_mode") == [("delete",)]
+        assert rows(con, "PRAGMA litestream_txid") == [("0000000000000002",)]
+        con.close()
+
+
+def test_database_larger_than_the_cache(vfs, primary):
+    primary.commit("INSERT INTO t(name, body) SELECT 'big', randomblob(3000) "
+                   "FROM generate_series(1, 400)")
+    con = connect(primary.url, f"{FAST}&cache_size=65536")
+    con.execute("PRAGMA cache_size = 0")  # no SQLite cache either: every read goes to our LRU
+    assert rows(con) == primary.rows()
+    assert rows(con) == primary.rows()
+    replica = next(r for r in vfs.replicas() if r.client.url.startswith(primary.url.split("?")[0][:20]))
+    assert replica.store.cache.bytes <= 65536 + 4096
+    con.close()
+
+
+def test_reader_follows_and_keeps_its_snapshot(vfs, primary):
+    con = connect(primary.url)
+    assert rows(con, "SELECT count(*) FROM t") == [(500,)]
+    con.execute("BEGIN")
+    assert rows(con, "SELECT count(*) FROM t") == [(500,)]
+    primary.commit("INSERT INTO t(name) VALUES ('new')")
+    replica = vfs.replicas()
+    wait_for(lambda: any(r.state.txid == 2 for r in replica))
+    assert rows(con, "SELECT count(*) FROM t") == [(500,)]  # still the transaction's snapshot
+    assert rows(con, "PRAGMA litestream_txid") == [("0000000000000001",)]
+    con.execute("COMMIT")
+    assert rows(con, "SELECT count(*) FROM t") == [(501,)]
+    for i in range(5):
+        primary.commit(f"INSERT INTO t(name) VALUES ('more{i}')")
+        wait_for(lambda: rows(con, "SELECT count(*) FROM t") == [(502 + i,)])
+    assert rows(con) == primary.rows()
+    con.close()
+
+
+def test_follows_a_shrinking_database(vfs, primary):
+    con = connect(primary.url)
+    assert len(rows(con)) == 500
+    primary.execute("DELETE FROM t WHERE id > 20")
+    primary.execute("VACUUM")
+    primary.publish()
+    wait_for(lambda: rows(con, "SELECT count(*) FROM t") == [(20,)])
+    assert rows(con) == primary.rows()
+    assert rows(con, "PRAGMA integrity_check") == [("ok",)]
+    size = rows(con, "PRAGMA page_count")[0][0] * 4096
+    assert size == primary.path.stat().st_size
+    con.close()
+
+
+def test_follows_across_compaction_and_l0_retention(vfs, primary):
+    con = connect(primary.url)
+    client = open_replica(primary.url)
+    for i in range(3):
+        primary.commit(f"INSERT INTO t(name) VALUES ('a{i}')")
+    wait_for(lambda: rows(con, "SELECT count(*) FROM t") == [(503,)])
+    # While the reader is away, new commits are compacted into L1 and their L0 files removed.
+    con.close()
+    con = connect(primary.url)
+    for i in range(4):
+        primary.commit(f"INSERT INTO t(name) VALUES ('b{i}')")
+    l0 = client.list_files(0, seek=5)
+    compact(client, l0[:3], level=1)
+    client.delete(l0[:3])  # retention: the L0 gap is covered only by L1
+    primary.commit("INSERT INTO t(name) VALUES ('c')")
+    wait_for(lambda: rows(con, "SELECT count(*) FROM t") == [(508,)])
+    assert rows(con) == primary.rows()
+    client.close()
+    con.close()
+
+
+def test_time_travel_and_back(vfs, tmp_path, replica_url):
+    with open_replica(replica_url) as client:
+        p = FakePrimary(tmp_path / "p.db", client)
+        moments = []
+        p.commit("CREATE TABLE t(x)", timestamp_ms=1_000_000_000_000)
+        for i in range(1, 4):
+            p.commit(f"INSERT INTO t VALUES ({i})", timestamp_ms=1_000_000_000_000 + i * 60_000)
+            moments.append((1_000_000_000_000 + i * 60_000 + 30_000, p.rows()))
+        con = connect(replica_url)
+        for ms, expected in moments:
+            when = datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat()
+            con.execute(f"PRAGMA litestream_time = '{when}'")
+            assert rows(con) == expected
+            assert rows(con, "PRAGMA litestream_time") == [(when.replace("+00:00", "Z"),)]
+        con.execute("PRAGMA litestream_time = 'LATEST'")
+        assert rows(con) == [(1,), (2,), (3,)]
+        con.execute("PRAGMA litestream_pin_txid = '0000000000000002'")
+        assert rows(con) == [(1,)] and rows(con, "PRAGMA litestream_txid") == [("0000000000000002",)]
+        con.execute("SELECT litestream_set_time('latest')")
+        assert rows(con) == [(1,), (2,), (3,)]
+        with pytest.raises(apsw.SQLError, match="oldest retained file"):
+            con.execute("PRAGMA litestream_time = '2000-01-01T00:00:00Z'")
+        con.close()
+
+
+def test_relative_time_parses(vfs, tmp_path):
+    url = (tmp_path / "r").as_uri()
+    now_ms = int(time.time() * 1000)
+    with open_replica(url) as client:
+        p = FakePrimary(tmp_path / "p.db", client)
+        p.commit("CREATE TABLE t(x)", "INSERT INTO t VALUES (1)", timestamp_ms=now_ms - 180_000)
+        p.commit("INSERT INTO t VALUES (2)", timestamp_ms=now_ms - 30_000)
+    con = connect(url)
+    con.execute("PRAGMA litestream_time = '1 minute ago'")
+    assert rows(con) == [(1,)]
+    assert rows(con, "PRAGMA litestream_txid") == [("0000000000000001",)]
+    con.execute("PRAGMA litestream_time = '10 seconds ago'")
+    assert rows(con) == [(1,), (2,)]
+    with pytest.raises(apsw.SQLError, match="invalid timestamp"):
+        con.execute("PRAGMA litestream_time = 'the day after never'")
+    con.close()
+
+
+def test_pragmas_and_functions(vfs, primary):
+    con = connect(primary.url)
+    assert rows(con, "SELECT litestream_txid(), typeof(litestream_lag()), litestream_lag() >= 0") \
+        == [("0000000000000001", "integer", 1)]
+    for name in ("litestream_txid", "litestream_lag", "litestream_hydration_progress",
+                 "litestream_hydration_file"):
+        with pytest.raises(apsw.SQLError, match=f"{name} is read-only"):
+            con.execute(f"PRAGMA {name} = 1")
+    assert rows(con, "PRAGMA litestream_write_enabled") == [("0",)]
+    with pytest.raises(apsw.SQLError, match="invalid value"):
+        con.execute("PRAGMA litestream_write_enabled = maybe")
+    assert rows(con, "PRAGMA user_version") == [(0,)]  # SQLite's own pragmas still work
+    time_text = rows(con, "SELECT litestream_time()")[0][0]
+    assert datetime.fromisoformat(time_text).tzinfo is not None
+    con.close()
+
+
+def test_writes_are_refused(vfs, primary):
+    con = connect(primary.url)
+    with pytest.raises(apsw.ReadOnlyError):
+        con.execute("INSERT INTO t(name) VALUES ('x')")
+    assert rows(con, "PRAGMA journal_mode = wal") == [("delete",)]
+    con.close()
+
+
+def _corrupt_replica(tmp_path, blobs: int):
+    url = (tmp_path / "r").as_uri()
+    with open_replica(url) as client:
+        p = FakePrimary(tmp_path / "p.db", client)
+        p.commit("CREATE TABLE t(x)",
+                 f"INSERT INTO t SELECT randomblob(1000) FROM generate_series(1, {blobs})")
+    path = tmp_path / "r" / "ltx" / "0" / "0000000000000001-0000000000000001.ltx"
+    return url, path
+
+
+def test_small_corrupt_file_fails_the_checksum_at_open(vfs, tmp_path):
+    """A file no larger than the index tail arrives whole and is verified (CRC-64)."""
+    url, path = _corrupt_replica(tmp_path, blobs=3)
+    data = bytearray(path.read_bytes())
+    assert len(data) < 32768
+    data[len(data) // 2] ^= 0x01  # a flipped bit in page data: still decompresses
+    path.write_bytes(bytes(data))
+    with pytest.raises(apsw.CantOpenError):
+        connect(url)
+
+
+def test_corrupt_frame_gives_an_error_not_rows(vfs, tmp_path):
+    from ltxvfs import ltx
+
+    url, path = _corrupt_replica(tmp_path, blobs=200)
+    data = bytearray(path.read_bytes())
+    index = ltx.decode_file(bytes(data)).index
+    off, _ = index[30]
+    data[off:off + 4] = (31).to_bytes(4, "big")  # frame claims to be another page
+    off, _ = index[40]
+    data[off + 6:off + 10] = (1 << 30).to_bytes(4, "big")  # absurd compressed size
+    path.write_bytes(bytes(data))
+    con = connect(url)
+    with pytest.raises(apsw.CorruptError):
+        rows(con, "SELECT sum(length(x)), count(*) FROM t")
+    con.close()
+
+
+def test_corrupt_index_fails_open(vfs, tmp_path):
+    url, path = _corrupt_replica(tmp_path, blobs=200)
+    data = bytearray(path.read_bytes())
+    data[-24:-16] = (len(data) * 2).to_bytes(8, "big")
+    path.write_bytes(bytes(data))
+    with pytest.raises(apsw.CantOpenError):
+        connect(url)
+
+
+def test_missing_replica_url_is_a_clear_error(vfs):
+    with pytest.raises(apsw.CantOpenError):
+        apsw.Connection("file:db?vfs=litestream", flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+
+
+def test_empty_replica_waits_then_fails(vfs, tmp_path):
+    url = (tmp_path / "empty").as_uri()
+    start = time.monotonic()
+    with pytest.raises(apsw.CantOpenError):
+        connect(url, "open_timeout=300ms&poll_interval=50ms")
+    assert 0.25 < time.monotonic() - start < 5
+
+
+def test_concurrent_reader_threads(vfs, primary):
+    errors: list[BaseException] = []
+    expected = primary.rows()
+    stop = threading.Event()
+
+    def reader():
+        con = connect(primary.url)
+        try:
+            while not stop.is_set():
+                got = rows(con)
+                if got[:500] != expected[:500]:
+                    errors.append(AssertionError("wrong rows"))
+                    return
+        except apsw.BusyError:
+            pass
+        except BaseException as err:  # noqa: BLE001
+            errors.append(err)
+        finally:
+            con.close()
+
+    threads = [threading.Thread(target=reader) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for i in range(5):
+        primary.commit(f"INSERT INTO t(name) VALUES ('c{i}')")
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert not errors
+
+
+def test_many_databases_bounded_threads(vfs, tmp_path):
+    before = threading.active_count()
+    cons = []
+    for i in range(100):
+        url = (tmp_path / f"tenant{i}").as_uri()
+        with open_replica(url) as client:
+            FakePrimary(tmp_path / f"p{i}.db", client, 512).commit(
+                "CREATE TABLE t(x)", f"INSERT INTO t VALUES ({i})")
+        cons.append(connect(url, "poll_interval=50ms"))
+    for i, con in enumerate(cons):
+        assert rows(con) == [(i,)]
+    time.sleep(0.2)  # let polls run for every database
+    assert threading.active_count() - before <= 12
+    for con in cons:
+        con.close()
