@@ -105,6 +105,9 @@ class ReplicaClient(abc.ABC):
     def delete(self, files: list[FileInfo]) -> None:
         """Delete files; missing ones are ignored."""
 
+    def check(self) -> None:  # noqa: B027 - optional hook
+        """One cheap request that fails fast (BucketNotFoundError, AccessDeniedError, ...)."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the client must not be used afterwards."""
 
