@@ -1,0 +1,194 @@
+"""Directory replica client in Litestream's ``file`` layout: ``<root>/ltx/<level>/<min>-<max>.ltx``.
+
+The level directory is decimal here (``ltx/9``), unlike S3's ``0009`` (spec 2.1). Each file's mtime
+is the LTX header timestamp, so a plain listing already answers time-travel questions and
+``use_metadata`` changes nothing. Writes go to a uniquely named temporary file that is fsynced and
+then renamed (or hard-linked, for exclusive creates) into place, so readers and concurrent writers
+never see a partial file.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import tempfile
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import BinaryIO
+
+from ..errors import (
+    AccessDeniedError,
+    BucketNotFoundError,
+    ObjectExistsError,
+    ObjectNotFoundError,
+    ReplicaURLError,
+    StorageError,
+)
+from .base import FileInfo, ReplicaClient, check_level, ltx_filename, parse_ltx_filename
+from .url import ReplicaURL
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_COPY_CHUNK = 1024 * 1024
+_FILE_MODE = 0o644
+
+
+def _ns_to_datetime(ns: int) -> datetime:
+    """Exact (to the microsecond) UTC datetime of a nanosecond Unix time; no float rounding."""
+    return _EPOCH + timedelta(microseconds=ns // 1000)
+
+
+class FileReplicaClient(ReplicaClient):
+    """One replica in a local (or mounted) directory. Thread-safe: it keeps no mutable state."""
+
+    def __init__(self, root: str | os.PathLike[str] | ReplicaURL) -> None:
+        if isinstance(root, ReplicaURL):
+            if root.scheme != "file" or root.path is None:
+                raise ValueError(f"not a file replica URL: {root.url}")
+            root = root.path
+        path = Path(root)
+        if not path.is_absolute():
+            raise ReplicaURLError(f"file replica root must be an absolute path: {str(path)!r}")
+        self.root = path
+        self.url = path.as_uri()
+
+    def level_dir(self, level: int) -> Path:
+        return self.root / "ltx" / str(check_level(level))
+
+    def path(self, level: int, min_txid: int, max_txid: int) -> Path:
+        """Where an LTX file lives; built only from a validated level and TXIDs."""
+        return self.level_dir(level) / ltx_filename(min_txid, max_txid)
+
+    def check(self) -> None:
+        """Fail fast when the replica directory is missing, not a directory, or unreadable."""
+        try:
+            st = self.root.stat()
+        except FileNotFoundError:
+            raise BucketNotFoundError(
+                f"file: replica directory {self.url} does not exist") from None
+        except OSError as exc:
+            raise self._error(exc, "check", self.root) from exc
+        if not stat.S_ISDIR(st.st_mode):
+            raise StorageError(f"file: replica root {self.url} is not a directory")
+        if not os.access(self.root, os.R_OK | os.X_OK):
+            raise AccessDeniedError(f"file: replica directory {self.url} is not readable")
+
+    def list_files(self, level: int, *, seek: int = 0,
+                   use_metadata: bool = False) -> list[FileInfo]:
+        directory = self.level_dir(level)
+        infos: list[FileInfo] = []
+        try:
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    txids = parse_ltx_filename(entry.name)
+                    if txids is None or txids[0] < seek:
+                        continue
+                    try:
+                        st = entry.stat()
+                    except FileNotFoundError:
+                        continue  # deleted by retention while we listed
+                    if stat.S_ISREG(st.st_mode):
+                        infos.append(FileInfo(level, txids[0], txids[1], st.st_size,
+                                              _ns_to_datetime(st.st_mtime_ns)))
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise self._error(exc, "list", directory) from exc
+        infos.sort(key=lambda f: (f.min_txid, f.max_txid))
+        return infos
+
+    def read(self, level: int, min_txid: int, max_txid: int, offset: int = 0,
+             size: int | None = None) -> bytes:
+        if offset < 0 or (size is not None and size < 0):
+            raise ValueError(f"invalid range: offset={offset} size={size}")
+        path = self.path(level, min_txid, max_txid)
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                return f.read() if size is None else f.read(size)
+        except FileNotFoundError:
+            raise ObjectNotFoundError(f"file: {path} does not exist in {self.url}") from None
+        except OSError as exc:
+            raise self._error(exc, "read", path) from exc
+
+    def write(self, level: int, min_txid: int, max_txid: int, data: bytes | BinaryIO,
+              timestamp_ms: int, *, exclusive: bool = False) -> FileInfo:
+        """Write a temp file, set its mtime, fsync, then rename (or link if exclusive), fsync dir.
+
+        Setting the mtime before the file becomes visible (Litestream sets it just after the
+        rename) means a concurrent listing never sees the file with the wrong time.
+        """
+        final = self.path(level, min_txid, max_txid)
+        ns = timestamp_ms * 1_000_000
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=final.name + ".", suffix=".tmp", dir=final.parent)
+        except OSError as exc:
+            raise self._error(exc, "write", final) from exc
+        placed = False
+        try:
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), _FILE_MODE)
+                if isinstance(data, (bytes, bytearray, memoryview)):
+                    f.write(data)
+                else:
+                    shutil.copyfileobj(data, f, _COPY_CHUNK)
+                f.flush()
+                size = f.tell()
+                os.utime(f.fileno(), ns=(ns, ns))
+                os.fsync(f.fileno())
+            if exclusive:
+                self._link_exclusive(tmp, final)
+            else:
+                os.replace(tmp, final)
+                placed = True
+        except OSError as exc:
+            raise self._error(exc, "write", final) from exc
+        finally:
+            if not placed:
+                try:
+                    os.unlink(tmp)
+                except FileNotFoundError:
+                    pass
+        try:
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            raise self._error(exc, "write", final) from exc
+        return FileInfo(level, min_txid, max_txid, size, _ns_to_datetime(ns))
+
+    def _link_exclusive(self, tmp: str, final: Path) -> None:
+        """Hard-link the finished temp file into place: atomic, and fails if the name exists."""
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            raise ObjectExistsError(f"file: {final} already exists in {self.url}") from None
+        except OSError as exc:
+            if exc.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise StorageError(f"file: exclusive write of {final} needs hard links, which "
+                                   f"this filesystem does not support ({exc.strerror})") from exc
+            raise
+
+    def delete(self, files: list[FileInfo]) -> None:
+        for info in files:
+            path = self.path(info.level, info.min_txid, info.max_txid)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise self._error(exc, "delete", path) from exc
+
+    def _error(self, exc: OSError, what: str, path: Path) -> StorageError:
+        if isinstance(exc, PermissionError):
+            return AccessDeniedError(f"file: {what} {path}: permission denied")
+        return StorageError(f"file: {what} {path}: {exc.strerror or exc}")
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename/link/unlink in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
