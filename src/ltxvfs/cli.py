@@ -106,6 +106,33 @@ def _progress_bar(done: int, total: int) -> None:
     sys.stderr.flush()
 
 
+def cmd_shell(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import apsw
+    import apsw.shell
+
+    from .config import VFSConfig
+    from .vfs import register
+
+    config = VFSConfig.from_env()
+    if args.url:
+        config = dataclasses.replace(config, replica_url=args.url)
+    register(config=config)
+    db = None
+    if config.replica_url:
+        db = apsw.Connection("file:db?vfs=litestream",
+                             flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+    shell = apsw.shell.Shell(db=db)
+    if args.sql:
+        for line in args.sql:
+            shell.process_complete_line(line)
+        return 0
+    shell.cmdloop(intro=f"ltxvfs shell on {config.replica_url or '(no replica: use .open)'}; "
+                  "try PRAGMA litestream_time = '5 minutes ago';")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -121,6 +148,13 @@ EPILOG_RESTORE = """examples:
 EPILOG_LTX = """examples:
   ltxvfs ltx s3://my-bucket/db
   ltxvfs ltx file:///var/backups/db --level all --json
+"""
+EPILOG_SHELL = """examples:
+  ltxvfs shell s3://my-bucket/db
+  ltxvfs shell file:///var/backups/db "SELECT count(*) FROM users;"
+  LITESTREAM_REPLICA_URL=s3://my-bucket/db ltxvfs shell
+    sqlite> .open file:my.db?vfs=litestream
+    sqlite> PRAGMA litestream_time = '5 minutes ago';
 """
 EPILOG_DEMO = """examples:
   ltxvfs demo
@@ -158,6 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="level to list, 0-9 or 'all' (default 0)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_ltx)
+
+    p = sub.add_parser("shell", help="an interactive SQL shell on a replica",
+                       description="APSW's SQLite shell with the litestream VFS registered, on "
+                       "the replica at URL (or LITESTREAM_REPLICA_URL). Extra arguments are run "
+                       "as SQL or dot-commands instead of the interactive loop.",
+                       epilog=EPILOG_SHELL, formatter_class=fmt)
+    p.add_argument("url", nargs="?", help="replica URL (default: LITESTREAM_REPLICA_URL)")
+    p.add_argument("sql", nargs="*", help="SQL statements or dot-commands to run")
+    p.set_defaults(func=cmd_shell)
 
     p = sub.add_parser("demo", help="a self-contained tour on a local file:// replica",
                        description="Write a small database to a file:// replica through time, list "
