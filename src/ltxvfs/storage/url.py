@@ -40,6 +40,7 @@ _B2_RE = re.compile(r"^(?:(.+)\.)?s3.([^.]+)\.backblazeb2.com$")
 _FILEBASE_RE = re.compile(r"^(?:(.+)\.)?s3.filebase.com$")
 _SCW_RE = re.compile(r"^(?:(.+)\.)?s3.([^.]+)\.scw\.cloud$")
 
+_TIGRIS_HOSTS = ("fly.storage.tigris.dev", "t3.storage.dev")
 _LOCAL_NETS = tuple(ipaddress.ip_network(n) for n in
                     ("127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "::1/128"))
 
@@ -75,7 +76,7 @@ class ReplicaURL:
 
     @property
     def is_tigris(self) -> bool:
-        return _endpoint_host(self.endpoint) in ("fly.storage.tigris.dev", "t3.storage.dev")
+        return _endpoint_host(self.endpoint) in _TIGRIS_HOSTS
 
 
 def redact_url(url: str) -> str:
@@ -180,20 +181,19 @@ def _parse_s3(url: str, env: Mapping[str, str]) -> ReplicaURL:
     if not bucket:
         raise _error(url, "a bucket name is required (s3://BUCKET/path)")
 
+    # An endpoint from the query or LITESTREAM_S3_ENDPOINT implies path style unless the query
+    # says otherwise; an explicit forcePathStyle always wins.
+    path_style_set = q.bool("forcePathStyle", "force-path-style")
     if (q_endpoint := q.get("endpoint")):
         endpoint = ensure_endpoint_scheme(q_endpoint)
-        explicit = q.bool("forcePathStyle", "force-path-style")
-        if explicit is None or explicit:
-            path_style = True
-    if (q_region := q.get("region")):
-        region = q_region
-    path_style_set = q.bool("forcePathStyle", "force-path-style")
+        path_style = True
+    elif not endpoint and (env_endpoint := env.get("LITESTREAM_S3_ENDPOINT", "")):
+        endpoint = ensure_endpoint_scheme(env_endpoint)
+        path_style = True
     if path_style_set is not None:
         path_style = path_style_set
-    if not endpoint and (env_endpoint := env.get("LITESTREAM_S3_ENDPOINT", "")):
-        endpoint = ensure_endpoint_scheme(env_endpoint)
-        if path_style_set is None:
-            path_style = True
+    if (q_region := q.get("region")):
+        region = q_region
     if endpoint and not endpoint.startswith(("http://", "https://")):
         endpoint = "https://" + endpoint  # filebase/scw host forms; Litestream adds it later
 
@@ -204,7 +204,7 @@ def _parse_s3(url: str, env: Mapping[str, str]) -> ReplicaURL:
         path_style = True
     sign_payload = q.bool("signPayload", "sign-payload")
     require_md5 = q.bool("requireContentMD5", "require-content-md5")
-    if require_md5 is None and ep_host in ("fly.storage.tigris.dev", "t3.storage.dev"):
+    if require_md5 is None and ep_host in _TIGRIS_HOSTS:
         require_md5 = False
     concurrency = q.int("concurrency")
     if concurrency is None and ep_host.endswith(".r2.cloudflarestorage.com"):
