@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import boto3
@@ -151,6 +152,16 @@ def test_pagination_over_1000_and_batched_delete(client, bucket):
     client.delete(files)
     assert client.requests["DELETE"] == 2
     assert client.list_files(1) == []
+
+
+def test_parallel_ranged_reads_share_one_client(client):
+    data = os.urandom(32 * 1024)
+    client.write(9, 1, 1, data, TS)
+    ranges = [(i * 1024, 1024) for i in range(32)]
+    with ThreadPoolExecutor(32) as pool:
+        chunks = list(pool.map(lambda r: client.read(9, 1, 1, *r), ranges))
+    assert b"".join(chunks) == data
+    assert client.requests["GET"] == 32
 
 
 def test_small_pages(s3_url):
