@@ -323,3 +323,20 @@ def test_many_databases_bounded_threads(vfs, tmp_path):
     assert threading.active_count() - before <= 12
     for con in cons:
         con.close()
+
+
+def test_missing_bucket_and_bad_url_are_clear_errors(vfs, s3_server, caplog):
+    from urllib.parse import quote
+
+    url = f"s3://no-such-bucket-here/db?endpoint={s3_server}&sseCustomerKey=SUPERSECRETKEY1234"
+    for bad, reason in ((url, "no-such-bucket-here"), ("ftp://host/db", "ftp")):
+        with pytest.raises(apsw.CantOpenError):
+            apsw.Connection(f"file:db?vfs=litestream&replica_url={quote(bad, safe='')}",
+                            flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+        assert reason in caplog.text
+    assert "SUPERSECRETKEY1234" not in caplog.text
+
+
+def test_bad_uri_parameter_is_an_error(vfs, primary):
+    with pytest.raises(apsw.CantOpenError):
+        connect(primary.url, "poll_interval=soon")

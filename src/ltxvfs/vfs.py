@@ -174,6 +174,7 @@ class LitestreamFile:
         self._pinned_txid: int | None = None
         self._lock_level = _LOCK_NONE
         self._version = 1
+        self._page1: tuple[bytes | None, int, bytes] = (None, 0, b"")
         self._closed = False
 
     # --- reads --------------------------------------------------------------------------------
@@ -223,12 +224,17 @@ class LitestreamFile:
     def _patch_header(self, page: bytes) -> bytes:
         """Rollback-journal mode, and a change counter (also 'version valid for') that moves
         only when the state does, so SQLite's cache survives between transactions."""
+        cached = self._page1
+        if cached[0] is page and cached[1] == self._version:
+            return cached[2]  # SQLite reads the header at every transaction start
         p = bytearray(page)
         p[18] = p[19] = 1
         counter = self._version.to_bytes(4, "big")
         p[24:28] = counter
         p[92:96] = counter
-        return bytes(p)
+        patched = bytes(p)
+        self._page1 = (page, self._version, patched)
+        return patched
 
     def xFileSize(self) -> int:  # noqa: N802
         return self._state.size
