@@ -15,6 +15,8 @@ import pytest
 
 from moto.server import ThreadedMotoServer
 
+pytest_plugins = ["litestream_rig"]
+
 # Fake credentials for moto; real ones must never be needed or leaked by the test suite.
 TEST_ACCESS_KEY = "testing-access-key"
 TEST_SECRET_KEY = "testing-secret-key-do-not-log"
