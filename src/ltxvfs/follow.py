@@ -97,34 +97,57 @@ class Replica:
 
     def recover(self, state: DatabaseState, missing: FileInfo) -> DatabaseState | None:
         """``state`` with its frames in ``missing`` (deleted by retention after compaction)
-        moved to a compacted file that covers it without going past ``state.txid``. Such a file
-        holds the very same page versions, so the result is the same database and may replace
-        ``state`` even inside a read transaction. None if no such file exists; then the latest
-        state is rebuilt from a fresh plan, for the next transaction to use."""
+        moved into a compacted file C that covers ``missing``, where that gives the very same
+        page versions — so the result is the same database and may replace ``state`` even
+        inside a read transaction:
+
+        * if C ends at or before ``state.txid``, every page of C is the one ``state`` had;
+        * if C ends later, a page is still the same when the latest state shows it unchanged
+          since ``state.txid`` (nothing newer than ``state.txid`` wrote it).
+
+        Returns None when some page's old version exists nowhere any more; the latest state is
+        then rebuilt from a fresh plan, for the next transaction to use.
+        """
         with self._poll_lock:
+            try:
+                latest = self._advance(self._state)
+            except LitestreamError:
+                latest = self._state
+            with self._lock:
+                self._state = latest
             listing = list_levels(self.client, levels=range(1, SNAPSHOT_LEVEL + 1))
-            covering = [f for files in listing.values() for f in files
-                        if f.min_txid <= missing.min_txid and missing.max_txid <= f.max_txid
-                        <= state.txid]
-            if not covering:
-                log.info("%s is gone and no compacted file covers it up to TXID %016x; "
-                         "rebuilding", missing, state.txid)
-                self._rebuild()
-                return None
-            best = max(covering, key=lambda f: (f.max_txid, f.level))
-            pages = fetch_file_index(self.client, best).pages
+            covering = sorted(
+                (f for files in listing.values() for f in files
+                 if f.min_txid <= missing.min_txid and missing.max_txid <= f.max_txid
+                 <= latest.txid),
+                key=lambda f: (f.max_txid, -f.level))
             gone = (missing.level, missing.min_txid, missing.max_txid)
-            index = dict(state.index)
-            for pgno, (info, _, _) in state.index.items():
-                if (info.level, info.min_txid, info.max_txid) == gone:
-                    if pgno not in pages:
-                        self._rebuild()
-                        return None
-                    index[pgno] = (best, *pages[pgno])
-            fixed = replace(state, index=index)
-            if self._state is state:
-                self._state = fixed
-            return fixed
+            moved = [p for p, ref in state.index.items()
+                     if (ref[0].level, ref[0].min_txid, ref[0].max_txid) == gone]
+            for candidate in covering:
+                fixed = self._relocate(state, latest, moved, candidate)
+                if fixed is not None:
+                    if self._state is state:
+                        self._state = fixed
+                    return fixed
+            log.info("%s is gone and its pages as of TXID %016x are in no other file; "
+                     "rebuilding", missing, state.txid)
+            self._rebuild()
+            return None
+
+    def _relocate(self, state: DatabaseState, latest: DatabaseState, moved: list[int],
+                  candidate: FileInfo) -> DatabaseState | None:
+        pages = fetch_file_index(self.client, candidate).pages
+        index = dict(state.index)
+        for pgno in moved:
+            if pgno not in pages:
+                return None
+            if candidate.max_txid > state.txid:
+                now = latest.index.get(pgno)
+                if now is None or now[0].max_txid > state.txid:
+                    return None  # rewritten after our TXID: the candidate has a newer version
+            index[pgno] = (candidate, *pages[pgno])
+        return replace(state, index=index)
 
     def _rebuild(self) -> None:
         """Replace the latest state by one built from a fresh plan (no deleted files in it)."""

@@ -296,7 +296,10 @@ class LitestreamFile:
         return True
 
     def _view(self) -> DatabaseState:
-        return self._next or self._state
+        """The state a read would see now: inside a transaction its own, else the next one."""
+        if self._lock_level != _LOCK_NONE:
+            return self._state
+        return self._next or self._pinned or self.replica.state
 
     def txid(self) -> int:
         return self._view().txid
