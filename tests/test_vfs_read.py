@@ -340,3 +340,30 @@ def test_missing_bucket_and_bad_url_are_clear_errors(vfs, s3_server, caplog):
 def test_bad_uri_parameter_is_an_error(vfs, primary):
     with pytest.raises(apsw.CantOpenError):
         connect(primary.url, "poll_interval=soon")
+
+
+def test_storage_outage_is_busy_then_recovers(vfs, tmp_path):
+    from ltxvfs.errors import StorageError
+
+    url = (tmp_path / "r").as_uri()
+    with open_replica(url) as client:
+        p = FakePrimary(tmp_path / "p.db", client)
+        p.commit("CREATE TABLE t(x)", "INSERT INTO t SELECT randomblob(3000) FROM generate_series(1, 100)")
+    con = connect(url)
+    replica = next(r for r in vfs.replicas() if r.client.url == url)
+    real_read = replica.store.client.read
+    failures = []
+
+    def down(*args, **kw):
+        failures.append(args)
+        raise StorageError("simulated outage: connection refused")
+
+    replica.store.client.read = down
+    try:
+        with pytest.raises(apsw.BusyError, match="object storage unavailable"):
+            rows(con, "SELECT sum(length(x)) FROM t")
+    finally:
+        replica.store.client.read = real_read
+    assert failures
+    assert rows(con, "SELECT count(*) FROM t") == [(100,)]
+    con.close()
