@@ -12,7 +12,6 @@ import uuid
 
 import boto3
 import pytest
-
 from moto.server import ThreadedMotoServer
 
 pytest_plugins = ["litestream_rig"]

@@ -132,10 +132,10 @@ def rfc3339(t: _dt.datetime | float | str) -> str:
     if isinstance(t, str):
         return t
     if isinstance(t, (int, float)):
-        t = _dt.datetime.fromtimestamp(t, tz=_dt.timezone.utc)
+        t = _dt.datetime.fromtimestamp(t, tz=_dt.UTC)
     if t.tzinfo is None:
-        t = t.replace(tzinfo=_dt.timezone.utc)
-    return t.astimezone(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        t = t.replace(tzinfo=_dt.UTC)
+    return t.astimezone(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _tail(path: Path | None, n: int = 60) -> str:
@@ -247,7 +247,7 @@ def list_ltx_files(url: str, level: int | None = None) -> list[LtxFile]:
                     mm = _parse_ltx_name(o["Key"][len(pfx):])
                     if mm:
                         out.append(LtxFile(lvl, mm[0], mm[1], o["Size"], o["Key"],
-                                           o["LastModified"].astimezone(_dt.timezone.utc)))
+                                           o["LastModified"].astimezone(_dt.UTC)))
     elif url.startswith("file://"):
         root = _file_dir(url)
         for lvl in levels:
@@ -262,7 +262,7 @@ def list_ltx_files(url: str, level: int | None = None) -> list[LtxFile]:
                     except FileNotFoundError:  # deleted by retention while listing
                         continue
                     out.append(LtxFile(lvl, mm[0], mm[1], st.st_size, str(p),
-                                       _dt.datetime.fromtimestamp(st.st_mtime, _dt.timezone.utc)))
+                                       _dt.datetime.fromtimestamp(st.st_mtime, _dt.UTC)))
     else:
         raise ValueError(f"unsupported replica URL: {url}")
     return sorted(out)
@@ -795,7 +795,7 @@ class Workload:
         Litestream's ``_litestream_seq`` table (checkpoints)."""
         rows = self.rows()
         txid = replicator.wait_until_replicated(timeout=timeout)
-        now = _dt.datetime.now(_dt.timezone.utc)
+        now = _dt.datetime.now(_dt.UTC)
         m = Moment(txid=txid, time=now, rows=rows, label=label)
         self.moments.append(m)
         end = time.time() + 0.003

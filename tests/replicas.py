@@ -15,7 +15,6 @@ from pathlib import Path
 from ltxvfs.publish import database_pages, publish_pages
 from ltxvfs.storage.base import FileInfo, ReplicaClient
 
-
 _SERIES = re.compile(r"generate_series\((\d+),\s*(\d+)\)")
 
 

@@ -11,10 +11,9 @@ from urllib.parse import quote
 
 import apsw
 import pytest
+from litestream_rig import Workload
 
 import ltxvfs
-
-from litestream_rig import Workload
 
 pytestmark = pytest.mark.interop
 
@@ -111,7 +110,7 @@ def test_follows_a_live_primary_through_compaction_and_retention(
         target = rep.wait_until_replicated()
         expected = wl.rows()
         start = time.monotonic()
-        seen = wait_for(lambda: int(rows(con, "PRAGMA litestream_txid")[0][0], 16) >= target,
+        seen = wait_for(lambda t=target: int(rows(con, "PRAGMA litestream_txid")[0][0], 16) >= t,
                         timeout=3 * POLL + 1)
         late.append(time.monotonic() - start)
         assert seen, "reader did not reach the primary's TXID"
@@ -168,7 +167,7 @@ def test_threads_and_processes_read_while_the_primary_writes(vfs, tmp_path, repl
                     assert ids == sorted(set(ids))
                 except apsw.BusyError:
                     pass  # documented: transient storage trouble
-        except BaseException as err:  # noqa: BLE001
+        except BaseException as err:
             errors.append(err)
         finally:
             con.close()

@@ -5,16 +5,22 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
+from replicas import FakePrimary, page_bytes
 
-from ltxvfs.pages import DatabaseState, FileIndex, PageCache, PageNotFoundError, PageStore, build_state
+from ltxvfs.pages import (
+    DatabaseState,
+    FileIndex,
+    PageCache,
+    PageNotFoundError,
+    PageStore,
+    build_state,
+)
 from ltxvfs.plan import compute_plan
 from ltxvfs.storage import open_replica
 from ltxvfs.storage.base import FileInfo
-
-from replicas import FakePrimary, page_bytes
 
 
 class CountingClient:
@@ -116,11 +122,11 @@ def test_cache_is_bounded_in_bytes():
 
 
 def _info(level, lo, hi):
-    return FileInfo(level, lo, hi, 1000, datetime(2026, 1, 1, tzinfo=timezone.utc))
+    return FileInfo(level, lo, hi, 1000, datetime(2026, 1, 1, tzinfo=UTC))
 
 
 def test_newest_txid_wins_whatever_the_order():
-    base = DatabaseState(4096, 3, 10, datetime(2026, 1, 1, tzinfo=timezone.utc), {})
+    base = DatabaseState(4096, 3, 10, datetime(2026, 1, 1, tzinfo=UTC), {})
     l0 = FileIndex(_info(0, 12, 12), {2: (100, 50)}, None)
     l1 = FileIndex(_info(1, 11, 11), {2: (100, 60), 3: (160, 60)}, None)
     # An older compacted file arriving after a newer L0 file must not win page 2.
@@ -131,7 +137,7 @@ def test_newest_txid_wins_whatever_the_order():
 
 def test_shrink_drops_only_pages_beyond_commit():
     infos = {p: (_info(9, 1, 5), 100 * p, 50) for p in range(1, 11)}
-    base = DatabaseState(4096, 10, 5, datetime(2026, 1, 1, tzinfo=timezone.utc), infos)
+    base = DatabaseState(4096, 10, 5, datetime(2026, 1, 1, tzinfo=UTC), infos)
     state = base.applying([FileIndex(_info(0, 6, 6), {1: (100, 50)}, None)], 4)
     assert sorted(state.index) == [1, 2, 3, 4] and state.index[2] == infos[2]
     assert state.size == 4 * 4096

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -10,7 +10,7 @@ from ltxvfs.errors import NonContiguousError, PlanError, TxNotAvailableError
 from ltxvfs.plan import choose_plan
 from ltxvfs.storage.base import FileInfo
 
-T0 = datetime(2026, 1, 1, 10, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, 10, 0, tzinfo=UTC)
 
 
 def f(level, lo, hi, minute=None):

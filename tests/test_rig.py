@@ -11,11 +11,21 @@ import sqlite3
 import struct
 
 import pytest
-
 from litestream_rig import (
-    LitestreamError, Replicator, Workload, integrity_check, list_ltx_files, litestream_env,
-    litestream_ltx, litestream_restore, make_s3_url, parse_ltx_output, poll_until, replica_keys,
-    table_rows, txid_hex,
+    LitestreamError,
+    Replicator,
+    Workload,
+    integrity_check,
+    list_ltx_files,
+    litestream_env,
+    litestream_ltx,
+    litestream_restore,
+    make_s3_url,
+    parse_ltx_output,
+    poll_until,
+    replica_keys,
+    table_rows,
+    txid_hex,
 )
 
 pytestmark = pytest.mark.interop
@@ -110,7 +120,7 @@ def test_ltx_output_format(replicated_db_factory):
     cells = [ln.split() for ln in text.splitlines()]
     assert cells[0] == ["level", "min_txid", "max_txid", "size", "created"]
     widths = [max(len(r[i]) for r in cells) + 2 for i in range(4)]
-    expect = "".join("".join(c.ljust(w) for c, w in zip(r[:4], widths)) + r[4] + "\n"
+    expect = "".join("".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + r[4] + "\n"
                      for r in cells)
     assert text == expect
     for r in cells[1:]:

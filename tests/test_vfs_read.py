@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import apsw
 import pytest
+from replicas import FakePrimary, compact
 
 import ltxvfs
 from ltxvfs.storage import open_replica
-
-from replicas import FakePrimary, compact
 
 FAST = "poll_interval=20ms"
 
@@ -109,7 +108,7 @@ def test_reader_follows_and_keeps_its_snapshot(vfs, primary):
     assert rows(con, "SELECT count(*) FROM t") == [(501,)]
     for i in range(5):
         primary.commit(f"INSERT INTO t(name) VALUES ('more{i}')")
-        wait_for(lambda: rows(con, "SELECT count(*) FROM t") == [(502 + i,)])
+        wait_for(lambda i=i: rows(con, "SELECT count(*) FROM t") == [(502 + i,)])
     assert rows(con) == primary.rows()
     con.close()
 
@@ -159,7 +158,7 @@ def test_time_travel_and_back(vfs, tmp_path, replica_url):
             moments.append((1_000_000_000_000 + i * 60_000 + 30_000, p.rows()))
         con = connect(replica_url)
         for ms, expected in moments:
-            when = datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat()
+            when = datetime.fromtimestamp(ms / 1000, UTC).isoformat()
             con.execute(f"PRAGMA litestream_time = '{when}'")
             assert rows(con) == expected
             assert rows(con, "PRAGMA litestream_time") == [(when.replace("+00:00", "Z"),)]
@@ -292,7 +291,7 @@ def test_concurrent_reader_threads(vfs, primary):
                     return
         except apsw.BusyError:
             pass
-        except BaseException as err:  # noqa: BLE001
+        except BaseException as err:
             errors.append(err)
         finally:
             con.close()

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from . import __version__
 from .errors import LitestreamError
@@ -24,7 +24,8 @@ def parse_txid(text: str) -> int:
     try:
         value = int(text, 16)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid TXID {text!r}: expected hex, e.g. 000000000000002a") from None
+        raise argparse.ArgumentTypeError(
+            f"invalid TXID {text!r}: expected hex, e.g. 000000000000002a") from None
     if not (1 <= value < 1 << 64) or len(text) > 16:
         raise argparse.ArgumentTypeError(f"invalid TXID {text!r}: out of range")
     return value
@@ -37,12 +38,12 @@ def parse_timestamp(text: str) -> datetime:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"invalid timestamp {text!r}: expected RFC 3339, e.g. 2026-01-02T15:04:05Z") from None
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def format_time(t: datetime) -> str:
     """Go's RFC3339 in UTC, as ``litestream ltx`` prints it."""
-    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def format_table(rows: Sequence[Sequence[str]]) -> str:

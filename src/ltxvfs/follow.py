@@ -224,7 +224,7 @@ class PollScheduler:
     def _poll(self, key: int, replica: Replica) -> None:
         try:
             replica.poll()
-        except Exception:  # noqa: BLE001 - a poller must survive anything
+        except Exception:
             log.exception("poll crashed")
         finally:
             with self._cond:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from .errors import NonContiguousError, PlanError, TxNotAvailableError
 from .storage.base import SNAPSHOT_LEVEL, FileInfo, ReplicaClient, format_txid
@@ -68,7 +68,7 @@ def choose_plan(listing: Mapping[int, Sequence[FileInfo]], *, txid: int | None =
     if txid is not None and txid < 1:
         raise TxNotAvailableError(f"transaction not available: invalid TXID {txid}")
     if timestamp is not None and timestamp.tzinfo is None:
-        timestamp = timestamp.replace(tzinfo=timezone.utc)
+        timestamp = timestamp.replace(tzinfo=UTC)
 
     def eligible(f: FileInfo) -> bool:
         return (txid is None or f.max_txid <= txid) and (

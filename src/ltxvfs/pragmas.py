@@ -7,7 +7,7 @@ Times are RFC 3339 first, then relative phrases ("5 minutes ago", "yesterday") t
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Protocol
 
 
@@ -23,19 +23,19 @@ def parse_time(text: str, now: datetime | None = None) -> datetime:
                           "'5 minutes ago'): ''")
     try:
         value = datetime.fromisoformat(s)
-        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
     except ValueError:
         pass
     import dateparser  # imported lazily: it takes ~0.3 s to load
 
-    base = (now or datetime.now(timezone.utc)).astimezone(timezone.utc).replace(tzinfo=None)
+    base = (now or datetime.now(UTC)).astimezone(UTC).replace(tzinfo=None)
     value = dateparser.parse(s, settings={
         "RELATIVE_BASE": base, "TIMEZONE": "UTC", "TO_TIMEZONE": "UTC",
         "RETURN_AS_TIMEZONE_AWARE": True, "PREFER_DATES_FROM": "past"})
     if value is None:
         raise PragmaError("invalid timestamp (expected RFC3339 or relative time like "
                           f"'5 minutes ago'): {text}")
-    return value.astimezone(timezone.utc)
+    return value.astimezone(UTC)
 
 
 def format_time(t: datetime) -> str:

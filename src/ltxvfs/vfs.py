@@ -20,8 +20,14 @@ from datetime import datetime
 
 import apsw
 
-from .config import ConfigError, VFSConfig, URI_PARAMETERS
-from .errors import LitestreamError, LTXError, ObjectNotFoundError, StorageError, TxNotAvailableError
+from .config import URI_PARAMETERS, ConfigError, VFSConfig
+from .errors import (
+    LitestreamError,
+    LTXError,
+    ObjectNotFoundError,
+    StorageError,
+    TxNotAvailableError,
+)
 from .follow import POOL_THREADS, PollScheduler, Replica
 from .pages import DatabaseState, PageNotFoundError, PageStore, build_state
 from .plan import compute_plan
@@ -316,7 +322,8 @@ class LitestreamFile:
         """Read the database as of ``when`` or ``txid`` (both None: follow the latest again).
         Takes effect at once outside a transaction, else at the next one."""
         if when is None and txid is None:
-            state, self._pinned, self._pinned_time, self._pinned_txid = self.replica.state, None, None, None
+            state = self.replica.state
+            self._pinned, self._pinned_time, self._pinned_txid = None, None, None
         else:
             state = self.replica.state_at(txid=txid, timestamp=when)
             self._pinned, self._pinned_time, self._pinned_txid = state, when, txid

@@ -1,4 +1,4 @@
-"""The LTX file format (version 3, as written by Litestream 0.5.x): decode, verify, encode.
+"""The LTX format's pieces: constants, CRC-64, header, page index, page frames, page-number rules.
 
 Layout::
 
@@ -17,16 +17,14 @@ post-apply checksum. Every malformed input raises a subclass of :class:`~ltxvfs.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import BinaryIO
 
 import fastcrc
 import lz4.block
 import lz4.frame
 
-from .errors import (
-    ChecksumMismatchError,
+from ..errors import (
     InvalidHeaderError,
     InvalidMagicError,
     MalformedIndexError,
@@ -48,12 +46,12 @@ MIN_PAGE_SIZE, MAX_PAGE_SIZE = 512, 65536
 ESTIMATED_INDEX_TAIL = 32768
 
 _HEADER = struct.Struct(">4sIIIQQqQqqIIQ")  # 80 bytes, then 20 reserved bytes
-_PAGE_HEADER = struct.Struct(">IH")
-_U32 = struct.Struct(">I")
-_U64 = struct.Struct(">Q")
-_END_OF_PAGES = bytes(PAGE_HEADER_SIZE)
+PAGE_HEADER = struct.Struct(">IH")
+U32 = struct.Struct(">I")
+U64 = struct.Struct(">Q")
+END_OF_PAGES = bytes(PAGE_HEADER_SIZE)
 # A compressed page can exceed the page size (LZ4 bound); anything far beyond it is hostile.
-_MAX_BLOCK_OVERHEAD = 1024
+MAX_BLOCK_OVERHEAD = 1024
 
 
 def crc64(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
@@ -185,7 +183,7 @@ def page_index_start(tail: bytes | memoryview, file_size: int) -> int:
         raise TruncatedError(f"ltx file too short to contain a page index: {file_size} bytes")
     if len(tail) < 24:
         raise TruncatedError(f"need the last 24 bytes of the file, got {len(tail)}")
-    (length,) = _U64.unpack_from(tail, len(tail) - 24)
+    (length,) = U64.unpack_from(tail, len(tail) - 24)
     start = file_size - TRAILER_SIZE - 8 - length
     if length < 1 or start < HEADER_SIZE + PAGE_HEADER_SIZE:
         raise MalformedIndexError(f"page index length {length} does not fit a {file_size}-byte file")
@@ -208,7 +206,7 @@ def parse_page_index(data: bytes | memoryview, file_size: int, data_offset: int 
         raise TruncatedError(f"page index starts at {start}, before the fetched tail at {data_offset}")
     i, end = start - data_offset, len(data) - TRAILER_SIZE - 8
     frames_end = start - PAGE_HEADER_SIZE
-    max_frame = (page_size or MAX_PAGE_SIZE) + _MAX_BLOCK_OVERHEAD + 10
+    max_frame = (page_size or MAX_PAGE_SIZE) + MAX_BLOCK_OVERHEAD + 10
     index: PageIndex = {}
     prev = 0
     while True:
@@ -233,7 +231,7 @@ def parse_page_index(data: bytes | memoryview, file_size: int, data_offset: int 
 def encode_page_index(entries: Iterable[tuple[int, int, int]]) -> bytes:
     """Index bytes for (pgno, offset, size) entries: varints, terminator, u64 length."""
     body = b"".join(_uvarint(p) + _uvarint(o) + _uvarint(s) for p, o, s in entries) + b"\x00"
-    return body + _U64.pack(len(body))
+    return body + U64.pack(len(body))
 
 
 # --- page frames -----------------------------------------------------------------------------
@@ -244,7 +242,7 @@ def decode_page_frame(frame: bytes | memoryview, page_size: int,
     """Decompress one whole page frame (as located by the page index) into page bytes."""
     if len(frame) < PAGE_HEADER_SIZE:
         raise TruncatedError(f"page frame truncated: {len(frame)} bytes")
-    pgno, flags = _PAGE_HEADER.unpack_from(frame, 0)
+    pgno, flags = PAGE_HEADER.unpack_from(frame, 0)
     if expected_pgno is not None and pgno != expected_pgno:
         raise PageFrameError(f"page frame holds page {pgno}, expected page {expected_pgno}")
     if flags & ~PAGE_FLAG_SIZE:
@@ -252,11 +250,11 @@ def decode_page_frame(frame: bytes | memoryview, page_size: int,
     if flags & PAGE_FLAG_SIZE:
         if len(frame) < PAGE_HEADER_SIZE + 4:
             raise TruncatedError(f"page frame of page {pgno} truncated")
-        (n,) = _U32.unpack_from(frame, PAGE_HEADER_SIZE)
+        (n,) = U32.unpack_from(frame, PAGE_HEADER_SIZE)
         payload = frame[PAGE_HEADER_SIZE + 4:PAGE_HEADER_SIZE + 4 + n]
         if len(payload) != n:
             raise TruncatedError(f"page frame of page {pgno} truncated: {len(payload)} of {n} bytes")
-        return _decompress_block(payload, page_size, pgno)
+        return decompress_block(payload, page_size, pgno)
     try:
         data = lz4.frame.decompress(bytes(frame[PAGE_HEADER_SIZE:]))
     except RuntimeError as err:
@@ -266,8 +264,8 @@ def decode_page_frame(frame: bytes | memoryview, page_size: int,
     return data
 
 
-def _decompress_block(payload: bytes | memoryview, page_size: int, pgno: int) -> bytes:
-    if len(payload) > page_size + _MAX_BLOCK_OVERHEAD:
+def decompress_block(payload: bytes | memoryview, page_size: int, pgno: int) -> bytes:
+    if len(payload) > page_size + MAX_BLOCK_OVERHEAD:
         raise PageFrameError(f"page {pgno}: compressed size {len(payload)} is implausible")
     try:
         data = lz4.block.decompress(payload, uncompressed_size=page_size)
@@ -281,13 +279,13 @@ def _decompress_block(payload: bytes | memoryview, page_size: int, pgno: int) ->
 def encode_page_frame(pgno: int, data: bytes) -> bytes:
     """One frame in the block encoding (what Litestream 0.5.16+ writes)."""
     comp = lz4.block.compress(data, store_size=False)
-    return _PAGE_HEADER.pack(pgno, PAGE_FLAG_SIZE) + _U32.pack(len(comp)) + comp
+    return PAGE_HEADER.pack(pgno, PAGE_FLAG_SIZE) + U32.pack(len(comp)) + comp
 
 
 # --- page-number rules -----------------------------------------------------------------------
 
 
-class _PageOrder:
+class PageOrder:
     """Checks the page-number rules shared by the encoder and the decoder."""
 
     def __init__(self, header: Header) -> None:
@@ -321,222 +319,3 @@ class _PageOrder:
             if self.prev != last:
                 raise PageOrderError(
                     f"snapshot ends at page {self.prev} but commit is {h.commit}")
-
-
-# --- streaming decoder -----------------------------------------------------------------------
-
-
-class Decoder:
-    """Reads a whole LTX file from a binary stream, page by page, and verifies it at the end.
-
-    Iterating yields ``(pgno, page bytes)``; after the last page the index and trailer are read,
-    checked against the frames, and the file checksum verified (ChecksumMismatchError).
-    Memory stays at one page plus the read buffer, whatever the file size.
-    """
-
-    _CHUNK = 256 * 1024
-
-    def __init__(self, f: BinaryIO, name: str = "LTX file") -> None:
-        self._f = f
-        self.name = name
-        self._buf = b""
-        self._off = 0  # read position in self._buf
-        self._pos = 0  # read position in the file
-        raw = self._take(HEADER_SIZE, "header")
-        self.header = Header.unpack(raw)
-        self._crc = crc64(raw)
-        self.index: PageIndex = {}
-        self.trailer: Trailer | None = None
-
-    def _fill(self, n: int) -> bool:
-        """Make at least ``n`` unread bytes available; False at end of stream."""
-        while len(self._buf) - self._off < n:
-            chunk = self._f.read(max(self._CHUNK, n - (len(self._buf) - self._off)))
-            if not chunk:
-                return False
-            self._buf = self._buf[self._off:] + chunk
-            self._off = 0
-        return True
-
-    def _take(self, n: int, what: str) -> bytes:
-        if not self._fill(n):
-            raise TruncatedError(f"{self.name}: truncated in {what} at offset {self._pos}")
-        out = self._buf[self._off:self._off + n]
-        self._off += n
-        self._pos += n
-        return out
-
-    def __iter__(self) -> Iterator[tuple[int, bytes]]:
-        page_size = self.header.page_size
-        order = _PageOrder(self.header)
-        frames: list[tuple[int, int, int]] = []
-        while True:
-            start = self._pos
-            ph = self._take(PAGE_HEADER_SIZE, "page header")
-            self._crc = crc64(ph, self._crc)
-            pgno, flags = _PAGE_HEADER.unpack(ph)
-            if pgno == 0:
-                if flags:
-                    raise PageFrameError(f"{self.name}: invalid end-of-pages flags 0x{flags:04x}")
-                break
-            if flags & ~PAGE_FLAG_SIZE:
-                raise PageFrameError(f"{self.name}: invalid page header flags: 0x{flags:04x}")
-            try:
-                order.check(pgno)
-            except PageOrderError as err:
-                raise PageOrderError(f"{self.name}: {err}") from None
-            if flags & PAGE_FLAG_SIZE:
-                size_field = self._take(4, f"page {pgno}")
-                (n,) = _U32.unpack(size_field)
-                if n > page_size + _MAX_BLOCK_OVERHEAD:
-                    raise PageFrameError(f"{self.name}: page {pgno}: implausible size {n}")
-                data = _decompress_block(self._take(n, f"page {pgno}"), page_size, pgno)
-                self._crc = crc64(size_field, self._crc)
-            else:
-                data = self._decode_lz4_frame(pgno, page_size)
-            self._crc = crc64(data, self._crc)
-            frames.append((pgno, start, self._pos - start))
-            yield pgno, data
-        order.finish()
-        self._finish(frames)
-
-    def _decode_lz4_frame(self, pgno: int, page_size: int) -> bytes:
-        d = lz4.frame.LZ4FrameDecompressor()
-        out = bytearray()
-        while not d.eof:
-            if len(self._buf) == self._off and not self._fill(1):
-                raise TruncatedError(f"{self.name}: truncated in LZ4 frame of page {pgno}")
-            chunk = self._buf[self._off:]
-            try:
-                out += d.decompress(chunk)
-            except RuntimeError as err:
-                raise PageFrameError(f"{self.name}: decompress frame of page {pgno}: {err}") from err
-            used = len(chunk) - len(d.unused_data) if d.eof else len(chunk)
-            self._off += used
-            self._pos += used
-            if len(out) > page_size:
-                break
-        if len(out) != page_size:
-            raise PageFrameError(f"{self.name}: page {pgno} decompressed to {len(out)} bytes")
-        return bytes(out)
-
-    def _finish(self, frames: list[tuple[int, int, int]]) -> None:
-        index_start = self._pos
-        while self._fill(len(self._buf) - self._off + 1):  # the rest: index + trailer
-            if len(self._buf) - self._off > 64 << 20:
-                raise MalformedIndexError(f"{self.name}: implausibly large page index")
-        rest = self._take(len(self._buf) - self._off, "page index")
-        file_size = self._pos
-        if len(rest) < 8 + TRAILER_SIZE + 1:
-            raise TruncatedError(f"{self.name}: truncated in page index or trailer")
-        try:
-            self.index = parse_page_index(rest, file_size, index_start, self.header.page_size)
-        except TruncatedError as err:
-            raise MalformedIndexError(f"{self.name}: {err}") from None
-        except MalformedIndexError as err:
-            raise MalformedIndexError(f"{self.name}: {err}") from None
-        if page_index_start(rest, file_size) != index_start:
-            raise MalformedIndexError(f"{self.name}: page index length disagrees with the frames")
-        if [(p, o, s) for p, (o, s) in self.index.items()] != frames:
-            raise MalformedIndexError(f"{self.name}: page index does not match the page frames")
-        self._crc = crc64(rest[:-8], self._crc)
-        post, checksum = struct.unpack(">QQ", rest[-TRAILER_SIZE:])
-        self.trailer = Trailer(post, checksum)
-        if self.header.flags & HEADER_FLAG_NO_CHECKSUM and post != 0:
-            raise ChecksumMismatchError(f"{self.name}: post-apply checksum must be zero")
-        if checksum != CHECKSUM_FLAG | self._crc:
-            raise ChecksumMismatchError(
-                f"{self.name}: file checksum mismatch: stored {checksum:016x}, "
-                f"computed {CHECKSUM_FLAG | self._crc:016x}")
-
-
-@dataclass
-class LTXFile:
-    header: Header
-    pages: dict[int, bytes]
-    index: PageIndex
-    trailer: Trailer
-
-
-def decode_file(data: bytes, name: str = "LTX file") -> LTXFile:
-    """Decode and verify a whole LTX file held in memory."""
-    import io
-
-    dec = Decoder(io.BytesIO(data), name)
-    pages = dict(dec)
-    assert dec.trailer is not None
-    return LTXFile(dec.header, pages, dec.index, dec.trailer)
-
-
-def read_header(f: BinaryIO) -> Header:
-    return Header.unpack(f.read(HEADER_SIZE))
-
-
-# --- streaming encoder -----------------------------------------------------------------------
-
-
-class Encoder:
-    """Writes an LTX file (block encoding, NoChecksum) to a binary stream, one page at a time."""
-
-    def __init__(self, f: BinaryIO, header: Header) -> None:
-        if header.flags != HEADER_FLAG_NO_CHECKSUM or header.pre_apply_checksum:
-            # Litestream 0.5.x tracks no database checksums; its compactor would reject ours.
-            raise InvalidHeaderError("ltxvfs writes NoChecksum files only (flags 0x2, checksum 0)")
-        if header.commit == 0:
-            raise InvalidHeaderError("commit must be at least 1")
-        raw = header.pack()
-        self.header = header
-        self._f = f
-        self._order = _PageOrder(header)
-        self._entries: list[tuple[int, int, int]] = []
-        self._pos = 0
-        self._crc = 0
-        self._closed = False
-        self._write(raw, raw)
-
-    def _write(self, raw: bytes, hashed: bytes) -> None:
-        self._f.write(raw)
-        self._pos += len(raw)
-        self._crc = crc64(hashed, self._crc)
-
-    def write_page(self, pgno: int, data: bytes) -> None:
-        if len(data) != self.header.page_size:
-            raise PageFrameError(f"page {pgno} is {len(data)} bytes, not {self.header.page_size}")
-        self._order.check(pgno)
-        frame = encode_page_frame(pgno, data)
-        self._entries.append((pgno, self._pos, len(frame)))
-        self._f.write(frame)
-        self._pos += len(frame)
-        self._crc = crc64(data, crc64(frame[:PAGE_HEADER_SIZE + 4], self._crc))
-
-    def close(self) -> Trailer:
-        """Write the end marker, index and trailer; returns the trailer."""
-        if self._closed:
-            raise ValueError("encoder already closed")
-        self._order.finish()
-        self._write(_END_OF_PAGES, _END_OF_PAGES)
-        index = encode_page_index(self._entries)
-        self._write(index, index)
-        post = _U64.pack(0)
-        self._write(post, post)
-        checksum = CHECKSUM_FLAG | self._crc
-        self._f.write(_U64.pack(checksum))
-        self._pos += 8
-        self._closed = True
-        return Trailer(0, checksum)
-
-    @property
-    def size(self) -> int:
-        return self._pos
-
-
-def encode_file(header: Header, pages: Iterable[tuple[int, bytes]]) -> bytes:
-    """A whole LTX file in memory; pages in ascending pgno order."""
-    import io
-
-    buf = io.BytesIO()
-    enc = Encoder(buf, header)
-    for pgno, data in pages:
-        enc.write_page(pgno, data)
-    enc.close()
-    return buf.getvalue()
