@@ -6,13 +6,11 @@ the files beyond our TXID applied — compacted files included, since per page t
 wins. A replica that went backwards (restored or replaced) is rebuilt. Nothing here can freeze
 the follower: every poll starts again from the TXID we have.
 
-Polls for all open replicas run on one scheduler thread and a small shared pool, so 100 open
-databases do not mean 100 threads.
+Polls run as jobs on the shared scheduler (jobs.py).
 """
 
 from __future__ import annotations
 
-import heapq
 import logging
 import threading
 import time
@@ -26,10 +24,6 @@ from .plan import compute_plan, list_levels
 from .storage.base import SNAPSHOT_LEVEL, FileInfo, ReplicaClient
 
 log = logging.getLogger("ltxvfs.follow")
-
-#: Threads shared by every open replica for index fetches and polls.
-POOL_THREADS = 8
-
 
 class Replica:
     """The latest known state of one replica, plus its page store. Shared by its connections."""
@@ -173,59 +167,3 @@ class Replica:
         if txid is not None and plan.txid != txid:
             raise TxNotAvailableError(f"transaction not available: {txid:016x}")
         return build_state(self.client, plan, self.pool, self.store)
-
-
-class PollScheduler:
-    """One thread that runs each registered replica's poll every ``poll_interval`` on a pool."""
-
-    def __init__(self, pool: ThreadPoolExecutor) -> None:
-        self._pool = pool
-        self._heap: list[tuple[float, int, Replica]] = []
-        self._running: set[int] = set()
-        self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._stopped = False
-
-    def add(self, replica: Replica) -> None:
-        with self._cond:
-            heapq.heappush(self._heap, (time.monotonic() + replica.poll_interval, id(replica),
-                                        replica))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="ltxvfs-poller",
-                                                daemon=True)
-                self._thread.start()
-            self._cond.notify()
-
-    def remove(self, replica: Replica) -> None:
-        with self._cond:
-            self._heap = [e for e in self._heap if e[2] is not replica]
-            heapq.heapify(self._heap)
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._stopped and (not self._heap or self._heap[0][0] > time.monotonic()):
-                    timeout = self._heap[0][0] - time.monotonic() if self._heap else None
-                    self._cond.wait(timeout)
-                if self._stopped:
-                    return
-                _, key, replica = heapq.heappop(self._heap)
-                heapq.heappush(self._heap, (time.monotonic() + replica.poll_interval, key, replica))
-                if key in self._running:
-                    continue  # the previous poll is still running: skip, never pile up
-                self._running.add(key)
-            self._pool.submit(self._poll, key, replica)
-
-    def _poll(self, key: int, replica: Replica) -> None:
-        try:
-            replica.poll()
-        except Exception:
-            log.exception("poll crashed")
-        finally:
-            with self._cond:
-                self._running.discard(key)

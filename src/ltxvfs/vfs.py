@@ -28,7 +28,8 @@ from .errors import (
     StorageError,
     TxNotAvailableError,
 )
-from .follow import POOL_THREADS, PollScheduler, Replica
+from .follow import Replica
+from .jobs import POOL_THREADS, Scheduler
 from .pages import DatabaseState, PageNotFoundError, PageStore, build_state
 from .plan import compute_plan
 from .pragmas import PragmaError, format_time, handle_pragma
@@ -61,7 +62,7 @@ class LitestreamVFS(apsw.VFS):
         self._replicas: dict[str, Replica] = {}
         self._lock = threading.Lock()
         self.pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="ltxvfs")
-        self.scheduler = PollScheduler(self.pool)
+        self.scheduler = Scheduler(self.pool)
         super().__init__(name, base="", makedefault=makedefault)
 
     # --- opening ------------------------------------------------------------------------------
@@ -120,7 +121,7 @@ class LitestreamVFS(apsw.VFS):
                 return existing
             replica.refcount = 1
             self._replicas[key] = replica
-        self.scheduler.add(replica)
+        self.scheduler.add(("poll", id(replica)), replica.poll, replica.poll_interval)
         return replica
 
     def _open_replica(self, cfg: VFSConfig) -> Replica:
@@ -152,7 +153,7 @@ class LitestreamVFS(apsw.VFS):
             if replica.refcount > 0:
                 return
             self._replicas = {k: r for k, r in self._replicas.items() if r is not replica}
-        self.scheduler.remove(replica)
+        self.scheduler.remove(("poll", id(replica)))
         replica.client.close()
 
     def replicas(self) -> list[Replica]:

@@ -1,0 +1,372 @@
+"""The write buffer: a local, self-describing log of pages written since the last sync.
+
+File layout (all integers big-endian)::
+
+    header   "LTXVFSB1" | u32 version | u32 header length | u64 base TXID | u32 page size
+             | u64 replica id | crc32 of the preceding bytes
+    records  u8 type | u32 payload length | payload | u32 crc32(type, length, payload)
+
+Records:
+
+* PAGE (1): u32 pgno, then the page bytes — written by ``xWrite``.
+* TRUNCATE (2): u32 size in pages — written by ``xTruncate``.
+* COMMIT (3): u32 size in pages, u64 sequence — the end of a SQLite transaction. Everything
+  before the last COMMIT is committed; anything after it is discarded on recovery.
+* SYNC (4): u64 TXID, u64 end offset, u64 LTX file checksum — "the committed records up to this
+  offset are being uploaded as TXID": after a crash it tells our own upload from someone else's.
+
+Every record is appended with ``os.write`` before the SQLite call returns, so a process crash
+loses nothing committed; ``fsync`` happens when SQLite asks (``xSync``), so ``PRAGMA synchronous``
+keeps its meaning. After a successful upload the buffer is rewritten atomically (temp file, fsync,
+rename) with the new base TXID and only the records that came after the upload.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import threading
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import LitestreamError
+
+MAGIC = b"LTXVFSB1"
+VERSION = 1
+PAGE, TRUNCATE, COMMIT, SYNC = 1, 2, 3, 4
+_HEADER = struct.Struct(">8sIIQIQ")
+_REC = struct.Struct(">BI")
+_CRC = struct.Struct(">I")
+_U32 = struct.Struct(">I")
+_COMMIT = struct.Struct(">IQ")
+_SYNC = struct.Struct(">QQQ")
+#: Largest payload a record may claim (a 64 KiB page plus its number): guards against garbage.
+_MAX_PAYLOAD = 65536 + 4
+
+
+class BufferError(LitestreamError):
+    """The write buffer file is unusable (wrong replica, bad header, I/O error)."""
+
+
+@dataclass
+class Pages:
+    """Where each page's newest copy sits in the buffer file, and the database size."""
+
+    offsets: dict[int, int] = field(default_factory=dict)  # pgno -> offset of the page bytes
+    size: int | None = None  # database size in pages, None if never set
+
+    def copy(self) -> Pages:
+        return Pages(dict(self.offsets), self.size)
+
+    def truncate(self, size: int) -> None:
+        self.offsets = {p: o for p, o in self.offsets.items() if p <= size}
+        self.size = size
+
+
+@dataclass
+class SyncMark:
+    txid: int
+    end: int
+    checksum: int
+
+
+@dataclass
+class Scan:
+    """What a buffer file holds."""
+
+    base_txid: int
+    page_size: int
+    committed: Pages
+    pending: Pages  # committed plus any records after the last COMMIT
+    commits: int
+    sync: SyncMark | None
+    last_commit_end: int  # offset just past the last COMMIT (or the header)
+    end: int  # offset just past the last valid record
+    commit_ends: list[int]  # offset just past each COMMIT
+
+    def commits_after(self, offset: int) -> int:
+        return sum(1 for e in self.commit_ends if e > offset)
+
+
+def replica_id(url: str) -> int:
+    """A 64-bit tag of the replica URL, so a buffer is never applied to another replica."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(url.encode()).digest()[:8], "big")
+
+
+class WriteBuffer:
+    """One replica's buffer file. Thread-safe; every method runs under one lock."""
+
+    def __init__(self, path: Path, replica: int) -> None:
+        self.path = Path(path)
+        self.replica = replica
+        self._lock = threading.RLock()
+        self._fd = -1
+        self.base_txid = 0
+        self.page_size = 0
+        self.committed = Pages()
+        self.pending = Pages()  # committed + the open transaction's writes (what reads see)
+        self.commits = 0  # COMMIT records since the base
+        #: Size in pages of the database at the base TXID (set by the writer from the remote).
+        self.base_size = 0
+        self._dirty_txn = False
+        self._end = 0
+        self._last_commit_end = 0
+
+    # --- opening --------------------------------------------------------------------------------
+
+    def open(self) -> Scan | None:
+        """Open (private directories, a 0600 file, an exclusive lock against other processes).
+        Returns what a previous process left in the file, or None for a new or empty buffer; the
+        caller decides what to do with it (:meth:`adopt` or :meth:`reset`)."""
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise BufferError(f"write buffer {self.path} is in use by another process "
+                              "(one writer per buffer)") from None
+        self._fd = fd
+        if os.fstat(fd).st_size == 0:
+            return None
+        return self._scan()
+
+    def reset(self, base_txid: int, base_size: int, page_size: int) -> None:
+        """Start empty on top of ``base_txid`` (a database of ``base_size`` pages)."""
+        with self._lock:
+            self.base_size = base_size
+            self._rewrite(base_txid, page_size, None, None)
+
+    def adopt(self, found: Scan, base_txid: int, base_size: int, keep_from: int) -> None:
+        """Continue a previous process's buffer: its committed records after ``keep_from`` are
+        kept (to be synced on top of ``base_txid``); an unfinished transaction is dropped."""
+        with self._lock:
+            self.base_size = base_size
+            self._rewrite(base_txid, found.page_size, keep_from, found.last_commit_end)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+    def remove(self) -> None:
+        """Delete the buffer file (only when everything in it is synced)."""
+        with self._lock:
+            self.path.unlink(missing_ok=True)
+            self.close()
+
+    # --- appending ------------------------------------------------------------------------------
+
+    def _append(self, rtype: int, payload: bytes) -> int:
+        """Append a record; returns the offset of its payload."""
+        head = _REC.pack(rtype, len(payload))
+        rec = head + payload + _CRC.pack(zlib.crc32(payload, zlib.crc32(head)))
+        offset = self._end
+        if os.pwrite(self._fd, rec, offset) != len(rec):
+            raise BufferError(f"short write to {self.path}")
+        self._end += len(rec)
+        return offset + _REC.size
+
+    def write_page(self, pgno: int, data: bytes) -> None:
+        with self._lock:
+            if not self.page_size:
+                self.page_size = len(data)
+                os.pwrite(self._fd, self._header(self.base_txid, self.page_size), 0)
+            if len(data) != self.page_size:
+                raise BufferError(f"page {pgno}: {len(data)} bytes, not {self.page_size}")
+            self.pending.offsets[pgno] = self._append(PAGE, _U32.pack(pgno) + data) + 4
+            if pgno > self.size_pages():
+                self.pending.size = pgno
+            self._dirty_txn = True
+
+    def size_pages(self) -> int:
+        """Database size in pages as the buffer sees it (the base's size until it changes)."""
+        size = self.pending.size
+        return self.base_size if size is None else size
+
+    def truncate(self, size: int) -> None:
+        with self._lock:
+            self._append(TRUNCATE, _U32.pack(size))
+            self.pending.truncate(size)
+            self._dirty_txn = True
+
+    def commit(self, fsync: bool) -> bool:
+        """End of a write transaction: its records become committed. True if there were any."""
+        with self._lock:
+            if self._dirty_txn:
+                self.commits += 1
+                self._append(COMMIT, _COMMIT.pack(self.size_pages(), self.commits))
+                self._last_commit_end = self._end
+                self.committed = self.pending.copy()
+                self._dirty_txn = False
+                changed = True
+            else:
+                changed = False
+            if fsync:
+                os.fsync(self._fd)
+            return changed
+
+    def fsync(self) -> None:
+        with self._lock:
+            os.fsync(self._fd)
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._dirty_txn
+
+    @property
+    def has_unsynced(self) -> bool:
+        return self.commits > 0
+
+    def read_page(self, pgno: int) -> bytes | None:
+        """The buffered copy of a page (the open transaction's included), or None."""
+        with self._lock:
+            offset = self.pending.offsets.get(pgno)
+            if offset is None:
+                return None
+            data = os.pread(self._fd, self.page_size, offset)
+        if len(data) != self.page_size:
+            raise BufferError(f"{self.path}: short read of page {pgno}")
+        return data
+
+    def read_committed(self, pages: Pages, pgno: int) -> bytes:
+        """A page of a :meth:`snapshot` (valid until the next :meth:`synced`)."""
+        with self._lock:
+            data = os.pread(self._fd, self.page_size, pages.offsets[pgno])
+        if len(data) != self.page_size:
+            raise BufferError(f"{self.path}: short read of page {pgno}")
+        return data
+
+    # --- syncing --------------------------------------------------------------------------------
+
+    def snapshot(self) -> tuple[Pages, int]:
+        """The committed pages and the offset they end at, for an upload."""
+        with self._lock:
+            return self.committed.copy(), self._last_commit_end
+
+    def mark_sync(self, txid: int, end: int, checksum: int) -> None:
+        """Durably note that the records up to ``end`` are being uploaded as ``txid``."""
+        with self._lock:
+            self._append(SYNC, _SYNC.pack(txid, end, checksum))
+            os.fsync(self._fd)
+
+    def synced(self, txid: int, end: int, size: int) -> None:
+        """The upload of the records up to ``end`` succeeded as ``txid`` (a database of ``size``
+        pages): rebase on it, keeping what came after (later commits, an open transaction)."""
+        with self._lock:
+            self.base_size = size
+            self._rewrite(txid, self.page_size, end, None)
+
+    # --- file rewriting and scanning ------------------------------------------------------------
+
+    def _header(self, base_txid: int, page_size: int) -> bytes:
+        head = _HEADER.pack(MAGIC, VERSION, _HEADER.size + 4, base_txid, page_size, self.replica)
+        return head + _CRC.pack(zlib.crc32(head))
+
+    def _rewrite(self, base_txid: int, page_size: int, keep_from: int | None,
+                 keep_to: int | None) -> None:
+        """Atomically replace the file: new header, then the records in [keep_from, keep_to)
+        (to the end if ``keep_to`` is None) without SYNC marks."""
+        tail = b""
+        if keep_from is not None:
+            stop = self._end if keep_to is None else keep_to
+            if stop > keep_from:
+                tail = os.pread(self._fd, stop - keep_from, keep_from)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.write(fd, self._header(base_txid, page_size) + _drop_sync_records(tail))
+            os.fsync(fd)
+            os.replace(tmp, self.path)
+            dfd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = fd
+        in_flight_size = self.pending.size if keep_to is None and keep_from is not None else None
+        found = self._scan()
+        self.base_txid = base_txid
+        self.page_size = page_size or found.page_size
+        self.committed = found.committed
+        self.pending = found.pending
+        self.commits = found.commits
+        self._dirty_txn = found.end > found.last_commit_end
+        if self._dirty_txn and in_flight_size is not None:
+            self.pending.size = in_flight_size  # growth of the open transaction is not in the file
+        self._end = found.end
+        self._last_commit_end = found.last_commit_end
+
+    def _scan(self) -> Scan:
+        """Read the file: header, then records up to the first torn or corrupt one."""
+        size = os.fstat(self._fd).st_size
+        raw = os.pread(self._fd, size, 0)
+        hlen = _HEADER.size + 4
+        if len(raw) < hlen:
+            raise BufferError(f"{self.path} is too short to be an ltxvfs write buffer")
+        magic, version, _, base, page_size, replica = _HEADER.unpack_from(raw, 0)
+        if magic != MAGIC or version != VERSION or \
+                _CRC.unpack_from(raw, _HEADER.size)[0] != zlib.crc32(raw[:_HEADER.size]):
+            raise BufferError(f"{self.path} is not an ltxvfs write buffer (or its header is corrupt)")
+        if replica != self.replica:
+            raise BufferError(f"{self.path} belongs to another replica; move it away or choose "
+                              "another buffer path")
+        pending, committed = Pages(), Pages()
+        commits, sync = 0, None
+        commit_ends: list[int] = []
+        pos = last_commit_end = hlen
+        while pos + _REC.size <= len(raw):
+            rtype, length = _REC.unpack_from(raw, pos)
+            end = pos + _REC.size + length + 4
+            if length > _MAX_PAYLOAD or end > len(raw):
+                break
+            payload = raw[pos + _REC.size:end - 4]
+            if _CRC.unpack_from(raw, end - 4)[0] != zlib.crc32(payload, zlib.crc32(raw[pos:pos + _REC.size])):
+                break
+            if rtype == PAGE:
+                pgno = _U32.unpack_from(payload)[0]
+                page_size = page_size or length - 4
+                pending.offsets[pgno] = pos + _REC.size + 4
+                if pending.size is not None and pgno > pending.size:
+                    pending.size = pgno
+            elif rtype == TRUNCATE:
+                pending.truncate(_U32.unpack_from(payload)[0])
+            elif rtype == COMMIT:
+                pending.size = _COMMIT.unpack(payload)[0]
+                committed = pending.copy()
+                commits += 1
+                commit_ends.append(end)
+                last_commit_end = end
+            elif rtype == SYNC:
+                sync = SyncMark(*_SYNC.unpack(payload))
+            else:
+                break
+            pos = end
+        return Scan(base, page_size, committed, pending, commits, sync, last_commit_end, pos,
+                    commit_ends)
+
+
+def _drop_sync_records(data: bytes) -> bytes:
+    """Records carried into a rewritten buffer, minus SYNC marks (they belonged to the old base)."""
+    out = bytearray()
+    pos = 0
+    while pos + _REC.size <= len(data):
+        rtype, length = _REC.unpack_from(data, pos)
+        end = pos + _REC.size + length + 4
+        if end > len(data):
+            break
+        if rtype != SYNC:
+            out += data[pos:end]
+        pos = end
+    return bytes(out)
