@@ -17,11 +17,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from .errors import LitestreamError, TxNotAvailableError
+from .locks import LockTable
 from .pages import DatabaseState, PageStore, build_state, fetch_file_index, fetch_indexes
 from .plan import compute_plan, list_levels
 from .storage.base import SNAPSHOT_LEVEL, FileInfo, ReplicaClient
+
+if TYPE_CHECKING:
+    from .writer import Writer
 
 log = logging.getLogger("ltxvfs.follow")
 
@@ -41,10 +46,18 @@ class Replica:
         self.last_error: str | None = None
         self.polls = 0
         self.refcount = 0
+        self.locks = LockTable()
+        #: Write mode: the replica's writer (buffer, syncs); None when read-only.
+        self.writer: Writer | None = None
 
     @property
     def state(self) -> DatabaseState:
         return self._state
+
+    def set_state(self, state: DatabaseState) -> None:
+        """Install a state made here (our own upload): no poll involved."""
+        with self._lock:
+            self._state = state
 
     def poll(self) -> DatabaseState:
         """Check for new LTX files and advance the latest state. Errors are logged and kept in

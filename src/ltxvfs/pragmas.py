@@ -61,6 +61,8 @@ class PragmaTarget(Protocol):
     def hydration_file(self) -> str: ...
     def write_enabled(self) -> bool: ...
     def set_write_enabled(self, enabled: bool) -> None: ...
+    def sync_now(self) -> str: ...
+    def sync_error(self) -> str: ...
 
 
 #: Every PRAGMA the VFS answers, with its one-line meaning (docs and tests read this table).
@@ -73,9 +75,13 @@ PRAGMAS = {
     "litestream_hydration_progress": "percent of the hydration file written (read-only)",
     "litestream_hydration_file": "path of the hydration file, '' if none (read-only)",
     "litestream_write_enabled": "1 if writes are enabled; set to 1/0 (true/false, on/off)",
+    "litestream_sync": "write mode: upload buffered commits now; returns the new TXID ('' if "
+                       "there was nothing to sync)",
+    "litestream_sync_error": "write mode: the last sync error, '' if the last sync worked "
+                             "(read-only)",
 }
 _READ_ONLY = {"litestream_txid", "litestream_lag", "litestream_hydration_progress",
-              "litestream_hydration_file"}
+              "litestream_hydration_file", "litestream_sync", "litestream_sync_error"}
 
 
 def handle_pragma(target: PragmaTarget, name: str, value: str | None,
@@ -99,6 +105,10 @@ def handle_pragma(target: PragmaTarget, name: str, value: str | None,
             v = value.strip()
             target.travel_to(None if v.lower() == "latest" else parse_time(v))
         return target.time_text()
+    if name == "litestream_sync":
+        return target.sync_now()
+    if name == "litestream_sync_error":
+        return target.sync_error()
     if name == "litestream_pin_txid":
         if value is not None:
             v = value.strip()

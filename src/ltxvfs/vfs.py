@@ -1,13 +1,12 @@
-"""The ``litestream`` APSW VFS: SQLite's file calls translated onto replicas. Policy lives below.
+"""The ``litestream`` APSW VFS: opening databases on replicas. Policy lives below.
 
-* Main databases open on a :class:`~ltxvfs.follow.Replica` (one per replica URL, shared by its
-  connections: one cache, one poller). Journals and temp files are ordinary local files (the
-  base VFS); WAL files are refused, and page 1 always says rollback-journal mode.
-* A read transaction sees one state: the latest state is adopted when SQLite takes the SHARED
-  lock, and the file change counter in page 1 changes only then, so SQLite keeps its own page
-  cache between transactions while nothing changes.
-* Package errors become apsw errors here: transient storage failures -> BusyError, corrupt
-  data -> CorruptError, a bad PRAGMA -> SQLError.
+* Main databases open on a :class:`~ltxvfs.follow.Replica` — one per replica URL, shared by its
+  connections in this process: one page cache, one poller (read mode) or one writer (write mode).
+  The file object SQLite uses is :class:`~ltxvfs.dbfile.LitestreamFile`.
+* Journals and temp files are ordinary local files (the base VFS); WAL files are refused, and
+  page 1 always says rollback-journal mode. In write mode the rollback journal stays local: the
+  write buffer, not the journal, is what makes commits durable and recoverable.
+* Background work (polls, syncs) of every database runs on one shared scheduler and pool.
 """
 
 from __future__ import annotations
@@ -16,39 +15,24 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
+from datetime import UTC
+from pathlib import Path
 
 import apsw
 
 from .config import URI_PARAMETERS, ConfigError, VFSConfig
-from .errors import (
-    LitestreamError,
-    LTXError,
-    ObjectNotFoundError,
-    StorageError,
-    TxNotAvailableError,
-)
+from .dbfile import LitestreamFile
+from .errors import ConflictError, LitestreamError, TxNotAvailableError
 from .follow import Replica
 from .jobs import POOL_THREADS, Scheduler
-from .pages import DatabaseState, PageNotFoundError, PageStore, build_state
-from .plan import compute_plan
-from .pragmas import PragmaError, format_time, handle_pragma
+from .pages import DatabaseState, PageStore, build_state
+from .plan import compute_plan, list_levels
 from .storage import open_replica
+from .writer import Writer, default_buffer_path
 
 log = logging.getLogger("ltxvfs")
 
 _MAIN_DB = apsw.SQLITE_OPEN_MAIN_DB
-_LOCK_NONE, _LOCK_SHARED, _LOCK_RESERVED = (
-    apsw.SQLITE_LOCK_NONE, apsw.SQLITE_LOCK_SHARED, apsw.SQLITE_LOCK_RESERVED)
-
-
-def to_apsw_error(err: Exception) -> apsw.Error:
-    """The apsw exception SQLite should see for one of ours (the original stays chained)."""
-    if isinstance(err, (PageNotFoundError, LTXError)):
-        return apsw.CorruptError(str(err))
-    if isinstance(err, StorageError):
-        return apsw.BusyError(f"object storage unavailable: {err}")
-    return apsw.IOError(str(err))
 
 
 class LitestreamVFS(apsw.VFS):
@@ -60,32 +44,63 @@ class LitestreamVFS(apsw.VFS):
         self.config = config or VFSConfig.from_env()
         log.setLevel(logging.DEBUG if self.config.log_level == "DEBUG" else logging.INFO)
         self._replicas: dict[str, Replica] = {}
+        self._configs: dict[int, VFSConfig] = {}
+        self._buffer_paths: set[Path] = set()
+        self._tmpdir: str | None = None
         self._lock = threading.Lock()
         self.pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="ltxvfs")
         self.scheduler = Scheduler(self.pool)
         super().__init__(name, base="", makedefault=makedefault)
 
-    # --- opening ------------------------------------------------------------------------------
+    # --- opening --------------------------------------------------------------------------------
 
     def xOpen(self, name, flags):  # noqa: N802 - apsw's name
         if flags[0] & _MAIN_DB:
             try:
                 cfg = self._config_for(name)
                 replica = self._acquire(cfg)
+            except ConflictError:
+                raise  # as it is: names the kept buffer file
             except (LitestreamError, ConfigError) as err:
                 log.error("cannot open %s: %s", self._display(name), err)
                 raise apsw.CantOpenError(f"litestream: {err}") from err
-            flags[1] = (flags[0] & ~(apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE)) \
-                | apsw.SQLITE_OPEN_READONLY
-            return LitestreamFile(self, replica)
+            if not cfg.write_enabled and not flags[0] & apsw.SQLITE_OPEN_READWRITE:
+                flags[1] = flags[0] | apsw.SQLITE_OPEN_READONLY
+            else:
+                flags[1] = flags[0]  # read-write; writes are checked at the RESERVED lock
+            return LitestreamFile(self, replica, may_write=cfg.write_enabled)
         if flags[0] & apsw.SQLITE_OPEN_WAL:
             raise apsw.CantOpenError("litestream: WAL mode is not supported (rollback journal only)")
+        if name is not None:
+            name = self._local_path(self._display(name))
         return super().xOpen(name, flags)
 
     def xAccess(self, pathname, flags):  # noqa: N802
         if pathname.endswith(("-wal", "-journal", "-shm")):
             return False  # no hot journal or WAL ever lives next to a replica
-        return super().xAccess(pathname, flags)
+        return super().xAccess(self._local_path(pathname), flags)
+
+    def xDelete(self, filename, syncdir):  # noqa: N802
+        return super().xDelete(self._local_path(filename), syncdir)
+
+    def _local_path(self, name: str) -> str:
+        """Journals of replica databases live in a private temp directory (0700), named after a
+        hash of the database name. The unix VFS gives a journal the permissions of the file its
+        name minus '-suffix' names, so an empty 0600 stand-in is created for it."""
+        cut = name.rfind("-")
+        if cut <= 0:
+            return name
+        import hashlib
+        import os
+        import tempfile
+
+        with self._lock:
+            if self._tmpdir is None:
+                self._tmpdir = tempfile.mkdtemp(prefix="ltxvfs-")
+        stem = os.path.join(self._tmpdir, hashlib.sha256(name[:cut].encode()).hexdigest()[:20])
+        if not os.path.exists(stem):
+            os.close(os.open(stem, os.O_WRONLY | os.O_CREAT, 0o600))
+        return stem + name[cut:]
 
     def xFullPathname(self, name):  # noqa: N802
         return name
@@ -111,7 +126,14 @@ class LitestreamVFS(apsw.VFS):
             replica = self._replicas.get(key)
             if replica is not None:
                 replica.refcount += 1
-                return replica
+        if replica is not None:
+            if cfg.write_enabled and replica.writer is None:
+                try:
+                    self.enable_writes(replica, cfg)
+                except BaseException:
+                    self.release(replica)
+                    raise
+            return replica
         replica = self._open_replica(cfg)
         with self._lock:
             existing = self._replicas.get(key)
@@ -121,7 +143,15 @@ class LitestreamVFS(apsw.VFS):
                 return existing
             replica.refcount = 1
             self._replicas[key] = replica
-        self.scheduler.add(("poll", id(replica)), replica.poll, replica.poll_interval)
+            self._configs[id(replica)] = cfg
+        try:
+            if cfg.write_enabled:
+                self.enable_writes(replica, cfg)
+            else:
+                self._start_polling(replica)
+        except BaseException:
+            self.release(replica)
+            raise
         return replica
 
     def _open_replica(self, cfg: VFSConfig) -> Replica:
@@ -133,19 +163,84 @@ class LitestreamVFS(apsw.VFS):
                     plan = compute_plan(client)
                     break
                 except TxNotAvailableError:
+                    if cfg.write_enabled and not any(list_levels(client).values()):
+                        plan = None  # write mode on an empty replica: a new database
+                        break
                     if time.monotonic() >= deadline:
                         raise TxNotAvailableError(
                             f"replica {client.url} has no LTX files after waiting "
                             f"{cfg.open_timeout:g}s (open_timeout)") from None
                     time.sleep(min(cfg.poll_interval, max(deadline - time.monotonic(), 0.01)))
             store = PageStore(client, cfg.cache_size)
-            state = build_state(client, plan, self.pool, store)
+            if plan is None:
+                from datetime import datetime
+
+                state = DatabaseState(0, 0, 0, datetime.now(UTC), {})
+            else:
+                state = build_state(client, plan, self.pool, store)
         except BaseException:
             client.close()
             raise
-        log.info("opened %s at TXID %016x (%d pages of %d bytes, %d LTX files)", client.url,
-                 state.txid, state.commit, state.page_size, len(plan))
+        log.info("opened %s at TXID %016x (%d pages of %d bytes)", client.url, state.txid,
+                 state.commit, state.page_size)
         return Replica(client, store, self.pool, state, cfg.poll_interval)
+
+    # --- write mode -------------------------------------------------------------------------------
+
+    def enable_writes(self, replica: Replica, cfg: VFSConfig | None = None) -> None:
+        """Turn write mode on for ``replica``: open (and recover) its buffer, stop polling, sync
+        every ``sync_interval``. Raises ConflictError when a crashed buffer cannot be applied."""
+        cfg = cfg or self._configs.get(id(replica), self.config)
+        with self._lock:
+            if replica.writer is not None:
+                return
+            path = Path(cfg.buffer_path) if cfg.buffer_path else \
+                default_buffer_path(replica.client.url)
+            if path in self._buffer_paths:  # Go's "<path>.<n>" for later opens of one VFS
+                n = 2
+                while path.with_name(f"{path.name}.{n}") in self._buffer_paths:
+                    n += 1
+                path = path.with_name(f"{path.name}.{n}")
+            self._buffer_paths.add(path)
+        self._stop_polling(replica)
+        replica.poll()  # start from the newest remote state
+        writer = Writer(replica, path)
+        try:
+            writer.open()
+        except BaseException:
+            with self._lock:
+                self._buffer_paths.discard(path)
+            self._start_polling(replica)
+            raise
+        replica.writer = writer
+        if cfg.sync_interval > 0:  # a negative interval: sync only on close (as Go)
+            self.scheduler.add(("sync", id(replica)), writer.sync_in_background,
+                               cfg.sync_interval)
+        log.info("write mode on for %s (buffer %s)", replica.client.url, path)
+
+    def disable_writes(self, replica: Replica) -> None:
+        """Sync what is buffered, then go back to read mode (polling). On a failed sync write
+        mode stays on and the error is raised."""
+        writer = replica.writer
+        if writer is None:
+            return
+        if replica.locks.writer_active():
+            raise apsw.BusyError("a write transaction is open; try again when it ends")
+        writer.sync()
+        self.scheduler.remove(("sync", id(replica)))
+        replica.writer = None
+        writer.close()
+        with self._lock:
+            self._buffer_paths.discard(writer.buffer.path)
+        self._start_polling(replica)
+
+    def _start_polling(self, replica: Replica) -> None:
+        self.scheduler.add(("poll", id(replica)), replica.poll, replica.poll_interval)
+
+    def _stop_polling(self, replica: Replica) -> None:
+        self.scheduler.remove(("poll", id(replica)))
+
+    # --- closing ----------------------------------------------------------------------------------
 
     def release(self, replica: Replica) -> None:
         with self._lock:
@@ -153,200 +248,32 @@ class LitestreamVFS(apsw.VFS):
             if replica.refcount > 0:
                 return
             self._replicas = {k: r for k, r in self._replicas.items() if r is not replica}
-        self.scheduler.remove(("poll", id(replica)))
-        replica.client.close()
+            self._configs.pop(id(replica), None)
+        self._stop_polling(replica)
+        writer = replica.writer
+        try:
+            if writer is not None:
+                self.scheduler.remove(("sync", id(replica)))
+                replica.writer = None
+                with self._lock:
+                    self._buffer_paths.discard(writer.buffer.path)
+                writer.close()  # final sync; raises if it failed (the buffer is kept)
+        finally:
+            replica.client.close()
 
     def replicas(self) -> list[Replica]:
         with self._lock:
             return list(self._replicas.values())
 
     def close(self) -> None:
-        """Stop background work and unregister."""
+        """Stop background work, unregister, remove the private temp directory."""
         self.scheduler.stop()
         self.unregister()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if self._tmpdir is not None:
+            import shutil
 
-
-class LitestreamFile:
-    """A main database file on a replica. One per connection."""
-
-    def __init__(self, vfs: LitestreamVFS, replica: Replica) -> None:
-        self._vfs = vfs
-        self.replica = replica
-        self._store = replica.store
-        self._state: DatabaseState = replica.state
-        self._next: DatabaseState | None = None  # adopted at the next transaction start
-        self._pinned: DatabaseState | None = None
-        self._pinned_time: datetime | None = None
-        self._pinned_txid: int | None = None
-        self._lock_level = _LOCK_NONE
-        self._version = 1
-        self._page1: tuple[bytes | None, int, bytes] = (None, 0, b"")
-        self._closed = False
-
-    # --- reads --------------------------------------------------------------------------------
-
-    def xRead(self, amount: int, offset: int) -> bytes:  # noqa: N802
-        for attempt in range(3):
-            state = self._state
-            try:
-                return self._read(state, amount, offset)
-            except ObjectNotFoundError as err:
-                # A file of our state was removed (retention after compaction). A compacted
-                # file covering it holds the same pages: carry on from there, same snapshot.
-                pgno = offset // state.page_size + 1
-                missing = state.index[pgno][0] if pgno in state.index else None
-                fixed = self.replica.recover(state, missing) if missing and attempt < 2 else None
-                if fixed is None:
-                    raise apsw.BusyError(f"litestream: {err}; the replica moved on, "
-                                         "retry the transaction") from err
-                if self._pinned is state:
-                    self._pinned = fixed
-                self._state = fixed
-            except LitestreamError as err:
-                raise to_apsw_error(err) from err
-        raise AssertionError("unreachable")
-
-    def _read(self, state: DatabaseState, amount: int, offset: int) -> bytes:
-        page_size = state.page_size
-        if offset >= state.size:
-            return b""
-        pgno, start = divmod(offset, page_size)
-        pgno += 1
-        if start + amount <= page_size:
-            page = self._store.read_page(state, pgno)
-            if pgno == 1:
-                page = self._patch_header(page)
-            return page[start:start + amount]
-        out = bytearray()
-        while len(out) < amount and offset + len(out) < state.size:
-            pos = offset + len(out)
-            pgno, start = divmod(pos, page_size)
-            page = self._store.read_page(state, pgno + 1)
-            if pgno == 0:
-                page = self._patch_header(page)
-            out += page[start:start + amount - len(out)]
-        return bytes(out)
-
-    def _patch_header(self, page: bytes) -> bytes:
-        """Rollback-journal mode, and a change counter (also 'version valid for') that moves
-        only when the state does, so SQLite's cache survives between transactions."""
-        cached = self._page1
-        if cached[0] is page and cached[1] == self._version:
-            return cached[2]  # SQLite reads the header at every transaction start
-        p = bytearray(page)
-        p[18] = p[19] = 1
-        counter = self._version.to_bytes(4, "big")
-        p[24:28] = counter
-        p[92:96] = counter
-        patched = bytes(p)
-        self._page1 = (page, self._version, patched)
-        return patched
-
-    def xFileSize(self) -> int:  # noqa: N802
-        return self._state.size
-
-    # --- locks: a read transaction pins a state -----------------------------------------------
-
-    def xLock(self, level: int) -> None:  # noqa: N802
-        if level >= _LOCK_RESERVED:
-            raise apsw.ReadOnlyError("litestream: the database is read-only")
-        if level == _LOCK_SHARED and self._lock_level == _LOCK_NONE:
-            target = self._next or self._pinned or self.replica.state
-            self._next = None
-            if target is not self._state:
-                self._state = target
-                self._version = (self._version + 1) & 0x7FFFFFFF or 1
-        self._lock_level = level
-
-    def xUnlock(self, level: int) -> None:  # noqa: N802
-        self._lock_level = level
-
-    def xCheckReservedLock(self) -> bool:  # noqa: N802
-        return False
-
-    # --- writes are refused in read mode ------------------------------------------------------
-
-    def xWrite(self, data: bytes, offset: int) -> None:  # noqa: N802
-        raise apsw.ReadOnlyError("litestream: the database is read-only")
-
-    def xTruncate(self, newsize: int) -> None:  # noqa: N802
-        raise apsw.ReadOnlyError("litestream: the database is read-only")
-
-    def xSync(self, flags: int) -> None:  # noqa: N802
-        pass
-
-    def xSectorSize(self) -> int:  # noqa: N802
-        return 0
-
-    def xDeviceCharacteristics(self) -> int:  # noqa: N802
-        return 0
-
-    def xClose(self) -> None:  # noqa: N802
-        if not self._closed:
-            self._closed = True
-            self._vfs.release(self.replica)
-
-    # --- PRAGMAs ------------------------------------------------------------------------------
-
-    def xFileControl(self, op: int, ptr: int) -> bool:  # noqa: N802
-        if op != apsw.SQLITE_FCNTL_PRAGMA:
-            return False
-        pragma = apsw.VFSFcntlPragma(ptr)
-        try:
-            result = handle_pragma(self, pragma.name, pragma.value, self._pinned_txid)
-        except (PragmaError, LitestreamError) as err:
-            raise apsw.SQLError(str(err)) from err
-        if result is None:
-            return False
-        pragma.result = result
-        return True
-
-    def _view(self) -> DatabaseState:
-        """The state a read would see now: inside a transaction its own, else the next one."""
-        if self._lock_level != _LOCK_NONE:
-            return self._state
-        return self._next or self._pinned or self.replica.state
-
-    def txid(self) -> int:
-        return self._view().txid
-
-    def lag(self) -> int:
-        return self.replica.lag_seconds()
-
-    def time_text(self) -> str:
-        if self._pinned_time is not None:
-            return format_time(self._pinned_time)
-        return format_time(self._view().created_at)
-
-    def travel_to(self, when: datetime | None = None, txid: int | None = None) -> None:
-        """Read the database as of ``when`` or ``txid`` (both None: follow the latest again).
-        Takes effect at once outside a transaction, else at the next one."""
-        if when is None and txid is None:
-            state = self.replica.state
-            self._pinned, self._pinned_time, self._pinned_txid = None, None, None
-        else:
-            state = self.replica.state_at(txid=txid, timestamp=when)
-            self._pinned, self._pinned_time, self._pinned_txid = state, when, txid
-        if self._lock_level == _LOCK_NONE:
-            if state is not self._state:
-                self._state = state
-                self._version = (self._version + 1) & 0x7FFFFFFF or 1
-        else:
-            self._next = state
-
-    def hydration_progress(self) -> str:
-        return "0"
-
-    def hydration_file(self) -> str:
-        return ""
-
-    def write_enabled(self) -> bool:
-        return False
-
-    def set_write_enabled(self, enabled: bool) -> None:
-        if enabled:
-            raise PragmaError("write mode is not available in this version of ltxvfs")
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
 
 
 # --- registration and SQL functions ------------------------------------------------------------

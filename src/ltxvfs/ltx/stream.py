@@ -246,6 +246,11 @@ class Encoder:
         return Trailer(0, checksum)
 
     @property
+    def index(self) -> PageIndex:
+        """pgno -> (offset, size) of every frame written so far."""
+        return {p: (o, n) for p, o, n in self._entries}
+
+    @property
     def size(self) -> int:
         return self._pos
 

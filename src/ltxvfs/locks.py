@@ -1,0 +1,65 @@
+"""SQLite's file locks among the connections of one database in this process.
+
+The rules of SQLite's rollback-journal locking (as the unix VFS implements them with fcntl):
+many SHARED readers; one RESERVED writer alongside them; PENDING blocks new readers while the
+writer waits for the old ones to leave; EXCLUSIVE only when no one else holds a lock. The writer
+changes the database only under EXCLUSIVE, so readers never see a half-written transaction.
+Across processes and hosts there is no lock: the conditional upload of each TXID decides.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import apsw
+
+NONE, SHARED, RESERVED, PENDING, EXCLUSIVE = (
+    apsw.SQLITE_LOCK_NONE, apsw.SQLITE_LOCK_SHARED, apsw.SQLITE_LOCK_RESERVED,
+    apsw.SQLITE_LOCK_PENDING, apsw.SQLITE_LOCK_EXCLUSIVE)
+
+
+class LockTable:
+    """Lock levels of every open file of one database. Refusals raise ``apsw.BusyError``."""
+
+    def __init__(self) -> None:
+        self._levels: dict[int, int] = {}
+        self._mutex = threading.Lock()
+
+    def level(self, owner: int) -> int:
+        return self._levels.get(owner, NONE)
+
+    def lock(self, owner: int, level: int) -> None:
+        with self._mutex:
+            mine = self._levels.get(owner, NONE)
+            if level <= mine:
+                return
+            others = [lvl for o, lvl in self._levels.items() if o != owner]
+            if level == SHARED:
+                if any(lvl >= PENDING for lvl in others):
+                    raise apsw.BusyError("database is locked (a writer is committing)")
+            elif level == RESERVED:
+                if any(lvl >= RESERVED for lvl in others):
+                    raise apsw.BusyError("database is locked: another connection is writing "
+                                         "(one writer per database)")
+            elif level >= PENDING:
+                if any(lvl >= RESERVED for lvl in others):
+                    raise apsw.BusyError("database is locked: another connection is writing")
+                if any(lvl >= SHARED for lvl in others):
+                    self._levels[owner] = PENDING  # keep new readers out while we wait
+                    raise apsw.BusyError("database is locked: waiting for readers to finish")
+            self._levels[owner] = level
+
+    def unlock(self, owner: int, level: int) -> None:
+        with self._mutex:
+            if level == NONE:
+                self._levels.pop(owner, None)
+            else:
+                self._levels[owner] = min(level, self._levels.get(owner, NONE))
+
+    def reserved_by_other(self, owner: int) -> bool:
+        with self._mutex:
+            return any(lvl >= RESERVED for o, lvl in self._levels.items() if o != owner)
+
+    def writer_active(self) -> bool:
+        with self._mutex:
+            return any(lvl >= RESERVED for lvl in self._levels.values())
