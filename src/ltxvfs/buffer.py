@@ -44,6 +44,8 @@ _COMMIT = struct.Struct(">IQ")
 _SYNC = struct.Struct(">QQQ")
 #: Largest payload a record may claim (a 64 KiB page plus its number): guards against garbage.
 _MAX_PAYLOAD = 65536 + 4
+#: Where records start (after the header and its CRC).
+RECORDS_START = _HEADER.size + 4
 
 
 class BufferError(LitestreamError):

@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from .buffer import Scan, WriteBuffer, replica_id
+from .buffer import RECORDS_START, Scan, WriteBuffer, replica_id
 from .errors import ConflictError, LitestreamError, ObjectExistsError
 from .follow import Replica
 from .ltx import Encoder, Header, lock_pgno
@@ -73,10 +73,10 @@ class Writer:
     def _recover(self, found: Scan) -> None:
         state = self.replica.state
         remote = state.txid
-        base, keep_from = found.base_txid, None
+        base, keep_from = found.base_txid, RECORDS_START
         if found.sync is not None and remote >= found.sync.txid and self._is_our_upload(found):
             base, keep_from = found.sync.txid, found.sync.end  # our upload landed before the crash
-        left = found.commits_after(keep_from or 0)
+        left = found.commits_after(keep_from)
         if left == 0:
             self.buffer.reset(remote, state.commit, state.page_size)
             return
@@ -87,7 +87,7 @@ class Writer:
                 "the buffer is kept, nothing was overwritten: move it away to discard it")
         log.warning("recovering %d unsynced commit(s) from %s on TXID %s", left,
                     self.buffer.path, format_txid(base))
-        self.buffer.adopt(found, base, state.commit, keep_from or 0)
+        self.buffer.adopt(found, base, state.commit, keep_from)
 
     def _is_our_upload(self, found: Scan) -> bool:
         sync = found.sync

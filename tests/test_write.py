@@ -1,0 +1,351 @@
+"""Write mode: buffered writes synced as LTX, read-your-writes, one writer, conflicts, crashes."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import quote
+
+import apsw
+import pytest
+
+import ltxvfs
+from ltxvfs.errors import ConflictError
+from ltxvfs.plan import list_levels
+from ltxvfs.restore import restore
+from ltxvfs.storage import open_replica
+
+from litestream_rig import integrity_check, litestream_restore
+from replicas import FakePrimary
+
+HERE = Path(__file__).parent
+RW = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE | apsw.SQLITE_OPEN_URI
+SERIES = "WITH RECURSIVE s(value) AS (SELECT 1 UNION ALL SELECT value + 1 FROM s WHERE value < {n})"
+
+
+@pytest.fixture(scope="module")
+def vfs():
+    return ltxvfs.register()
+
+
+def uri(url: str, buffer: Path | None = None, **params) -> str:
+    out = f"file:db?vfs=litestream&replica_url={quote(url, safe='')}&write_enabled=true"
+    if buffer is not None:
+        out += f"&buffer_path={quote(str(buffer), safe='')}"
+    for k, v in params.items():
+        out += f"&{k}={v}"
+    return out
+
+
+def writer(url: str, tmp_path: Path, name: str = "buf", **params) -> apsw.Connection:
+    con = apsw.Connection(uri(url, tmp_path / name, **params), flags=RW)
+    con.set_busy_timeout(0)
+    return con
+
+
+def reader(url: str) -> apsw.Connection:
+    return apsw.Connection(f"file:db?vfs=litestream&replica_url={quote(url, safe='')}",
+                           flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+
+
+@pytest.fixture(params=["file", "s3"])
+def url(request, tmp_path):
+    if request.param == "s3":
+        return request.getfixturevalue("s3_url")
+    return (tmp_path / "replica").as_uri()
+
+
+def rows(con, sql="SELECT * FROM t ORDER BY id"):
+    return [tuple(r) for r in con.execute(sql).fetchall()]
+
+
+def test_new_database_is_synced_as_a_snapshot_and_restored_by_litestream(vfs, url, tmp_path):
+    con = writer(url, tmp_path)
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+    con.executemany("INSERT INTO t(v) VALUES (?)", [(f"v{i}",) for i in range(50)])
+    expected = rows(con)
+    con.close()
+    with open_replica(url) as client:
+        l0 = client.list_files(0)
+        assert l0[0].min_txid == 1
+    out = litestream_restore(url, tmp_path / "restored.db")
+    assert _rows_file(out) == expected
+    assert integrity_check(out) == "ok"
+    assert not (tmp_path / "buf").exists(), "a fully synced buffer is removed on close"
+
+
+def test_reads_stay_correct_after_sync_and_eviction(vfs, url, tmp_path):
+    """The Go VFS 0.5.17 reads 'database disk image is malformed' here."""
+    con = writer(url, tmp_path, cache_size="16384")
+    con.execute("PRAGMA cache_size = 0")
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, body BLOB)")
+    with con:
+        con.execute(SERIES.format(n=300) + " INSERT INTO t(body) SELECT randomblob(900) FROM s")
+    before = rows(con, "SELECT id, hex(body) FROM t ORDER BY id")
+    con.execute("PRAGMA litestream_sync")
+    assert rows(con, "SELECT id, hex(body) FROM t ORDER BY id") == before  # pages now remote
+    assert rows(con, "PRAGMA integrity_check") == [("ok",)]
+    con.execute("UPDATE t SET body = zeroblob(10) WHERE id % 2 = 0")
+    con.execute("PRAGMA litestream_sync")
+    assert rows(con, "SELECT count(*) FROM t WHERE length(body) = 10") == [(150,)]
+    assert rows(con, "PRAGMA integrity_check") == [("ok",)]
+    con.close()
+
+
+def test_workload_commits_transactions_schema_blobs_rollback_vacuum(vfs, tmp_path):
+    url = (tmp_path / "replica").as_uri()
+    con = writer(url, tmp_path, sync_interval="50ms")
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+    for i in range(1000):  # 1,000 single-row commits
+        con.execute("INSERT INTO t(v) VALUES (?)", (f"single{i}",))
+    with con:  # one 100,000-row transaction
+        con.execute(SERIES.format(n=100_000) + " INSERT INTO t(v) SELECT 'bulk' || value FROM s")
+    con.execute("ALTER TABLE t ADD COLUMN extra INTEGER DEFAULT 7")
+    con.execute("CREATE TABLE blobs(id INTEGER PRIMARY KEY, b BLOB)")
+    con.execute("INSERT INTO blobs(b) VALUES (randomblob(300000))")  # spans many pages
+    blob = rows(con, "SELECT hex(b) FROM blobs")
+    con.execute("BEGIN")
+    con.execute("DELETE FROM t")
+    con.execute("ROLLBACK")
+    assert rows(con, "SELECT count(*) FROM t") == [(101_000,)]
+    con.execute("PRAGMA litestream_sync")
+    size_before = rows(con, "PRAGMA page_count")[0][0]
+    con.execute("DELETE FROM t WHERE id > 500")
+    con.execute("VACUUM")
+    size_after = rows(con, "PRAGMA page_count")[0][0]
+    assert size_after < size_before / 5
+    expected = rows(con)
+    con.close()
+    out = litestream_restore(url, tmp_path / "restored.db")
+    assert _rows_file(out) == expected
+    assert _rows_file(out, "SELECT hex(b) FROM blobs") == blob
+    assert integrity_check(out) == "ok"
+    assert (out.stat().st_size // 4096) == size_after
+    again = reader(url)
+    assert rows(again) == expected
+    again.close()
+
+
+def _rows_file(path, sql="SELECT * FROM t ORDER BY id"):
+    import sqlite3
+
+    con = sqlite3.connect(path)
+    try:
+        return [tuple(r) for r in con.execute(sql).fetchall()]
+    finally:
+        con.close()
+
+
+def test_second_writing_connection_is_busy(vfs, tmp_path):
+    url = (tmp_path / "replica").as_uri()
+    a = writer(url, tmp_path)
+    b = writer(url, tmp_path)
+    a.execute("CREATE TABLE t(id INTEGER PRIMARY KEY)")
+    a.execute("BEGIN IMMEDIATE")
+    a.execute("INSERT INTO t VALUES (1)")
+    with pytest.raises(apsw.BusyError):
+        b.execute("INSERT INTO t VALUES (2)")
+    a.execute("COMMIT")
+    b.execute("INSERT INTO t VALUES (2)")  # free again once a's transaction ends
+    assert rows(a) == [(1,), (2,)] == rows(b)
+    # A reader of the same database in this process sees committed rows only.
+    r = reader(url)
+    a.execute("BEGIN IMMEDIATE")
+    a.execute("INSERT INTO t VALUES (3)")
+    assert rows(r) == [(1,), (2,)]
+    a.execute("COMMIT")
+    assert rows(r) == [(1,), (2,), (3,)]
+    for c in (r, b, a):
+        c.close()
+
+
+def test_other_databases_are_independent(vfs, tmp_path):
+    a = writer((tmp_path / "r1").as_uri(), tmp_path, "b1")
+    b = writer((tmp_path / "r2").as_uri(), tmp_path, "b2")
+    a.execute("CREATE TABLE t(id INTEGER PRIMARY KEY)")
+    b.execute("CREATE TABLE t(id INTEGER PRIMARY KEY)")
+    a.execute("BEGIN IMMEDIATE")
+    b.execute("INSERT INTO t VALUES (1)")  # not blocked: the writer rule is per database
+    a.execute("COMMIT")
+    a.close()
+    b.close()
+
+
+def test_buffer_file_is_private(vfs, tmp_path):
+    url = (tmp_path / "replica").as_uri()
+    buf = tmp_path / "private" / "dir" / "buf"
+    con = apsw.Connection(uri(url, buf, sync_interval="-1s"), flags=RW)
+    con.execute("CREATE TABLE t(x)")
+    assert stat.S_IMODE(buf.stat().st_mode) == 0o600
+    assert stat.S_IMODE(buf.parent.stat().st_mode) == 0o700
+    con.close()
+
+
+def test_sync_errors_are_reported_and_retried(vfs, tmp_path):
+    from ltxvfs.errors import StorageError
+
+    url = (tmp_path / "replica").as_uri()
+    con = writer(url, tmp_path, sync_interval="-1s")
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY)")
+    replica = next(r for r in vfs.replicas() if r.client.url == url)
+    real = replica.client.write
+
+    def broken(*a, **k):
+        raise StorageError("simulated: upload refused")
+
+    replica.client.write = broken
+    try:
+        con.execute("INSERT INTO t VALUES (1)")
+        with pytest.raises(apsw.SQLError, match="simulated"):
+            con.execute("PRAGMA litestream_sync")
+        assert "simulated" in rows(con, "PRAGMA litestream_sync_error")[0][0]
+        con.execute("INSERT INTO t VALUES (2)")  # writes go on into the buffer
+    finally:
+        replica.client.write = real
+    assert rows(con, "PRAGMA litestream_sync")[0][0] == "0000000000000001"
+    assert rows(con, "PRAGMA litestream_sync_error") == [("",)]
+    con.close()
+    with open_replica(url) as client:
+        assert restore(client, tmp_path / "r.db").txid == 1
+    assert _rows_file(tmp_path / "r.db") == [(1,), (2,)]
+
+
+def test_writer_continues_a_litestream_replica(vfs, replicated_db, tmp_path):
+    rdb = replicated_db
+    con = writer(rdb.url, tmp_path)
+    start = rows(con, "PRAGMA litestream_txid")[0][0]
+    assert int(start, 16) >= rdb.final_txid
+    assert [tuple(r) for r in con.execute("SELECT * FROM items ORDER BY id")] == \
+        [tuple(r) for r in rdb.final_rows]
+    con.execute("INSERT INTO items(name, body, data, n) VALUES ('ours', 'x', zeroblob(5000), 1)")
+    con.execute("DELETE FROM items WHERE id % 3 = 0")
+    expected = [tuple(r) for r in con.execute("SELECT * FROM items ORDER BY id")]
+    con.close()
+    out = litestream_restore(rdb.url, tmp_path / "restored.db")
+    assert _rows_file(out, "SELECT * FROM items ORDER BY id") == expected
+    assert integrity_check(out) == "ok"
+
+
+# --- across processes: conflicts and crashes -----------------------------------------------------
+
+
+def run_writer(u: str, start: int, count: int, sync_every: int = 0, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(HERE / "writer_proc.py"), u, str(start),
+                             str(count), str(sync_every)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_two_writer_processes_race(tmp_path, request):
+    url = request.getfixturevalue("s3_url")
+    seed = writer_uri = uri(url, tmp_path / "seed", sync_interval="-1s")
+    p = run_writer(seed, 0, 1, sync_every=1)
+    assert p.wait(60) == 0, p.stderr.read()
+    procs = [run_writer(uri(url, tmp_path / f"w{i}", sync_interval="-1s"), 1000 * (i + 1), 200,
+                        sync_every=5) for i in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    codes = [p.returncode for p in procs]
+    assert sorted(codes) in ([0, 3], [3, 3], [0, 0]) and 3 in codes, (codes, outs)
+    with open_replica(url) as client:
+        l0 = client.list_files(0)
+        txids = [f.min_txid for f in l0]
+        assert txids == list(range(1, len(l0) + 1)), "each TXID committed exactly once"
+        out = restore(client, tmp_path / "final.db").path
+    final = {r[0]: r[1] for r in _rows_file(out, "SELECT id, who FROM t")}
+    for (stdout, _), code, i in zip(outs, codes, range(2), strict=True):
+        committed = [int(line.split()[1]) for line in stdout.splitlines() if line.startswith("committed")]
+        synced_lines = [line for line in stdout.splitlines() if line.startswith("synced")]
+        synced = committed[:5 * len(synced_lines)]
+        assert all(k in final for k in synced), "a synced row was lost"
+        if code == 3:
+            assert "conflict" in stdout and str(tmp_path / f"w{i}") in stdout
+            assert (tmp_path / f"w{i}").exists(), "the loser keeps its buffer"
+    assert writer_uri  # the seed writer's rows are there too
+    assert 0 in final
+
+
+def test_crash_recovery_syncs_unsynced_commits(tmp_path):
+    url = (tmp_path / "replica").as_uri()
+    u = uri(url, tmp_path / "buf", sync_interval="-1s")
+    p = run_writer(u, 1, 1000)
+    seen = []
+    for line in p.stdout:
+        if line.startswith("committed"):
+            seen.append(int(line.split()[1]))
+            if len(seen) == 50:
+                break
+    p.send_signal(signal.SIGKILL)
+    p.wait(30)
+    assert not list((tmp_path / "replica").rglob("*.ltx")), "nothing was synced before the crash"
+    # Reopen in write mode: the committed rows come back and are synced.
+    ltxvfs.register()
+    con = apsw.Connection(u, flags=RW)
+    got = [r[0] for r in con.execute("SELECT id FROM t ORDER BY id")]
+    assert set(seen) <= set(got) and got == list(range(1, len(got) + 1))
+    con.close()
+    with open_replica(url) as client:
+        out = restore(client, tmp_path / "r.db").path
+    assert [r[0] for r in _rows_file(out, "SELECT id FROM t ORDER BY id")] == got
+
+
+def test_crash_recovery_refuses_when_the_remote_moved_on(tmp_path):
+    url = (tmp_path / "replica").as_uri()
+    p = run_writer(uri(url, tmp_path / "seed", sync_interval="-1s"), 1, 1, sync_every=1)
+    assert p.wait(60) == 0
+    u = uri(url, tmp_path / "buf", sync_interval="-1s")
+    p = run_writer(u, 100, 1000)
+    for line in p.stdout:
+        if line.startswith("committed 110"):
+            break
+    p.send_signal(signal.SIGKILL)
+    p.wait(30)
+    # Meanwhile another writer moves the replica on.
+    p = run_writer(uri(url, tmp_path / "other", sync_interval="-1s"), 500, 3, sync_every=3)
+    assert p.wait(60) == 0
+    ltxvfs.register()
+    with pytest.raises(ConflictError, match=str(tmp_path / "buf")):
+        apsw.Connection(u, flags=RW)
+    assert (tmp_path / "buf").stat().st_size > 0, "the buffer is kept"
+
+
+@pytest.mark.slow
+def test_kill_nine_trials(tmp_path):
+    """20 kills at random points: every synced TXID restores, committed rows are recovered."""
+    rng = random.Random(20)
+    url = (tmp_path / "replica").as_uri()
+    u = uri(url, tmp_path / "buf", sync_interval="20ms")
+    next_id = 1
+    checked = 0  # TXIDs already restored in an earlier trial
+    for trial in range(20):
+        p = run_writer(u, next_id, 10_000)
+        target = rng.randint(1, 60)
+        n = 0
+        for line in p.stdout:
+            if line.startswith("committed"):
+                n += 1
+                if n >= target:
+                    break
+        p.send_signal(signal.SIGKILL)
+        p.wait(30)
+        ltxvfs.register()
+        con = apsw.Connection(u, flags=RW)  # recovery
+        ids = [r[0] for r in con.execute("SELECT id FROM t ORDER BY id")]
+        assert ids == list(range(1, len(ids) + 1)), f"trial {trial}: a committed row vanished"
+        assert len(ids) >= next_id - 1 + target
+        con.close()
+        next_id = len(ids) + 1
+        with open_replica(url) as client:
+            for f in list_levels(client)[0]:
+                if f.max_txid <= checked:
+                    continue
+                out = restore(client, tmp_path / f"t{trial}-{f.max_txid}.db", txid=f.max_txid)
+                assert integrity_check(out.path) == "ok"
+                os.unlink(out.path)
+                checked = f.max_txid
+    out = litestream_restore(url, tmp_path / "final.db")
+    assert [r[0] for r in _rows_file(out, "SELECT id FROM t ORDER BY id")] == \
+        list(range(1, next_id))

@@ -1,0 +1,44 @@
+"""A writer process for crash and race tests: ``python writer_proc.py URI START COUNT [SYNC]``.
+
+Inserts rows START..START+COUNT-1 into ``t(id INTEGER PRIMARY KEY, who TEXT, body BLOB)``, one
+commit each, printing ``committed <id>`` (flushed) after each commit returns and ``synced <txid>``
+after each explicit sync (every SYNC commits, if given). Exits 3 on ConflictError, printing it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import apsw
+
+import ltxvfs
+from ltxvfs.errors import ConflictError
+
+
+def main() -> int:
+    uri, start, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    sync_every = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+    ltxvfs.register()
+    con = apsw.Connection(uri, flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
+                          | apsw.SQLITE_OPEN_URI)
+    con.set_busy_timeout(5000)
+    who = f"pid{os.getpid()}"
+    try:
+        con.execute("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, who TEXT, body BLOB)")
+        for i in range(start, start + count):
+            con.execute("INSERT INTO t VALUES (?, ?, randomblob(?))", (i, who, 100 + i % 900))
+            print(f"committed {i}", flush=True)
+            if sync_every and (i - start + 1) % sync_every == 0:
+                txid = con.execute("PRAGMA litestream_sync").fetchall()[0][0]
+                print(f"synced {txid}", flush=True)
+        con.close()
+    except ConflictError as err:
+        print(f"conflict {err}", flush=True)
+        return 3
+    print("done", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
