@@ -6,11 +6,12 @@ import subprocess
 import sys
 
 import pytest
-from litestream_rig import litestream_ltx
-from replicas import FakePrimary, page_bytes, rows_of
 
 from ltxvfs.cli import main
 from ltxvfs.storage import open_replica
+
+from litestream_rig import litestream_ltx
+from replicas import FakePrimary, page_bytes, rows_of
 
 
 @pytest.fixture

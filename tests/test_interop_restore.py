@@ -9,13 +9,14 @@
 from __future__ import annotations
 
 import pytest
-from litestream_rig import integrity_check, litestream_restore, table_rows
-from replicas import FakePrimary, compact, page_bytes
 
 from ltxvfs import ltx
 from ltxvfs.plan import list_levels
 from ltxvfs.restore import restore
 from ltxvfs.storage import open_replica
+
+from litestream_rig import integrity_check, litestream_restore, table_rows
+from replicas import FakePrimary, compact, page_bytes
 
 pytestmark = pytest.mark.interop
 

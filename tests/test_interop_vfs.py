@@ -11,9 +11,10 @@ from urllib.parse import quote
 
 import apsw
 import pytest
-from litestream_rig import Workload
 
 import ltxvfs
+
+from litestream_rig import Workload
 
 pytestmark = pytest.mark.interop
 

@@ -8,7 +8,6 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import pytest
-from replicas import FakePrimary, page_bytes
 
 from ltxvfs.pages import (
     DatabaseState,
@@ -21,6 +20,8 @@ from ltxvfs.pages import (
 from ltxvfs.plan import compute_plan
 from ltxvfs.storage import open_replica
 from ltxvfs.storage.base import FileInfo
+
+from replicas import FakePrimary, page_bytes
 
 
 class CountingClient:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from replicas import FakePrimary, page_bytes, rows_of
 
 from ltxvfs.errors import LTXError, RestoreError, TxNotAvailableError
 from ltxvfs.restore import restore
 from ltxvfs.storage import open_replica
+
+from replicas import FakePrimary, page_bytes, rows_of
 
 
 @pytest.fixture(params=["file", "s3"])

@@ -11,6 +11,7 @@ import sqlite3
 import struct
 
 import pytest
+
 from litestream_rig import (
     LitestreamError,
     Replicator,

@@ -8,10 +8,11 @@ from datetime import UTC, datetime
 
 import apsw
 import pytest
-from replicas import FakePrimary, compact
 
 import ltxvfs
 from ltxvfs.storage import open_replica
+
+from replicas import FakePrimary, compact
 
 FAST = "poll_interval=20ms"
 

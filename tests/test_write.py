@@ -21,7 +21,6 @@ from ltxvfs.restore import restore
 from ltxvfs.storage import open_replica
 
 from litestream_rig import integrity_check, litestream_restore
-from replicas import FakePrimary
 
 HERE = Path(__file__).parent
 RW = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE | apsw.SQLITE_OPEN_URI
@@ -349,3 +348,21 @@ def test_kill_nine_trials(tmp_path):
     out = litestream_restore(url, tmp_path / "final.db")
     assert [r[0] for r in _rows_file(out, "SELECT id FROM t ORDER BY id")] == \
         list(range(1, next_id))
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("backend", ["file", "s3"])
+def test_go_vfs_reads_what_we_write(vfs, request, tmp_path, backend):
+    from go_vfs import go_vfs_query
+
+    url = request.getfixturevalue("s3_url") if backend == "s3" else (tmp_path / "replica").as_uri()
+    con = writer(url, tmp_path)
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT, b BLOB)")
+    with con:
+        con.execute(SERIES.format(n=2000) + " INSERT INTO t(v, b) SELECT 'v' || value, "
+                    "randomblob(value % 700) FROM s")
+    con.execute("UPDATE t SET v = 'changed' WHERE id % 7 = 0")
+    sql = "SELECT id, v, hex(b) FROM t ORDER BY id"
+    expected = rows(con, sql)
+    con.close()
+    assert go_vfs_query(url, sql) == expected

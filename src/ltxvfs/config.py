@@ -86,6 +86,16 @@ class VFSConfig:
     sync_interval: float = 1.0
     #: Write buffer file. Env ``LITESTREAM_BUFFER_PATH``.
     buffer_path: str | None = None
+    #: Write mode: compaction intervals of L1, L2, L3... (comma-separated durations; empty
+    #: or ``off`` disables compaction). Env ``LITESTREAM_COMPACTION_LEVELS`` (ours).
+    compaction_levels: tuple[float, ...] = (30.0, 300.0, 3600.0)
+    #: Write mode: how often to write an L9 snapshot (0 disables). Env
+    #: ``LITESTREAM_SNAPSHOT_INTERVAL`` (ours).
+    snapshot_interval: float = 86400.0
+    #: Write mode: how long snapshots are kept (the newest always is).
+    snapshot_retention: float = 86400.0
+    #: Write mode: how long L0 files covered by L1 are kept (0 keeps them for ever).
+    l0_retention: float = 300.0
     #: Build a local full copy in the background. Env ``LITESTREAM_HYDRATION_ENABLED``.
     hydration_enabled: bool = False
     #: Where to hydrate (turns hydration on). Env ``LITESTREAM_HYDRATION_PATH``.
@@ -109,7 +119,16 @@ class VFSConfig:
                 continue
             raw = params[f.name]
             label = f"{source}{f.name.upper() if source.startswith('env') else f.name}"
-            if f.name in ("poll_interval", "sync_interval", "open_timeout"):
+            if f.name == "compaction_levels":
+                value = tuple(parse_duration(x, label) for x in raw.split(",")
+                              if x.strip()) if raw.strip().lower() not in ("", "off") else ()
+                if any(v <= 0 for v in value):  # type: ignore[union-attr]
+                    raise ConfigError(f"invalid {label} {raw!r}: intervals must be positive")
+            elif f.name in ("snapshot_interval", "snapshot_retention", "l0_retention"):
+                value = parse_duration(raw, label)
+                if value < 0:  # type: ignore[operator]
+                    raise ConfigError(f"invalid {label} {raw!r}: must not be negative")
+            elif f.name in ("poll_interval", "sync_interval", "open_timeout"):
                 value: object = parse_duration(raw, label)
                 if f.name == "sync_interval" and value == 0:
                     value = 1.0

@@ -66,7 +66,7 @@ class LitestreamFile:
 
     def xRead(self, amount: int, offset: int) -> bytes:  # noqa: N802
         for attempt in range(3):
-            state = self._state
+            state = self.replica.state if self._writer is not None else self._state
             try:
                 return self._read(amount, offset)
             except ObjectNotFoundError as err:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -20,55 +20,12 @@ from typing import BinaryIO
 from .errors import RestoreError
 from .ltx import Decoder, lock_pgno
 from .plan import Plan, compute_plan
-from .storage.base import FileInfo, ReplicaClient
+from .storage.base import FileInfo, RemoteFileReader, ReplicaClient
 
 #: Size of one ranged GET while streaming a plan file.
 CHUNK_SIZE = 8 * 1024 * 1024
 #: Sidecar files SQLite may leave next to a database; removed with ``force``.
 _SIDECARS = ("-wal", "-shm", "-journal")
-
-
-class RemoteFileReader(io.RawIOBase):
-    """A read-only stream over one replica file, fetched in ranged GETs one chunk ahead."""
-
-    def __init__(self, client: ReplicaClient, info: FileInfo, chunk_size: int = CHUNK_SIZE,
-                 pool: ThreadPoolExecutor | None = None) -> None:
-        self._client, self._info, self._chunk = client, info, chunk_size
-        self._offset = 0  # next offset to request
-        self._buf = memoryview(b"")
-        self._pool = pool
-        self._ahead: Future[bytes] | None = None
-
-    def readable(self) -> bool:
-        return True
-
-    def _fetch(self, offset: int) -> bytes:
-        size = min(self._chunk, self._info.size - offset)
-        return self._client.read(self._info.level, self._info.min_txid, self._info.max_txid,
-                                 offset, size)
-
-    def _next_chunk(self) -> bytes:
-        if self._offset >= self._info.size:
-            return b""
-        if self._ahead is not None:
-            data = self._ahead.result()
-        else:
-            data = self._fetch(self._offset)
-        self._offset += len(data)
-        self._ahead = None
-        if self._pool is not None and self._offset < self._info.size:
-            self._ahead = self._pool.submit(self._fetch, self._offset)
-        return data
-
-    def readinto(self, b) -> int:  # type: ignore[override]
-        if not self._buf:
-            self._buf = memoryview(self._next_chunk())
-            if not self._buf:
-                return 0
-        n = min(len(b), len(self._buf))
-        b[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
-        return n
 
 
 @dataclass(frozen=True)
@@ -104,7 +61,7 @@ def restore(client: ReplicaClient, output: str | os.PathLike[str], *, txid: int 
             page_size = commit = 0
             seen = bytearray()
             for info in plan:
-                reader = io.BufferedReader(RemoteFileReader(client, info, pool=pool), CHUNK_SIZE)
+                reader = io.BufferedReader(RemoteFileReader(client, info, CHUNK_SIZE, pool), CHUNK_SIZE)
                 page_size, commit = _apply_file(fh, reader, info, page_size, seen)
                 done += info.size
                 if progress:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import apsw
 
+from .compact import Compactor
 from .config import URI_PARAMETERS, ConfigError, VFSConfig
 from .dbfile import LitestreamFile
 from .errors import ConflictError, LitestreamError, TxNotAvailableError
@@ -216,6 +217,10 @@ class LitestreamVFS(apsw.VFS):
         if cfg.sync_interval > 0:  # a negative interval: sync only on close (as Go)
             self.scheduler.add(("sync", id(replica)), writer.sync_in_background,
                                cfg.sync_interval)
+        writer.compactor = Compactor(replica.client, cfg.compaction_levels, cfg.snapshot_interval,
+                                     cfg.snapshot_retention, cfg.l0_retention)
+        for name, fn, interval in writer.compactor.jobs():
+            self.scheduler.add((name, id(replica)), fn, interval)
         log.info("write mode on for %s (buffer %s)", replica.client.url, path)
 
     def disable_writes(self, replica: Replica) -> None:
@@ -227,12 +232,18 @@ class LitestreamVFS(apsw.VFS):
         if replica.locks.writer_active():
             raise apsw.BusyError("a write transaction is open; try again when it ends")
         writer.sync()
-        self.scheduler.remove(("sync", id(replica)))
+        self._stop_writer_jobs(replica, writer)
         replica.writer = None
         writer.close()
         with self._lock:
             self._buffer_paths.discard(writer.buffer.path)
         self._start_polling(replica)
+
+    def _stop_writer_jobs(self, replica: Replica, writer: Writer) -> None:
+        self.scheduler.remove(("sync", id(replica)))
+        if writer.compactor is not None:
+            for name, _, _ in writer.compactor.jobs():
+                self.scheduler.remove((name, id(replica)))
 
     def _start_polling(self, replica: Replica) -> None:
         self.scheduler.add(("poll", id(replica)), replica.poll, replica.poll_interval)
@@ -253,7 +264,7 @@ class LitestreamVFS(apsw.VFS):
         writer = replica.writer
         try:
             if writer is not None:
-                self.scheduler.remove(("sync", id(replica)))
+                self._stop_writer_jobs(replica, writer)
                 replica.writer = None
                 with self._lock:
                     self._buffer_paths.discard(writer.buffer.path)

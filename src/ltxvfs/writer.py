@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from .buffer import RECORDS_START, Scan, WriteBuffer, replica_id
+from .compact import Compactor
 from .errors import ConflictError, LitestreamError, ObjectExistsError
 from .follow import Replica
 from .ltx import Encoder, Header, lock_pgno
@@ -54,6 +55,8 @@ class Writer:
         self.syncs = 0
         self.synced_txid: int | None = None
         self.closed = False
+        #: Compaction jobs run by the VFS's scheduler while writing (set by the VFS).
+        self.compactor: Compactor | None = None
 
     # --- opening and recovery -------------------------------------------------------------------
 

@@ -7,7 +7,9 @@ out as Litestream's file backend). Both are thread-safe: one client serves every
 from __future__ import annotations
 
 import abc
+import io
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import BinaryIO
@@ -116,3 +118,46 @@ class ReplicaClient(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class RemoteFileReader(io.RawIOBase):
+    """A read-only stream over one replica file, fetched in ranged GETs one chunk ahead."""
+
+    def __init__(self, client: ReplicaClient, info: FileInfo, chunk_size: int = 8 * 1024 * 1024,
+                 pool: ThreadPoolExecutor | None = None) -> None:
+        self._client, self._info, self._chunk = client, info, chunk_size
+        self._offset = 0  # next offset to request
+        self._buf = memoryview(b"")
+        self._pool = pool
+        self._ahead: Future[bytes] | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def _fetch(self, offset: int) -> bytes:
+        size = min(self._chunk, self._info.size - offset)
+        return self._client.read(self._info.level, self._info.min_txid, self._info.max_txid,
+                                 offset, size)
+
+    def _next_chunk(self) -> bytes:
+        if self._offset >= self._info.size:
+            return b""
+        if self._ahead is not None:
+            data = self._ahead.result()
+        else:
+            data = self._fetch(self._offset)
+        self._offset += len(data)
+        self._ahead = None
+        if self._pool is not None and self._offset < self._info.size:
+            self._ahead = self._pool.submit(self._fetch, self._offset)
+        return data
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        if not self._buf:
+            self._buf = memoryview(self._next_chunk())
+            if not self._buf:
+                return 0
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n

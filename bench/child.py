@@ -1,0 +1,374 @@
+"""One measured run: one system, one workload, one fresh process (so "cold" is really cold).
+
+    python bench/child.py --system ltxvfs|go|local --workload NAME --spec spec.json --out r.json
+
+``spec.json`` holds the dataset manifest, the replica URL (through the latency proxy), the proxy
+endpoint (for its request counters) and the workload parameters. The result JSON has the
+workload's metrics plus ``setup_s`` and ``rss_setup_kb``; the parent adds the child's peak RSS
+(``ru_maxrss`` from ``wait4``).
+
+Adding a workload = one function ``def wl_NAME(ctx) -> dict`` registered in :data:`WORKLOADS`
+(see the TODO slots at the end for write mode and hydration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import resource
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import apsw  # noqa: E402
+
+from common import proxy_stats, stats_delta  # noqa: E402
+
+RO_URI = apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI
+
+# --------------------------------------------------------------------------------------------
+# Systems: how to open the database. Each is set up once per process.
+# --------------------------------------------------------------------------------------------
+
+
+class System:
+    name = ""
+    remote = True
+
+    def __init__(self, spec: dict) -> None:
+        self.spec = spec
+
+    def setup(self) -> None:
+        pass
+
+    def connect(self, **params: str) -> apsw.Connection:
+        raise NotImplementedError
+
+
+class Ltxvfs(System):
+    """ltxvfs: ``ltxvfs.register()`` then ``file:db?vfs=litestream&replica_url=...``."""
+    name = "ltxvfs"
+
+    def setup(self) -> None:
+        import ltxvfs
+        self.vfs = ltxvfs.register()
+
+    def connect(self, **params: str) -> apsw.Connection:
+        q = {"vfs": "litestream", "replica_url": self.spec["replica_url"], **params}
+        return apsw.Connection("file:bench.db?" + urllib.parse.urlencode(q), flags=RO_URI)
+
+
+class GoVFS(System):
+    """The Go VFS (PyPI ``litestream-vfs``) loaded as an extension; the replica comes from
+    ``LITESTREAM_REPLICA_URL``, set by the parent at exec."""
+    name = "go"
+
+    def setup(self) -> None:
+        import litestream_vfs
+        self._loader = apsw.Connection(":memory:")
+        self._loader.enable_load_extension(True)
+        self._loader.load_extension(litestream_vfs.loadable_path(), "sqlite3_litestreamvfs_init")
+
+    def connect(self, **params: str) -> apsw.Connection:
+        if params:
+            raise ValueError("the Go VFS takes no URI parameters")
+        return apsw.Connection("file:bench.db?vfs=litestream", flags=RO_URI)
+
+
+class Local(System):
+    """A plain local SQLite file: ``litestream restore`` of the same replica."""
+    name = "local"
+    remote = False
+
+    def connect(self, **params: str) -> apsw.Connection:
+        return apsw.Connection(self.spec["dataset"]["local_db"], flags=apsw.SQLITE_OPEN_READONLY)
+
+
+SYSTEMS: dict[str, type[System]] = {"ltxvfs": Ltxvfs, "go": GoVFS, "local": Local}
+
+# --------------------------------------------------------------------------------------------
+# Context handed to workloads
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Ctx:
+    system: System
+    spec: dict
+    params: dict
+    rng: random.Random
+    endpoint: str | None
+    marks: dict = field(default_factory=dict)
+
+    @property
+    def facts(self) -> dict:
+        return self.spec["dataset"]["facts"]
+
+    def stats(self) -> dict | None:
+        """The proxy's counters now (None for the local system)."""
+        return proxy_stats(self.endpoint) if self.endpoint and self.system.remote else None
+
+    def delta(self, before: dict | None) -> dict:
+        if before is None:
+            return {"requests": 0, "counts": {}, "bytes_down": 0, "bytes_up": 0}
+        return stats_delta(before, self.stats())
+
+    def random_id(self) -> int:
+        return self.rng.randint(1, self.facts["max_id"])
+
+    profiler: object | None = None
+
+    @contextlib.contextmanager
+    def timed(self):
+        """Wrap the measured part of a workload: under ``--profile`` only it is profiled."""
+        prof = self.profiler
+        if prof is not None and not prof.is_running:
+            prof.start()
+            try:
+                yield
+            finally:
+                prof.stop()
+        else:
+            yield
+
+
+LOOKUP = "SELECT k, name, payload FROM t WHERE id = ?"
+
+
+def _lookup(cur, i: int):
+    return cur.execute(LOOKUP, (i,)).fetchall()
+
+
+# --------------------------------------------------------------------------------------------
+# Read workloads
+# --------------------------------------------------------------------------------------------
+
+
+def wl_cold_lookup(ctx: Ctx) -> dict:
+    """Cold open -> first point lookup: time and requests (open = apsw.Connection())."""
+    s0 = ctx.stats()
+    with ctx.timed():
+        t0 = time.perf_counter()
+        con = ctx.system.connect()
+        t1 = time.perf_counter()
+        s1 = ctx.stats()
+        t1b = time.perf_counter()  # the counter read is not part of the measurement
+        rows = _lookup(con.cursor(), ctx.random_id())
+        t2 = time.perf_counter()
+    d_all = ctx.delta(s0)
+    d_open = stats_delta(s0, s1) if s0 is not None else d_all
+    assert rows, "lookup found nothing"
+    con.close()
+    return {"open_s": t1 - t0, "first_row_s": (t1 - t0) + (t2 - t1b),
+            "requests": d_all["requests"],
+            "requests_open": d_open["requests"], "req_counts": d_all["counts"],
+            "bytes": d_all["bytes_down"]}
+
+
+def _scan(ctx: Ctx, sql: str, pages_needed: int) -> dict:
+    """A cold full scan with a time budget: a remote system that exceeds it is interrupted and
+    its time extrapolated from the share of pages fetched (one ranged GET per page: valid for
+    the Go VFS, which fetches page by page)."""
+    con = ctx.system.connect()
+    budget = float(ctx.params.get("scan_budget_s") or 0)
+    deadline = [None]
+    if budget and ctx.system.remote:
+        def progress() -> bool:
+            return deadline[0] is not None and time.perf_counter() > deadline[0]
+        con.set_progress_handler(progress, 10_000)
+    s0 = ctx.stats()
+    t0 = time.perf_counter()
+    if budget:
+        deadline[0] = t0 + budget
+    completed = True
+    result = None
+    try:
+        with ctx.timed():
+            result = con.execute(sql).fetchall()[0][0]
+    except apsw.InterruptError:
+        completed = False
+    t1 = time.perf_counter()
+    d = ctx.delta(s0)
+    out = {"time_s": t1 - t0, "completed": completed, "requests": d["requests"],
+           "req_counts": d["counts"], "bytes": d["bytes_down"], "result": result,
+           "pages_needed": pages_needed}
+    if not completed:
+        gets = d["counts"].get("GET_RANGE", 0) + d["counts"].get("GET", 0)
+        frac = min(1.0, gets / max(1, pages_needed))
+        out["fraction_done"] = frac
+        out["measured_s"] = t1 - t0
+        out["time_s"] = (t1 - t0) / max(frac, 1e-9)
+        out["requests"] = round(d["requests"] / max(frac, 1e-9))
+        out["bytes"] = round(d["bytes_down"] / max(frac, 1e-9))
+    con.close()
+    return out
+
+
+def wl_scan_count(ctx: Ctx) -> dict:
+    """Cold ``SELECT count(*) FROM t`` (SQLite walks the smallest b-tree: index t_k)."""
+    return _scan(ctx, "SELECT count(*) FROM t", ctx.facts.get("pages_t_k", 1) + 1)
+
+
+def wl_scan_sum(ctx: Ctx) -> dict:
+    """Cold ``SELECT sum(length(payload)) FROM t``: every leaf page of the table."""
+    return _scan(ctx, "SELECT sum(length(payload)) FROM t", ctx.facts.get("pages_t", 1) + 1)
+
+
+def wl_warm_lookups(ctx: Ctx) -> dict:
+    """N point lookups (autocommit, one read transaction each) of keys drawn at random from a
+    hot set, after one untimed pass over the hot set; µs per lookup."""
+    n = int(ctx.params.get("lookups", 1000))
+    hot = [ctx.random_id() for _ in range(int(ctx.params.get("hot_keys", 200)))]
+    con = ctx.system.connect()
+    cur = con.cursor()
+    s0 = ctx.stats()
+    t0 = time.perf_counter()
+    for i in hot:
+        _lookup(cur, i)
+    t1 = time.perf_counter()
+    warm = ctx.delta(s0)
+    keys = [ctx.rng.choice(hot) for _ in range(n)]
+    s1 = ctx.stats()
+    with ctx.timed():
+        t2 = time.perf_counter()
+        for i in keys:
+            _lookup(cur, i)
+        t3 = time.perf_counter()
+    d = ctx.delta(s1)
+    con.close()
+    return {"us_per_lookup": (t3 - t2) / n * 1e6, "lookups": n, "requests": d["requests"],
+            "req_counts": d["counts"], "warmup_s": t1 - t0, "warmup_requests": warm["requests"]}
+
+
+def wl_range_scans(ctx: Ctx) -> dict:
+    """R cold range scans of L consecutive rows (rowid ranges) at random places; ms per scan."""
+    r = int(ctx.params.get("range_scans", 10))
+    length = int(ctx.params.get("range_rows", 500))
+    con = ctx.system.connect()
+    cur = con.cursor()
+    _lookup(cur, 1)  # open + schema outside the timing
+    starts = [ctx.rng.randint(1, max(1, ctx.facts["max_id"] - length)) for _ in range(r)]
+    s0 = ctx.stats()
+    times = []
+    with ctx.timed():
+        for a in starts:
+            t0 = time.perf_counter()
+            cur.execute("SELECT count(*), sum(length(payload)) FROM t WHERE id >= ? AND id < ?",
+                        (a, a + length)).fetchall()
+            times.append(time.perf_counter() - t0)
+    d = ctx.delta(s0)
+    con.close()
+    return {"ms_per_scan": sum(times) / r * 1e3, "scans": r, "rows_per_scan": length,
+            "requests": d["requests"], "requests_per_scan": d["requests"] / r,
+            "req_counts": d["counts"], "bytes": d["bytes_down"]}
+
+
+def wl_idle_follower(ctx: Ctx) -> dict:
+    """An open, idle connection: requests (LIST above all) over ``idle_s`` seconds, per minute."""
+    secs = float(ctx.params.get("idle_s", 20))
+    con = ctx.system.connect()
+    _lookup(con.cursor(), 1)
+    time.sleep(min(2.0, secs / 4))  # let start-up traffic settle
+    s0 = ctx.stats()
+    t0 = time.perf_counter()
+    time.sleep(secs)
+    d = ctx.delta(s0)
+    elapsed = time.perf_counter() - t0
+    con.close()
+    per_min = 60.0 / elapsed
+    return {"list_per_min": d["counts"].get("LIST", 0) * per_min,
+            "requests_per_min": d["requests"] * per_min, "req_counts": d["counts"],
+            "window_s": elapsed}
+
+
+def wl_noop(ctx: Ctx) -> dict:
+    """Setup only (import + register / load extension): the RSS baseline."""
+    return {}
+
+
+# --------------------------------------------------------------------------------------------
+# TODO slots: write mode and hydration (ltxvfs does not have them yet).
+#
+# Each is one function here + one entry in WORKLOADS + (for run.py) one line in
+# run.WORKLOAD_TABLE naming the metric to report. Write workloads need a writable replica
+# (run.py would give each run its own fresh copy of the dataset's prefix) and, for the Go VFS,
+# LITESTREAM_WRITE_ENABLED=true at exec (see run.child_env_for).
+#
+# def wl_single_row_commits(ctx):   # TODO(write mode): 1,000 single-row commits
+#     con = ctx.system.connect(write_enabled="true")
+#     ... 1,000 x "INSERT INTO t(k,name,payload) VALUES(...)" each its own transaction ...
+#     return {"ms_per_commit": ..., "requests": ..., "req_counts": ...}
+#
+# def wl_bulk_transaction(ctx):     # TODO(write mode): one 100k-row transaction
+#     ... BEGIN; 100,000 inserts; COMMIT; wait until synced (PRAGMA litestream_txid) ...
+#     return {"time_s": ..., "requests": ..., "bytes_up": ...}
+#
+# def wl_commit_visible(ctx):       # TODO(write mode): commit -> object visible in the replica
+#     ... commit one row, then poll the proxy's LIST (or a plain boto3 client) until an LTX
+#     file with the new TXID exists; return {"visible_s": ...}
+#
+# def wl_hydration(ctx):            # TODO(hydration): hydration to completion
+#     con = ctx.system.connect(hydration_path=str(tmp / "h.db"))
+#     ... poll PRAGMA litestream_hydration_progress until 100 ...
+#     return {"time_s": ..., "requests": ..., "bytes": ...}
+# --------------------------------------------------------------------------------------------
+
+WORKLOADS: dict[str, Callable[[Ctx], dict]] = {
+    "noop": wl_noop,
+    "cold_lookup": wl_cold_lookup,
+    "scan_count": wl_scan_count,
+    "scan_sum": wl_scan_sum,
+    "warm_lookups": wl_warm_lookups,
+    "range_scans": wl_range_scans,
+    "idle_follower": wl_idle_follower,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--system", required=True, choices=sorted(SYSTEMS))
+    ap.add_argument("--workload", required=True, choices=sorted(WORKLOADS))
+    ap.add_argument("--spec", required=True, type=Path)
+    ap.add_argument("--out", required=True, type=Path)
+    args = ap.parse_args(argv)
+    spec = json.loads(args.spec.read_text())
+    t0 = time.perf_counter()
+    system = SYSTEMS[args.system](spec)
+    system.setup()
+    setup_s = time.perf_counter() - t0
+    rss_setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    ctx = Ctx(system, spec, spec.get("params", {}), random.Random(spec.get("seed", 0)),
+              spec.get("endpoint"))
+    if os.environ.get("BENCH_TRACE") and ctx.endpoint:  # trace only this child's requests
+        urllib.request.urlopen(urllib.request.Request(
+            f"{ctx.endpoint}/__bench__/reset", data=b"", method="POST"), timeout=10).read()
+    profile_path = os.environ.get("BENCH_PYINSTRUMENT")
+    if profile_path:  # the workload's ctx.timed() part only
+        from pyinstrument import Profiler
+        ctx.profiler = prof = Profiler(interval=0.0002)
+    result = WORKLOADS[args.workload](ctx)
+    if profile_path and prof.last_session is not None:
+        Path(profile_path).write_text(prof.output_text(unicode=True, color=False, show_all=False))
+        Path(profile_path).with_suffix(".html").write_text(prof.output_html())
+    trace_path = os.environ.get("BENCH_TRACE")
+    if trace_path and ctx.endpoint:
+        with urllib.request.urlopen(f"{ctx.endpoint}/__bench__/trace", timeout=30) as r:
+            Path(trace_path).write_bytes(r.read())
+    result.update(setup_s=setup_s, rss_setup_kb=rss_setup,
+                  rss_end_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    args.out.write_text(json.dumps(result))
+    sys.stdout.flush()
+    os._exit(0)  # do not wait for (or be confused by) background threads of the VFS
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Compaction, snapshots and retention: ours are read by Litestream, and the writer keeps going."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from urllib.parse import quote
+
+import apsw
+import pytest
+
+import ltxvfs
+from ltxvfs.compact import (
+    compact_level,
+    enforce_l0_retention,
+    enforce_snapshot_retention,
+    merge_files,
+    snapshot,
+)
+from ltxvfs.ltx import decode_file
+from ltxvfs.plan import compute_plan, list_levels
+from ltxvfs.restore import restore
+from ltxvfs.storage import open_replica
+
+from litestream_rig import integrity_check, litestream_restore
+from replicas import FakePrimary, page_bytes, rows_of
+
+
+@pytest.fixture
+def history(tmp_path):
+    url = (tmp_path / "r").as_uri()
+    client = open_replica(url)
+    p = FakePrimary(tmp_path / "p.db", client)
+    p.commit("CREATE TABLE t(id INTEGER PRIMARY KEY, b BLOB)",
+             "INSERT INTO t(b) SELECT randomblob(700) FROM generate_series(1, 100)")
+    p.commit("UPDATE t SET b = randomblob(10) WHERE id % 2 = 0")
+    p.commit("INSERT INTO t(b) SELECT randomblob(2000) FROM generate_series(1, 50)")
+    p.commit("DELETE FROM t WHERE id > 20")
+    p.execute("VACUUM")
+    p.publish()
+    yield p, client, url
+    client.close()
+
+
+def test_merge_keeps_newest_pages_and_drops_beyond_commit(history):
+    p, client, _ = history
+    l0 = client.list_files(0)
+    info = merge_files(client, l0, 1)
+    merged = decode_file(client.read(1, info.min_txid, info.max_txid))
+    assert (info.min_txid, info.max_txid) == (1, 5)
+    assert merged.pages == page_bytes(p.path)  # a snapshot: every page of the final database
+    assert merged.header.commit == len(page_bytes(p.path))
+    part = merge_files(client, l0[1:4], 2)
+    partial = decode_file(client.read(2, part.min_txid, part.max_txid))
+    assert partial.header.commit == len(p.history[3][2]) and max(partial.pages) <= partial.header.commit
+
+
+def test_non_contiguous_inputs_are_refused(history):
+    _, client, _ = history
+    l0 = client.list_files(0)
+    with pytest.raises(Exception, match="non-contiguous"):
+        merge_files(client, [l0[0], l0[2]], 1)
+
+
+@pytest.mark.interop
+def test_litestream_restores_after_our_compaction(history, tmp_path):
+    p, client, url = history
+    assert compact_level(client, 1) is not None
+    assert compact_level(client, 1) is None  # nothing new
+    p.commit("INSERT INTO t(b) VALUES (x'01')")
+    assert compact_level(client, 1).min_txid == 6
+    assert compact_level(client, 2) is not None
+    assert snapshot(client).max_txid == 6
+    assert snapshot(client) is None  # already covers the latest state
+    future = datetime.now(UTC) + timedelta(hours=1)
+    deleted = enforce_l0_retention(client, 0, now=future)
+    assert [f.max_txid for f in deleted] == [1, 2, 3, 4, 5]
+    assert [f.max_txid for f in client.list_files(0)] == [6]  # the newest L0 stays
+    out = litestream_restore(url, tmp_path / "ls.db")
+    assert page_bytes(out) == page_bytes(p.path)
+    assert restore(client, tmp_path / "ours.db").txid == 6
+    plan = compute_plan(client)
+    assert [f.level for f in plan] == [9]
+
+
+def test_snapshot_retention_keeps_the_newest_and_covered_files(history):
+    p, client, _ = history
+    snapshot(client)
+    compact_level(client, 1)
+    p.commit("INSERT INTO t(b) VALUES (x'02')")
+    snapshot(client)
+    later = datetime.now(UTC) + timedelta(days=2)
+    deleted = enforce_snapshot_retention(client, 3600, [1], now=later)
+    assert [f.level for f in deleted] == [9]
+    assert [f.max_txid for f in client.list_files(9)] == [6]
+    assert len(client.list_files(1)) == 1  # each level keeps its last file
+
+
+def _wait(cond, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("backend", ["file", "s3"])
+def test_writer_compacts_snapshots_and_prunes_while_writing(request, tmp_path, backend):
+    from go_vfs import go_vfs_query
+
+    url = request.getfixturevalue("s3_url") if backend == "s3" else (tmp_path / "replica").as_uri()
+    ltxvfs.register()
+    params = ("write_enabled=true&sync_interval=50ms&compaction_levels=150ms,400ms"
+              "&snapshot_interval=700ms&l0_retention=100ms&cache_size=16384")
+    con = apsw.Connection(f"file:db?vfs=litestream&replica_url={quote(url, safe='')}&{params}"
+                          f"&buffer_path={quote(str(tmp_path / 'buf'), safe='')}",
+                          flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE | apsw.SQLITE_OPEN_URI)
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+    client = open_replica(url)
+    deadline = time.monotonic() + 3
+    i = 0
+    while time.monotonic() < deadline:
+        con.execute("INSERT INTO t(v) VALUES (?)", (f"row{i}" * 20,))
+        i += 1
+        if i % 50 == 0:
+            con.execute("PRAGMA cache_size = 0")  # force reads through our store
+            assert con.execute("SELECT count(*) FROM t").fetchall() == [(i,)]
+    _wait(lambda: all(list_levels(client)[lvl] for lvl in (1, 2, 9)))
+    con.execute("PRAGMA litestream_sync")
+    assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    expected = con.execute("SELECT * FROM t ORDER BY id").fetchall()
+    con.close()
+    levels = list_levels(client)
+    assert len(levels[0]) < i / 2, "L0 retention pruned the level"
+    plan = compute_plan(client)
+    assert len(plan) <= 12, f"a cold open needs few files, not {len(plan)}"
+    out = litestream_restore(url, tmp_path / "ls.db")
+    assert rows_of(out) == [tuple(r) for r in expected]
+    assert integrity_check(out) == "ok"
+    assert go_vfs_query(url, "SELECT count(*), max(id) FROM t") == [(len(expected), len(expected))]
+    client.close()
