@@ -77,6 +77,7 @@ WORKLOAD_TABLE: tuple[WorkloadSpec, ...] = (
     WorkloadSpec("cold_lookup", "cold open → first point lookup", (
         Metric("first_row_s", "time to first row", "s"),
         Metric("open_s", "of which open", "s"),
+        Metric("cold_start_s", "incl. process setup (import+register / load extension)", "s"),
         Metric("requests", "requests", "n"),
     )),
     WorkloadSpec("scan_count", "cold `SELECT count(*) FROM t` (walks index t_k)", (

@@ -366,3 +366,40 @@ def test_go_vfs_reads_what_we_write(vfs, request, tmp_path, backend):
     expected = rows(con, sql)
     con.close()
     assert go_vfs_query(url, sql) == expected
+
+
+_NO_CLOSE = """
+import sys, apsw, ltxvfs
+ltxvfs.register()
+c = apsw.Connection(sys.argv[1], flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
+                    | apsw.SQLITE_OPEN_URI)
+c.execute("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, who TEXT, body BLOB)")
+c.execute("INSERT INTO t(who) VALUES (?)", (sys.argv[2],))
+"""  # exits without closing the connection
+
+
+def test_clean_exit_without_close_syncs(tmp_path):
+    url = (tmp_path / "replica").as_uri()
+    u = uri(url, tmp_path / "buf", sync_interval="-1s")
+    subprocess.run([sys.executable, "-c", _NO_CLOSE, u, "first"], check=True, timeout=60)
+    assert not (tmp_path / "buf").exists()
+    with open_replica(url) as client:
+        out = restore(client, tmp_path / "r.db").path
+    assert _rows_file(out, "SELECT who FROM t") == [("first",)]
+
+
+def test_close_reports_a_conflict_and_keeps_the_buffer(vfs, tmp_path):
+    url = (tmp_path / "replica").as_uri()
+    subprocess.run([sys.executable, "-c", _NO_CLOSE, uri(url, tmp_path / "a"), "a"], check=True,
+                   timeout=60)
+    con = writer(url, tmp_path, "mine", sync_interval="-1s")
+    # Another host commits the next TXID meanwhile.
+    subprocess.run([sys.executable, "-c", _NO_CLOSE, uri(url, tmp_path / "b"), "b"], check=True,
+                   timeout=60)
+    con.execute("INSERT INTO t(who) VALUES ('mine')")
+    with pytest.raises(ConflictError, match=str(tmp_path / "mine")):
+        con.close()
+    assert (tmp_path / "mine").exists()
+    with open_replica(url) as client:
+        out = restore(client, tmp_path / "r.db").path
+    assert _rows_file(out, "SELECT who FROM t ORDER BY id") == [("a",), ("b",)]  # not overwritten

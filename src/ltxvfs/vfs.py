@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
@@ -305,6 +306,7 @@ def register(name: str = "litestream", config: VFSConfig | None = None,
             _registered[name] = vfs
             if _add_functions not in apsw.connection_hooks:
                 apsw.connection_hooks.append(_add_functions)
+                atexit.register(_sync_at_exit)
         return vfs
 
 
@@ -313,6 +315,18 @@ def unregister(name: str = "litestream") -> None:
         vfs = _registered.pop(name, None)
     if vfs is not None:
         vfs.close()
+
+
+def _sync_at_exit() -> None:
+    """A clean interpreter exit syncs what is buffered, even if connections were left open."""
+    for vfs in list(_registered.values()):
+        for replica in vfs.replicas():
+            writer = replica.writer
+            if writer is not None and not writer.buffer.in_transaction:
+                try:
+                    writer.close()  # final sync; the buffer goes only if all of it was synced
+                except LitestreamError:
+                    pass  # logged by close(); the buffer is kept
 
 
 def _add_functions(con: apsw.Connection) -> None:
