@@ -38,8 +38,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import dataset  # noqa: E402
-from common import (  # noqa: E402
+import dataset
+from common import (
     BENCH_DIR,
     PYTHON,
     REPO,
@@ -233,7 +233,9 @@ def summarize(results: list[dict]) -> dict:
                    and not isinstance(v, bool)}
         for k in numeric:
             s[k] = median([r.get(k) for r in ok])
-        s["extrapolated"] = any(r.get("completed") is False for r in ok)
+        s["extrapolated"] = any(r.get("completed") is False and not r.get("incomplete")
+                                for r in ok)
+        s["incomplete"] = any(r.get("incomplete") for r in ok)
         kinds: dict[str, list[float]] = {}
         for r in ok:
             for kind in r.get("req_counts", {}):
@@ -273,7 +275,7 @@ def target_rows(summary: dict, datasets: list[str]) -> list[str]:
 
 
 def render(meta: dict, summary: dict, datasets: list[str], manifests: dict) -> str:
-    L: list[str] = []
+    L: list[str] = []  # noqa: N806
     L.append(f"Command: `{meta['command']}`  ")
     L.append(f"Date: {meta['date']}  ")
     L.append(f"Machine: {meta['machine']}  ")
@@ -308,8 +310,10 @@ def render(meta: dict, summary: dict, datasets: list[str], manifests: dict) -> s
                     g = summary.get((ds, w.name, s))
                     v = g.get(met.key) if g else None
                     vals[s] = v
-                    approx = "~" if g and g.get("extrapolated") and met.key in (
-                        "time_s", "requests") else ""
+                    approx = ""
+                    if g and met.key in ("time_s", "requests"):
+                        approx = "~" if g.get("extrapolated") else (
+                            ">" if g.get("incomplete") else "")
                     cells.append(approx + fmt(v, met.unit) if v is not None else "–")
                 go_x = "~" if summary.get((ds, w.name, "go"), {}).get("extrapolated") else ""
                 rg = ratio(vals["ltxvfs"], vals["go"])
@@ -422,7 +426,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rebuild", action="store_true", help="rebuild the datasets")
     ap.add_argument("--scan-budget", type=float, default=None,
                     help="seconds a cold full scan may take before it is stopped and "
-                         "extrapolated (default 15 quick, 25 full)")
+                         "extrapolated (Go VFS only; it fetches one page per request)")
+    ap.add_argument("--scan-cap", type=float, default=120.0,
+                    help="safety cap for the other systems' scans (a lower bound if hit)")
     ap.add_argument("--idle-seconds", type=float, default=None,
                     help="idle follower window (default 10 quick, 20 full)")
     ap.add_argument("--lookups", type=int, default=1000)
@@ -448,10 +454,10 @@ def main(argv: list[str] | None = None) -> int:
     for w in workloads:
         if w not in WORKLOADS:
             raise SystemExit(f"unknown workload {w!r}; known: {', '.join(WORKLOADS)}")
-    scan_budget = args.scan_budget if args.scan_budget is not None else (15 if args.quick else 25)
+    scan_budget = args.scan_budget if args.scan_budget is not None else 15.0
     idle_s = args.idle_seconds if args.idle_seconds is not None else (10 if args.quick else 20)
-    params = {"scan_budget_s": scan_budget, "idle_s": idle_s, "lookups": args.lookups,
-              "hot_keys": args.hot_keys, "range_scans": args.range_scans,
+    params = {"scan_budget_s": scan_budget, "scan_cap_s": args.scan_cap, "idle_s": idle_s,
+              "lookups": args.lookups, "hot_keys": args.hot_keys, "range_scans": args.range_scans,
               "range_rows": args.range_rows}
     t_start = time.monotonic()
     data = args.data_dir
@@ -488,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
                         spec = {"dataset": m, "replica_url": url, "endpoint": proxy.url,
                                 "params": params, "seed": 1000 * run + 7}
                         env = child_env_for(system, url, pythonpath)
-                        timeout = scan_budget + idle_s + 180
+                        timeout = args.scan_cap + idle_s + 180
                         res = run_child(system, wname, spec, work, env, timeout)
                         results.append({"run": run, "dataset": ds, "workload": wname,
                                         "system": system, "result": res})
@@ -573,7 +579,7 @@ def run_profiles(args, datasets, workloads, manifests, proxy, params, pythonpath
                 "seed": 7}
         path = pdir / f"{ds}-{wname}.txt"
         res = run_child("ltxvfs", wname, spec, data / "work",
-                        child_env_for("ltxvfs", url, pythonpath), scan_budget + idle_s + 180,
+                        child_env_for("ltxvfs", url, pythonpath), args.scan_cap + idle_s + 180,
                         profile_to=path)
         out[wname] = f"{path} ({brief(w, res)})"
     return out

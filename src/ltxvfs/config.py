@@ -100,6 +100,9 @@ class VFSConfig:
     hydration_enabled: bool = False
     #: Where to hydrate (turns hydration on). Env ``LITESTREAM_HYDRATION_PATH``.
     hydration_path: str | None = None
+    #: Keep the hydration file (and its TXID) on close and resume from it next time.
+    #: Env ``LITESTREAM_HYDRATION_PERSISTENT`` (ours; the default deletes it, as announced).
+    hydration_persistent: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> VFSConfig:
@@ -136,7 +139,7 @@ class VFSConfig:
                     raise ConfigError(f"invalid {label} {raw!r}: must be positive")
             elif f.name == "cache_size":
                 value = parse_size(raw, label)
-            elif f.name in ("write_enabled", "hydration_enabled"):
+            elif f.name in ("write_enabled", "hydration_enabled", "hydration_persistent"):
                 value = parse_bool(raw, label)
             elif f.name == "log_level":
                 value = raw.upper()

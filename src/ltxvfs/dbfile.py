@@ -91,8 +91,15 @@ class LitestreamFile:
             page = writer.read_page(pgno)
             if page is not None:
                 return page
-            return self._store.read_page(self.replica.state, pgno)
-        return self._store.read_page(self._state, pgno)
+            state = self.replica.state
+        else:
+            state = self._state
+        hydrator = self.replica.hydrator
+        if hydrator is not None:
+            page = hydrator.read_page(state, pgno)
+            if page is not None:
+                return page
+        return self._store.read_page(state, pgno)
 
     def _geometry(self) -> tuple[int, int]:
         """(page size, database size in bytes) as this connection sees it."""
@@ -280,10 +287,12 @@ class LitestreamFile:
             self._next = state
 
     def hydration_progress(self) -> str:
-        return "0"
+        hydrator = self.replica.hydrator
+        return hydrator.progress() if hydrator is not None else "0"
 
     def hydration_file(self) -> str:
-        return ""
+        hydrator = self.replica.hydrator
+        return str(hydrator.path) if hydrator is not None else ""
 
     def write_enabled(self) -> bool:
         return self.replica.writer is not None and self._may_write

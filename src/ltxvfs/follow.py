@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime
@@ -26,6 +27,7 @@ from .plan import compute_plan, list_levels
 from .storage.base import SNAPSHOT_LEVEL, FileInfo, ReplicaClient
 
 if TYPE_CHECKING:
+    from .hydrate import Hydrator
     from .writer import Writer
 
 log = logging.getLogger("ltxvfs.follow")
@@ -49,15 +51,23 @@ class Replica:
         self.locks = LockTable()
         #: Write mode: the replica's writer (buffer, syncs); None when read-only.
         self.writer: Writer | None = None
+        #: Hydration: the local full copy being built or kept current; None if off.
+        self.hydrator: Hydrator | None = None
+        #: Called (with no arguments) after the latest state changed.
+        self.listeners: list[Callable[[], None]] = []
 
     @property
     def state(self) -> DatabaseState:
         return self._state
 
     def set_state(self, state: DatabaseState) -> None:
-        """Install a state made here (our own upload): no poll involved."""
+        """Install a new latest state (a poll, a rebuild, our own upload) and tell listeners."""
         with self._lock:
+            changed = state is not self._state
             self._state = state
+        if changed:
+            for listener in list(self.listeners):
+                listener()
 
     def poll(self) -> DatabaseState:
         """Check for new LTX files and advance the latest state. Errors are logged and kept in
@@ -70,8 +80,7 @@ class Replica:
                 self.last_error = str(err)
                 log.warning("poll of %s failed: %s", self.client.url, err)
                 return self._state
-            with self._lock:
-                self._state = state
+            self.set_state(state)
             self.last_poll_success = time.monotonic()
             self.last_error = None
             return state
@@ -120,8 +129,7 @@ class Replica:
                 latest = self._advance(self._state)
             except LitestreamError:
                 latest = self._state
-            with self._lock:
-                self._state = latest
+            self.set_state(latest)
             listing = list_levels(self.client, levels=range(1, SNAPSHOT_LEVEL + 1))
             covering = sorted(
                 (f for files in listing.values() for f in files
@@ -135,7 +143,7 @@ class Replica:
                 fixed = self._relocate(state, latest, moved, candidate)
                 if fixed is not None:
                     if self._state is state:
-                        self._state = fixed
+                        self.set_state(fixed)
                     return fixed
             log.info("%s is gone and its pages as of TXID %016x are in no other file; "
                      "rebuilding", missing, state.txid)
@@ -165,8 +173,7 @@ class Replica:
             self.last_error = str(err)
             log.warning("rebuild of %s failed: %s", self.client.url, err)
             return
-        with self._lock:
-            self._state = state
+        self.set_state(state)
 
     def lag_seconds(self) -> int:
         if self.last_poll_success is None:

@@ -26,6 +26,8 @@ from .config import URI_PARAMETERS, ConfigError, VFSConfig
 from .dbfile import LitestreamFile
 from .errors import ConflictError, LitestreamError, TxNotAvailableError
 from .follow import Replica
+from .hydrate import PARALLEL as HYDRATION_PARALLEL
+from .hydrate import Hydrator
 from .jobs import POOL_THREADS, Scheduler
 from .pages import DatabaseState, PageStore, build_state
 from .plan import compute_plan, list_levels
@@ -48,10 +50,13 @@ class LitestreamVFS(apsw.VFS):
         self._replicas: dict[str, Replica] = {}
         self._configs: dict[int, VFSConfig] = {}
         self._buffer_paths: set[Path] = set()
+        self._hydration_paths: set[Path] = set()
         self._tmpdir: str | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self.pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="ltxvfs")
         self.scheduler = Scheduler(self.pool)
+        self.hydration_pool = ThreadPoolExecutor(HYDRATION_PARALLEL,
+                                                 thread_name_prefix="ltxvfs-hydrate")
         super().__init__(name, base="", makedefault=makedefault)
 
     # --- opening --------------------------------------------------------------------------------
@@ -85,6 +90,15 @@ class LitestreamVFS(apsw.VFS):
     def xDelete(self, filename, syncdir):  # noqa: N802
         return super().xDelete(self._local_path(filename), syncdir)
 
+    def _private_dir(self) -> str:
+        """A 0700 temp directory of this VFS for journals and temporary hydration files."""
+        import tempfile
+
+        with self._lock:
+            if self._tmpdir is None:
+                self._tmpdir = tempfile.mkdtemp(prefix="ltxvfs-")
+        return self._tmpdir
+
     def _local_path(self, name: str) -> str:
         """Journals of replica databases live in a private temp directory (0700), named after a
         hash of the database name. The unix VFS gives a journal the permissions of the file its
@@ -94,12 +108,9 @@ class LitestreamVFS(apsw.VFS):
             return name
         import hashlib
         import os
-        import tempfile
 
-        with self._lock:
-            if self._tmpdir is None:
-                self._tmpdir = tempfile.mkdtemp(prefix="ltxvfs-")
-        stem = os.path.join(self._tmpdir, hashlib.sha256(name[:cut].encode()).hexdigest()[:20])
+        stem = os.path.join(self._private_dir(),
+                            hashlib.sha256(name[:cut].encode()).hexdigest()[:20])
         if not os.path.exists(stem):
             os.close(os.open(stem, os.O_WRONLY | os.O_CREAT, 0o600))
         return stem + name[cut:]
@@ -151,6 +162,8 @@ class LitestreamVFS(apsw.VFS):
                 self.enable_writes(replica, cfg)
             else:
                 self._start_polling(replica)
+            if cfg.hydration:
+                self._start_hydration(replica, cfg)
         except BaseException:
             self.release(replica)
             raise
@@ -196,13 +209,8 @@ class LitestreamVFS(apsw.VFS):
         with self._lock:
             if replica.writer is not None:
                 return
-            path = Path(cfg.buffer_path) if cfg.buffer_path else \
-                default_buffer_path(replica.client.url)
-            if path in self._buffer_paths:  # Go's "<path>.<n>" for later opens of one VFS
-                n = 2
-                while path.with_name(f"{path.name}.{n}") in self._buffer_paths:
-                    n += 1
-                path = path.with_name(f"{path.name}.{n}")
+            path = self._unique(Path(cfg.buffer_path) if cfg.buffer_path else
+                                default_buffer_path(replica.client.url), self._buffer_paths)
             self._buffer_paths.add(path)
         self._stop_polling(replica)
         replica.poll()  # start from the newest remote state
@@ -240,6 +248,34 @@ class LitestreamVFS(apsw.VFS):
             self._buffer_paths.discard(writer.buffer.path)
         self._start_polling(replica)
 
+    def _start_hydration(self, replica: Replica, cfg: VFSConfig) -> None:
+        with self._lock:
+            if cfg.hydration_path:
+                path = self._unique(Path(cfg.hydration_path), self._hydration_paths)
+            else:
+                path = Path(self._private_dir()) / f"hydrated-{id(replica):x}.db"
+            self._hydration_paths.add(path)
+        hydrator = Hydrator(replica, path, cfg.hydration_persistent, self.hydration_pool)
+        try:
+            hydrator.start()
+        except OSError as err:  # e.g. an unwritable directory: serve remotely, say why
+            log.error("cannot hydrate %s into %s: %s", replica.client.url, path, err)
+            with self._lock:
+                self._hydration_paths.discard(path)
+            return
+        replica.hydrator = hydrator
+
+    @staticmethod
+    def _unique(path: Path, taken: set[Path]) -> Path:
+        """``path``, or ``<path>.<n>`` if another open database already uses it (as Go does
+        for buffer paths)."""
+        if path not in taken:
+            return path
+        n = 2
+        while path.with_name(f"{path.name}.{n}") in taken:
+            n += 1
+        return path.with_name(f"{path.name}.{n}")
+
     def _stop_writer_jobs(self, replica: Replica, writer: Writer) -> None:
         self.scheduler.remove(("sync", id(replica)))
         if writer.compactor is not None:
@@ -263,7 +299,13 @@ class LitestreamVFS(apsw.VFS):
             self._configs.pop(id(replica), None)
         self._stop_polling(replica)
         writer = replica.writer
+        hydrator = replica.hydrator
         try:
+            if hydrator is not None:
+                replica.hydrator = None
+                hydrator.close()
+                with self._lock:
+                    self._hydration_paths.discard(hydrator.path)
             if writer is not None:
                 self._stop_writer_jobs(replica, writer)
                 replica.writer = None
@@ -282,6 +324,7 @@ class LitestreamVFS(apsw.VFS):
         self.scheduler.stop()
         self.unregister()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.hydration_pool.shutdown(wait=False, cancel_futures=True)
         if self._tmpdir is not None:
             import shutil
 

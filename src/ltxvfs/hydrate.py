@@ -1,0 +1,248 @@
+"""Hydration: a background thread builds a full local copy of the database, then keeps it current.
+
+The first pass writes the newest version of every page of the current state — each page fetched
+once, from the newest file that has it — with parallel ranged GETs that coalesce adjacent frames
+(up to ``RUN_BYTES`` per GET, ``PARALLEL`` GETs in flight: memory stays bounded). Then it catches
+up: while the replica's latest state moved on (polls in read mode, our own syncs in write mode),
+the pages whose frame changed are written and the file is cut to the new size. Only when the file
+equals the latest state is it marked as that state; reads of exactly that state then come from
+the file with plain positional reads (the OS page cache does the rest). Reads never wait for it.
+
+On close the file is deleted, unless ``persistent``: then it stays with ``<file>.meta`` (TXID and
+the checksum of the LTX file that ended at it), and the next open resumes from it if the replica
+still holds that very file, else starts over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .errors import LitestreamError
+from .follow import Replica
+from .ltx import decode_page_frame, lock_pgno
+from .pages import DatabaseState, PageRef, build_state
+from .plan import compute_plan
+
+log = logging.getLogger("ltxvfs.hydrate")
+
+#: Bytes of frames fetched by one ranged GET, and GETs in flight, during hydration.
+RUN_BYTES = 4 * 1024 * 1024
+PARALLEL = 6
+
+
+class Hydrator:
+    def __init__(self, replica: Replica, path: Path, persistent: bool,
+                 pool: ThreadPoolExecutor) -> None:
+        self.replica = replica
+        self.path = Path(path)
+        self.persistent = persistent
+        self._pool = pool
+        self._fd = -1
+        self._lock = threading.Lock()
+        self._wake = threading.Condition()
+        self._stop = False
+        #: The state the file equals (reads of exactly this state use the file); None while
+        #: the file is being built or catching up.
+        self.state: DatabaseState | None = None
+        self._written: DatabaseState | None = None  # what the file holds so far
+        self.done_pages = 0
+        self.total_pages = 0
+        self.fetched_pages = 0  # pages that needed a GET (not in the page cache)
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._run, name="ltxvfs-hydrate", daemon=True)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.replica.listeners.append(self._changed)
+        self._thread.start()
+
+    def close(self) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+        if self._changed in self.replica.listeners:
+            self.replica.listeners.remove(self._changed)
+        with self._lock:
+            keep = self.persistent and self.state is not None and self.error is None
+            if keep:
+                os.fsync(self._fd)
+                self._write_meta(self.state)
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+            if not keep:
+                self.path.unlink(missing_ok=True)
+                self._meta_path().unlink(missing_ok=True)
+
+    def _changed(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
+
+    # --- reads ----------------------------------------------------------------------------------
+
+    def read_page(self, state: DatabaseState, pgno: int) -> bytes | None:
+        """The page from the file if the file equals ``state``, else None."""
+        if self.state is not state or not state.page_size:
+            return None
+        with self._lock:
+            if self.state is not state or self._fd < 0:
+                return None
+            data = os.pread(self._fd, state.page_size, (pgno - 1) * state.page_size)
+        return data if len(data) == state.page_size else None
+
+    def progress(self) -> str:
+        if self.error is not None:
+            return f"failed: {self.error}"
+        if self.state is not None:
+            return "100.0"
+        if not self.total_pages:
+            return "0.0"
+        return f"{min(99.9, 100.0 * self.done_pages / self.total_pages):.1f}"
+
+    # --- the background work --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._written = self._resume()
+            while not self._stop:
+                target = self.replica.state
+                if target is not self._written:
+                    self._hydrate(target)
+                    self._written = target
+                    continue  # the replica may have moved on meanwhile
+                with self._lock:
+                    self.state = target
+                with self._wake:
+                    if self.replica.state is target and not self._stop:
+                        self._wake.wait(timeout=5)
+                with self._lock:
+                    self.state = None if self.replica.state is not target else self.state
+        except (LitestreamError, OSError) as err:
+            self.error = str(err)
+            with self._lock:
+                self.state = None
+            log.error("hydration of %s into %s failed; reads stay remote: %s",
+                      self.replica.client.url, self.path, err)
+
+    def _hydrate(self, target: DatabaseState) -> None:
+        """Write every page whose frame differs from what the file holds; cut to size."""
+        if not target.page_size:
+            return
+        old = self._written
+        if old is not None and old.page_size not in (0, target.page_size):
+            old = None
+        todo = sorted(p for p, ref in target.index.items()
+                      if old is None or old.index.get(p) is not ref and old.index.get(p) != ref)
+        self.total_pages = len(todo) if old is None else self.total_pages
+        self.done_pages = 0 if old is None else self.done_pages
+        runs = _runs(target, todo)
+        futures = []
+        for run in runs:
+            if self._stop:
+                return
+            while len(futures) >= PARALLEL:
+                futures.pop(0).result()
+            futures.append(self._pool.submit(self._fetch_run, target, run))
+        for f in futures:
+            f.result()
+        lock = lock_pgno(target.page_size)
+        with self._lock:
+            if target.commit >= lock:
+                os.pwrite(self._fd, bytes(target.page_size), (lock - 1) * target.page_size)
+            os.ftruncate(self._fd, target.commit * target.page_size)
+
+    def _fetch_run(self, state: DatabaseState, run: list[tuple[int, PageRef]]) -> None:
+        info, start = run[0][1][0], run[0][1][1]
+        end = run[-1][1][1] + run[-1][1][2]
+        cache = self.replica.store.cache
+        cached = [cache.get((info.level, info.min_txid, info.max_txid, r[1])) for _, r in run]
+        if all(c is not None for c in cached):  # e.g. our own sync seeded them
+            pages = list(cached)
+        else:
+            data = memoryview(self.replica.client.read(info.level, info.min_txid, info.max_txid,
+                                                        start, end - start))
+            pages = [decode_page_frame(data[off - start:off - start + size], state.page_size, pgno)
+                     for pgno, (_, off, size) in run]
+            self.fetched_pages += len(run)
+        for (pgno, _), page in zip(run, pages, strict=True):
+            os.pwrite(self._fd, page, (pgno - 1) * state.page_size)
+        self.done_pages += len(run)
+
+    # --- persistence ------------------------------------------------------------------------------
+
+    def _meta_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".meta")
+
+    def _write_meta(self, state: DatabaseState) -> None:
+        last = max((ref[0] for ref in state.index.values()), key=lambda f: f.max_txid, default=None)
+        if last is None:
+            return
+        trailer = self.replica.client.read(last.level, last.min_txid, last.max_txid,
+                                           last.size - 8, 8)
+        meta = {"txid": f"{state.txid:016x}", "page_size": state.page_size,
+                "commit": state.commit, "file": [last.level, last.min_txid, last.max_txid],
+                "checksum": trailer.hex()}
+        tmp = self._meta_path().with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(meta, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._meta_path())
+
+    def _resume(self) -> DatabaseState | None:
+        """The state a persistent file still equals, or None (start over)."""
+        meta_path = self._meta_path()
+        if not self.persistent or not meta_path.exists():
+            os.ftruncate(self._fd, 0)
+            return None
+        try:
+            meta = json.loads(meta_path.read_text())
+            level, lo, hi = meta["file"]
+            files = [f for f in self.replica.client.list_files(level, seek=lo)
+                     if (f.min_txid, f.max_txid) == (lo, hi)]
+            same = files and self.replica.client.read(
+                level, lo, hi, files[0].size - 8, 8).hex() == meta["checksum"]
+            if not same:
+                raise LitestreamError("the replica no longer holds the file it was built from")
+            plan = compute_plan(self.replica.client, txid=int(meta["txid"], 16))
+            state = build_state(self.replica.client, plan, self._pool)
+        except (LitestreamError, OSError, ValueError, KeyError) as err:
+            log.info("hydration file %s cannot be resumed (%s); starting over", self.path, err)
+            meta_path.unlink(missing_ok=True)
+            os.ftruncate(self._fd, 0)
+            return None
+        log.info("resuming hydration file %s at TXID %016x", self.path, state.txid)
+        self.total_pages = self.done_pages = state.commit
+        return state
+
+
+def _runs(state: DatabaseState, pgnos: list[int]) -> list[list[tuple[int, PageRef]]]:
+    """Group pages into GETs: frames adjacent in the same file, up to RUN_BYTES each."""
+    by_file: dict[tuple, list[tuple[int, PageRef]]] = {}
+    for p in pgnos:
+        ref = state.index[p]
+        by_file.setdefault((ref[0].level, ref[0].min_txid, ref[0].max_txid), []).append((p, ref))
+    runs: list[list[tuple[int, PageRef]]] = []
+    for items in by_file.values():
+        items.sort(key=lambda x: x[1][1])
+        run: list[tuple[int, PageRef]] = []
+        for item in items:
+            ref = item[1]
+            if run and (ref[1] != run[-1][1][1] + run[-1][1][2]
+                        or ref[1] + ref[2] - run[0][1][1] > RUN_BYTES):
+                runs.append(run)
+                run = []
+            run.append(item)
+        if run:
+            runs.append(run)
+    return runs
