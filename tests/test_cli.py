@@ -104,9 +104,66 @@ def test_demo_runs(tmp_path):
     assert "restore TXID 0000000000000002" in proc.stdout
 
 
-@pytest.mark.parametrize("command", ["restore", "ltx", "shell", "demo"])
+@pytest.mark.parametrize("command", ["restore", "ltx", "verify", "info", "shell", "demo"])
 def test_every_command_has_help_with_examples(command, capsys):
     with pytest.raises(SystemExit) as info:
         main([command, "--help"])
     assert info.value.code == 0
     assert "examples:" in capsys.readouterr().out
+
+
+def test_verify_passes_then_finds_corruption_and_gaps(replica, tmp_path, capsys):
+    assert main(["verify", replica.url]) == 0
+    assert "3 LTX file(s) checked, 0 problem(s)" in capsys.readouterr().out
+    path = tmp_path / "r" / "ltx" / "0" / "0000000000000002-0000000000000002.ltx"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    assert main(["verify", replica.url]) == 1
+    assert "ChecksumMismatchError" in capsys.readouterr().out
+    path.unlink()
+    assert main(["verify", replica.url]) == 1
+    out = capsys.readouterr().out
+    assert "gap" in out and "not restorable" in out
+
+
+def test_info_reports_what_the_vfs_sees(replica, capsys):
+    import json
+
+    assert main(["info", replica.url, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["txid"] == "0000000000000003" and info["page_size"] == 4096
+    assert info["files_per_level"] == {"0": 3} and info["restore_plan_files"] == 3
+
+
+def test_stats_pragma_counts(replica):
+    import apsw
+
+    import ltxvfs
+
+    ltxvfs.register()
+    con = apsw.Connection(f"file:db?vfs=litestream&replica_url={replica.url}",
+                          flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+    con.execute("SELECT * FROM t").fetchall()
+    stats = ltxvfs.stats(con)
+    assert stats["txid"] == "0000000000000003" and stats["cache_hits"] > 0
+    assert stats["indexed_pages"] == 2 and stats["conflicts"] == 0
+    con.close()
+
+
+def test_every_command_and_pragma_is_documented():
+    from pathlib import Path
+
+    from ltxvfs.cli import build_parser
+    from ltxvfs.config import URI_PARAMETERS
+    from ltxvfs.pragmas import PRAGMAS
+
+    docs = "\n".join(p.read_text() for p in (Path(__file__).parent.parent / "docs").glob("*.md"))
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for command in sub.choices:
+        assert f"ltxvfs {command}" in docs + readme, f"command {command} is not documented"
+    for pragma in PRAGMAS:
+        assert f"`{pragma}`" in docs, f"PRAGMA {pragma} is not documented"
+    for param in URI_PARAMETERS:
+        assert f"`{param}`" in docs, f"URI parameter {param} is not documented"

@@ -15,6 +15,14 @@ from .errors import (
 __version__ = "0.1.0"
 
 
+def stats(connection) -> dict:
+    """Counters of the database behind an apsw ``connection`` opened through the VFS (GETs,
+    bytes, cache hits/misses, polls, syncs, conflicts, S3 requests): ``PRAGMA litestream_stats``."""
+    import json
+
+    return json.loads(connection.execute("PRAGMA litestream_stats").fetchall()[0][0])
+
+
 def register(name: str = "litestream", config=None, makedefault: bool = False):
     """Register the ``litestream`` VFS (see :func:`ltxvfs.vfs.register`) and return it."""
     from .vfs import register as _register
@@ -31,4 +39,5 @@ __all__ = [
     "TxNotAvailableError",
     "__version__",
     "register",
+    "stats",
 ]

@@ -107,6 +107,73 @@ def _progress_bar(done: int, total: int) -> None:
     sys.stderr.flush()
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .ltx import decode_file
+    from .plan import choose_plan
+
+    problems = 0
+    with open_replica(args.url) as client:
+        listing = list_levels(client)
+        for level in sorted(listing):
+            files = listing[level]
+            for prev, f in zip([None, *files], files, strict=False):
+                note = "ok"
+                try:
+                    dec = decode_file(client.read(f.level, f.min_txid, f.max_txid), str(f))
+                    if (dec.header.min_txid, dec.header.max_txid) != (f.min_txid, f.max_txid):
+                        note = "header TXIDs differ from the file name"
+                except LitestreamError as err:
+                    note = f"{type(err).__name__}: {err}"
+                if level == 0 and prev is not None and f.min_txid != prev.max_txid + 1 \
+                        and note == "ok":
+                    note = f"gap: previous L0 file ends at {format_txid(prev.max_txid)}"
+                if note != "ok":
+                    problems += 1
+                if note != "ok" or args.verbose:
+                    print(f"L{level} {f.name} {f.size:>10}  {note}")
+        try:
+            plan = choose_plan(listing)
+            chain = f"latest TXID {format_txid(plan.txid)} restorable from {len(plan)} file(s)"
+        except LitestreamError as err:
+            problems += 1
+            chain = f"not restorable: {err}"
+    total = sum(len(v) for v in listing.values())
+    print(f"{total} LTX file(s) checked, {problems} problem(s); {chain}")
+    return 0 if problems == 0 else 1
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    with open_replica(args.url) as client:
+        listing = list_levels(client)
+        plan = compute_plan(client)
+        from .ltx import Header
+
+        last = plan.files[-1]
+        header = Header.unpack(client.read(last.level, last.min_txid, last.max_txid, 0, 100))
+        age = (datetime.now(UTC) - last.created_at).total_seconds()
+        info = {
+            "replica": client.url,
+            "txid": format_txid(plan.txid),
+            "page_size": header.page_size,
+            "pages": header.commit,
+            "size_bytes": header.page_size * header.commit,
+            "restore_plan_files": len(plan),
+            "files_per_level": {str(k): len(v) for k, v in listing.items() if v},
+            "latest_file": str(last),
+            "latest_file_time": format_time(last.created_at),
+            "lag_seconds": int(age),
+        }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(len(k) for k in info)
+        for k, v in info.items():
+            print(f"{k:<{width}}  {v}")
+    return 0
+
+
 def cmd_shell(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -157,6 +224,15 @@ EPILOG_SHELL = """examples:
     sqlite> .open file:my.db?vfs=litestream
     sqlite> PRAGMA litestream_time = '5 minutes ago';
 """
+EPILOG_VERIFY = """examples:
+  ltxvfs verify s3://my-bucket/db
+  ltxvfs verify file:///var/backups/db --verbose
+exit status: 0 if every file verifies and the latest state is restorable, 1 otherwise
+"""
+EPILOG_INFO = """examples:
+  ltxvfs info s3://my-bucket/db
+  ltxvfs info file:///var/backups/db --json
+"""
 EPILOG_DEMO = """examples:
   ltxvfs demo
   ltxvfs demo --directory /tmp/ltxvfs-demo
@@ -193,6 +269,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="level to list, 0-9 or 'all' (default 0)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_ltx)
+
+    p = sub.add_parser("verify", help="check every file's checksum and the TXID chain",
+                       description="Download and fully decode every LTX file of a replica "
+                       "(CRC-64 file checksums, page order, index), check that L0 has no gaps "
+                       "and that the latest state is restorable.", epilog=EPILOG_VERIFY,
+                       formatter_class=fmt)
+    p.add_argument("url", help="replica URL")
+    p.add_argument("-v", "--verbose", action="store_true", help="list every file, not only problems")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("info", help="what the VFS sees: TXID, page size, levels, lag",
+                       description="Summarise a replica as the VFS would open it.",
+                       epilog=EPILOG_INFO, formatter_class=fmt)
+    p.add_argument("url", help="replica URL")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("shell", help="an interactive SQL shell on a replica",
                        description="APSW's SQLite shell with the litestream VFS registered, on "

@@ -313,6 +313,28 @@ class LitestreamFile:
         txid = writer.sync()
         return "" if txid is None else f"{txid:016x}"
 
+    def stats(self) -> dict[str, object]:
+        """Counters of this database (shared by its connections in this process)."""
+        replica, store = self.replica, self._store
+        writer, hydrator = replica.writer, replica.hydrator
+        requests = getattr(replica.client, "requests", None)
+        return {
+            "txid": f"{self.txid():016x}",
+            "page_gets": store.gets,
+            "bytes_fetched": store.bytes_fetched,
+            "cache_hits": store.cache.hits,
+            "cache_misses": store.cache.misses,
+            "cache_bytes": store.cache.bytes,
+            "indexed_pages": len(replica.state.index),
+            "polls": replica.polls,
+            "poll_error": replica.last_error or "",
+            "syncs": writer.syncs if writer else 0,
+            "conflicts": writer.conflicts if writer else 0,
+            "sync_error": (writer.last_error or "") if writer else "",
+            "hydration": hydrator.progress() if hydrator else "off",
+            "requests": requests.snapshot() if requests is not None else {},
+        }
+
     def sync_error(self) -> str:
         writer = self.replica.writer
         return (writer.last_error or "") if writer is not None else ""

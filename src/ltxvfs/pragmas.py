@@ -63,6 +63,7 @@ class PragmaTarget(Protocol):
     def set_write_enabled(self, enabled: bool) -> None: ...
     def sync_now(self) -> str: ...
     def sync_error(self) -> str: ...
+    def stats(self) -> dict[str, object]: ...
 
 
 #: Every PRAGMA the VFS answers, with its one-line meaning (docs and tests read this table).
@@ -79,9 +80,12 @@ PRAGMAS = {
                        "there was nothing to sync)",
     "litestream_sync_error": "write mode: the last sync error, '' if the last sync worked "
                              "(read-only)",
+    "litestream_stats": "counters of the database as JSON: GETs, bytes, cache hits and misses, "
+                        "polls, syncs, conflicts, S3 requests by kind (read-only)",
 }
 _READ_ONLY = {"litestream_txid", "litestream_lag", "litestream_hydration_progress",
-              "litestream_hydration_file", "litestream_sync", "litestream_sync_error"}
+              "litestream_hydration_file", "litestream_sync", "litestream_sync_error",
+              "litestream_stats"}
 
 
 def handle_pragma(target: PragmaTarget, name: str, value: str | None,
@@ -109,6 +113,10 @@ def handle_pragma(target: PragmaTarget, name: str, value: str | None,
         return target.sync_now()
     if name == "litestream_sync_error":
         return target.sync_error()
+    if name == "litestream_stats":
+        import json
+
+        return json.dumps(target.stats(), sort_keys=True)
     if name == "litestream_pin_txid":
         if value is not None:
             v = value.strip()

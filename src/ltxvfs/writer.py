@@ -53,6 +53,7 @@ class Writer:
         self.conflict: ConflictError | None = None
         self.last_error: str | None = None
         self.syncs = 0
+        self.conflicts = 0
         self.synced_txid: int | None = None
         self.closed = False
         #: Compaction jobs run by the VFS's scheduler while writing (set by the VFS).
@@ -147,6 +148,7 @@ class Writer:
                 txid = self._sync()
             except ConflictError as err:
                 self.conflict = err
+                self.conflicts += 1
                 self.last_error = str(err)
                 log.error("%s", err)
                 raise
