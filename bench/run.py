@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -147,19 +148,19 @@ def run_child(system: str, workload: str, spec: dict, work: Path, env: dict[str,
                             stderr=errf)
     status, rusage = None, None
     deadline = t0 + timeout
-    for _ in range(int(timeout / 0.02) + 100):  # bounded wait
-        pid, st, ru = os.wait4(proc.pid, os.WNOHANG)
-        if pid == proc.pid:
-            status, rusage = st, ru
-            break
-        if time.monotonic() > deadline:
-            os.kill(proc.pid, 9)
+    try:
+        for _ in range(int(timeout / 0.02) + 100):  # bounded wait
+            pid, st, ru = os.wait4(proc.pid, os.WNOHANG)
+            if pid == proc.pid:
+                status, rusage = st, ru
+                break
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+    finally:
+        if status is None:  # timed out, or we are being stopped: end the child we started
+            os.kill(proc.pid, signal.SIGKILL)
             _, status, rusage = os.wait4(proc.pid, 0)
-            break
-        time.sleep(0.02)
-    if status is None:  # loop bound hit without the deadline: treat as timeout
-        os.kill(proc.pid, 9)
-        _, status, rusage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)  # keep Popen from waiting again
     wall = time.monotonic() - t0
     errf.seek(0)
@@ -444,8 +445,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def _terminate(signum, frame):  # SIGTERM: unwind so that children and servers are stopped
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
     mode = "quick" if args.quick else "full"
     datasets = (args.datasets.split(",") if args.datasets
                 else (["small"] if args.quick else ["small", "large"]))
@@ -454,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     for w in workloads:
         if w not in WORKLOADS:
             raise SystemExit(f"unknown workload {w!r}; known: {', '.join(WORKLOADS)}")
-    scan_budget = args.scan_budget if args.scan_budget is not None else 15.0
+    scan_budget = args.scan_budget if args.scan_budget is not None else 10.0
     idle_s = args.idle_seconds if args.idle_seconds is not None else (10 if args.quick else 20)
     params = {"scan_budget_s": scan_budget, "scan_cap_s": args.scan_cap, "idle_s": idle_s,
               "lookups": args.lookups, "hot_keys": args.hot_keys, "range_scans": args.range_scans,

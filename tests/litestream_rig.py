@@ -586,19 +586,26 @@ class Replicator:
         if not self.running:
             rc = self.proc.returncode if self.proc else None
             raise LitestreamError(f"litestream is not running (rc={rc})\n" + self.log_tail())
-        try:
-            status, body = self._control("POST", "/sync",
-                                         {"path": str(self.db_path), "wait": True,
-                                          "timeout": max(1, int(timeout))}, timeout=timeout + 5)
-        except OSError as e:
-            raise LitestreamError(f"control socket sync failed: {e!r}\n" + self.log_tail()) from e
-        if status != 200 or not isinstance(body, dict):
-            raise LitestreamError(f"sync failed: {status} {body}\n" + self.log_tail())
-        txid, rep = int(body["txid"]), int(body.get("replicated_txid") or 0)
-        if rep < txid:
-            raise LitestreamError(f"sync returned replicated_txid {rep} < txid {txid}\n"
-                                  + self.log_tail())
-        return txid
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                status, body = self._control("POST", "/sync",
+                                             {"path": str(self.db_path), "wait": True,
+                                              "timeout": max(1, int(timeout))},
+                                             timeout=timeout + 5)
+            except OSError as e:
+                raise LitestreamError(f"control socket sync failed: {e!r}\n"
+                                      + self.log_tail()) from e
+            if status != 200 or not isinstance(body, dict):
+                raise LitestreamError(f"sync failed: {status} {body}\n" + self.log_tail())
+            txid, rep = int(body["txid"]), int(body.get("replicated_txid") or 0)
+            if rep >= txid:
+                return txid
+            # Under load the upload can finish after the wait gives up: ask again, bounded.
+            if time.monotonic() > deadline:
+                raise LitestreamError(f"sync returned replicated_txid {rep} < txid {txid}\n"
+                                      + self.log_tail())
+            time.sleep(0.05)
 
     def wait_until_replicated(self, timeout: float = 20.0) -> int:
         """Make the replica hold everything committed so far; return that TXID.

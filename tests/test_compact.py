@@ -111,7 +111,8 @@ def test_writer_compacts_snapshots_and_prunes_while_writing(request, tmp_path, b
     url = request.getfixturevalue("s3_url") if backend == "s3" else (tmp_path / "replica").as_uri()
     ltxvfs.register()
     params = ("write_enabled=true&sync_interval=50ms&compaction_levels=150ms,400ms"
-              "&snapshot_interval=700ms&l0_retention=100ms&cache_size=16384")
+              "&snapshot_interval=700ms&l0_retention=100ms&cache_size=16384"
+              "&hydration_enabled=true")
     con = apsw.Connection(f"file:db?vfs=litestream&replica_url={quote(url, safe='')}&{params}"
                           f"&buffer_path={quote(str(tmp_path / 'buf'), safe='')}",
                           flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE | apsw.SQLITE_OPEN_URI)
@@ -129,6 +130,8 @@ def test_writer_compacts_snapshots_and_prunes_while_writing(request, tmp_path, b
     con.execute("PRAGMA litestream_sync")
     assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
     expected = con.execute("SELECT * FROM t ORDER BY id").fetchall()
+    _wait(lambda: con.execute("PRAGMA litestream_hydration_progress").fetchall()[0][0] == "100.0")
+    assert con.execute("SELECT * FROM t ORDER BY id").fetchall() == expected  # from the copy
     con.close()
     levels = list_levels(client)
     assert len(levels[0]) < i / 2, "L0 retention pruned the level"

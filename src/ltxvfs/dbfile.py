@@ -70,17 +70,19 @@ class LitestreamFile:
             try:
                 return self._read(amount, offset)
             except ObjectNotFoundError as err:
-                # A file of our state was removed (retention after compaction). A compacted
-                # file covering it may hold the same pages: carry on from there, same snapshot.
-                pgno = offset // max(state.page_size, 1) + 1
-                missing = state.index[pgno][0] if pgno in state.index else None
-                fixed = self.replica.recover(state, missing) if missing and attempt < 2 else None
-                if fixed is None:
+                # A file of our state was removed (retention after compaction). Compacted files
+                # covering it may hold the same pages: carry on from there, same snapshot.
+                try:
+                    fixed = self.replica.recover(state) if attempt < 2 else None
+                except LitestreamError:
+                    fixed = None
+                if fixed is None or fixed is state:
                     raise apsw.BusyError(f"litestream: {err}; the replica moved on, "
                                          "retry the transaction") from err
                 if self._pinned is state:
                     self._pinned = fixed
-                self._state = fixed
+                if self._state is state:
+                    self._state = fixed
             except LitestreamError as err:
                 raise to_apsw_error(err) from err
         raise AssertionError("unreachable")

@@ -20,11 +20,11 @@ from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from .errors import LitestreamError, TxNotAvailableError
+from .errors import LitestreamError, ObjectNotFoundError, TxNotAvailableError
 from .locks import LockTable
 from .pages import DatabaseState, PageStore, build_state, fetch_file_index, fetch_indexes
 from .plan import compute_plan, list_levels
-from .storage.base import SNAPSHOT_LEVEL, FileInfo, ReplicaClient
+from .storage.base import FileInfo, ReplicaClient
 
 if TYPE_CHECKING:
     from .hydrate import Hydrator
@@ -111,57 +111,71 @@ class Replica:
         indexes = fetch_indexes(self.client, newer, self.pool, self.store)
         return state.applying(indexes, indexes[-1].header.commit)  # type: ignore[union-attr]
 
-    def recover(self, state: DatabaseState, missing: FileInfo) -> DatabaseState | None:
-        """``state`` with its frames in ``missing`` (deleted by retention after compaction)
-        moved into a compacted file C that covers ``missing``, where that gives the very same
-        page versions — so the result is the same database and may replace ``state`` even
-        inside a read transaction:
+    def recover(self, state: DatabaseState) -> DatabaseState | None:
+        """``state`` with its frames in deleted files (retention after compaction) moved into
+        compacted files that hold the very same page versions — so the result is the same
+        database and may replace ``state`` even inside a read transaction. A compacted file C
+        covering a deleted file D qualifies for a page of D when
 
-        * if C ends at or before ``state.txid``, every page of C is the one ``state`` had;
-        * if C ends later, a page is still the same when the latest state shows it unchanged
-          since ``state.txid`` (nothing newer than ``state.txid`` wrote it).
+        * C ends at or before ``state.txid`` (it holds the newest version up to there), or
+        * the latest state shows the page unchanged since ``state.txid``.
 
-        Returns None when some page's old version exists nowhere any more; the latest state is
-        then rebuilt from a fresh plan, for the next transaction to use.
+        Every deleted file of ``state`` is handled in one go (one listing of all levels).
+        Returns None when some page's old version exists nowhere any more; in read mode the
+        latest state is then rebuilt from a fresh plan, for the next transaction to use.
         """
         with self._poll_lock:
-            try:
-                latest = self._advance(self._state)
-            except LitestreamError:
-                latest = self._state
-            self.set_state(latest)
-            listing = list_levels(self.client, levels=range(1, SNAPSHOT_LEVEL + 1))
-            covering = sorted(
-                (f for files in listing.values() for f in files
-                 if f.min_txid <= missing.min_txid and missing.max_txid <= f.max_txid
-                 <= latest.txid),
-                key=lambda f: (f.max_txid, -f.level))
-            gone = (missing.level, missing.min_txid, missing.max_txid)
-            moved = [p for p, ref in state.index.items()
-                     if (ref[0].level, ref[0].min_txid, ref[0].max_txid) == gone]
-            for candidate in covering:
-                fixed = self._relocate(state, latest, moved, candidate)
+            latest = self._state
+            if self.writer is None:
+                try:
+                    latest = self._advance(latest)
+                except LitestreamError:
+                    pass
+                self.set_state(latest)
+            for _ in range(3):  # files may vanish while we look: look again
+                listing = list_levels(self.client)
+                try:
+                    fixed = self._relocate(state, latest, listing)
+                except ObjectNotFoundError:
+                    continue
                 if fixed is not None:
                     if self._state is state:
                         self.set_state(fixed)
                     return fixed
-            log.info("%s is gone and its pages as of TXID %016x are in no other file; "
-                     "rebuilding", missing, state.txid)
-            self._rebuild()
+                break
+            log.info("pages of TXID %016x are in no remaining file; rebuilding", state.txid)
+            if self.writer is None:
+                self._rebuild()
             return None
 
-    def _relocate(self, state: DatabaseState, latest: DatabaseState, moved: list[int],
-                  candidate: FileInfo) -> DatabaseState | None:
-        pages = fetch_file_index(self.client, candidate).pages
+    def _relocate(self, state: DatabaseState, latest: DatabaseState,
+                  listing: dict[int, list[FileInfo]]) -> DatabaseState | None:
+        present = {(f.level, f.min_txid, f.max_txid) for fs in listing.values() for f in fs}
+        moved: dict[tuple[int, int, int], list[int]] = {}
+        for pgno, (info, _, _) in state.index.items():
+            key = (info.level, info.min_txid, info.max_txid)
+            if key not in present:
+                moved.setdefault(key, []).append(pgno)
+        if not moved:
+            return state
+        indexes: dict[tuple[int, int, int], dict[int, tuple[int, int]]] = {}
         index = dict(state.index)
-        for pgno in moved:
-            if pgno not in pages:
+        for (_, lo, hi), pgnos in moved.items():
+            candidates = sorted((f for lvl, fs in listing.items() if lvl > 0 for f in fs
+                                 if f.min_txid <= lo and hi <= f.max_txid <= latest.txid),
+                                key=lambda f: (f.max_txid, -f.level))
+            for c in candidates:
+                key = (c.level, c.min_txid, c.max_txid)
+                if key not in indexes:
+                    indexes[key] = fetch_file_index(self.client, c).pages
+                pages = indexes[key]
+                if all(p in pages and (c.max_txid <= state.txid or _unchanged(latest, p, state))
+                       for p in pgnos):
+                    for p in pgnos:
+                        index[p] = (c, *pages[p])
+                    break
+            else:
                 return None
-            if candidate.max_txid > state.txid:
-                now = latest.index.get(pgno)
-                if now is None or now[0].max_txid > state.txid:
-                    return None  # rewritten after our TXID: the candidate has a newer version
-            index[pgno] = (candidate, *pages[pgno])
         return replace(state, index=index)
 
     def _rebuild(self) -> None:
@@ -187,3 +201,9 @@ class Replica:
         if txid is not None and plan.txid != txid:
             raise TxNotAvailableError(f"transaction not available: {txid:016x}")
         return build_state(self.client, plan, self.pool, self.store)
+
+
+def _unchanged(latest: DatabaseState, pgno: int, state: DatabaseState) -> bool:
+    """Nothing after ``state.txid`` wrote ``pgno`` (as far as the latest state knows)."""
+    now = latest.index.get(pgno)
+    return now is not None and now[0].max_txid <= state.txid

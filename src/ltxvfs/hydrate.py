@@ -22,7 +22,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .errors import LitestreamError
+from .errors import LitestreamError, ObjectNotFoundError
 from .follow import Replica
 from .ltx import decode_page_frame, lock_pgno
 from .pages import DatabaseState, PageRef, build_state
@@ -114,10 +114,18 @@ class Hydrator:
     def _run(self) -> None:
         try:
             self._written = self._resume()
+            lost = 0
             while not self._stop:
                 target = self.replica.state
                 if target is not self._written:
-                    self._hydrate(target)
+                    try:
+                        self._hydrate(target)
+                    except ObjectNotFoundError:
+                        # Retention removed a file of the target: find its pages elsewhere.
+                        lost += 1
+                        if lost > 5 or self.replica.recover(target) is None and lost > 2:
+                            raise
+                        continue
                     self._written = target
                     continue  # the replica may have moved on meanwhile
                 with self._lock:
