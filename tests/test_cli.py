@@ -100,8 +100,16 @@ def test_demo_runs(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ltxvfs.cli", "demo", "--directory",
                            str(tmp_path / "demo")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "latest restore equals the primary" in proc.stdout
-    assert "restore TXID 0000000000000002" in proc.stdout
+    assert "all steps agree" in proc.stdout
+    assert "restore TXID 0000000000000002" in proc.stdout and "hydrate 100.0%" in proc.stdout
+
+
+def test_demo_on_s3(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "ltxvfs.cli", "demo", "--s3"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "replica: s3://demo/cities?endpoint=http://127.0.0.1:" in proc.stdout
+    assert "all steps agree" in proc.stdout and "GET /" not in proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("command", ["restore", "ltx", "verify", "info", "shell", "demo"])

@@ -204,7 +204,7 @@ def cmd_shell(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(args.directory)
+    return run_demo(args.directory, s3=args.s3)
 
 
 EPILOG_RESTORE = """examples:
@@ -236,6 +236,7 @@ EPILOG_INFO = """examples:
 EPILOG_DEMO = """examples:
   ltxvfs demo
   ltxvfs demo --directory /tmp/ltxvfs-demo
+  ltxvfs demo --s3
 """
 
 
@@ -296,10 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_shell)
 
     p = sub.add_parser("demo", help="a self-contained tour on a local file:// replica",
-                       description="Write a small database to a file:// replica through time, list "
-                       "it and restore it at several points. Needs no cloud account.",
+                       description="Write a small database through the VFS (write mode), read it from "
+                       "another connection while it hydrates, travel back in time, restore a past "
+                       "TXID. Needs no cloud account.",
                        epilog=EPILOG_DEMO, formatter_class=fmt)
     p.add_argument("--directory", help="where to put the replica (default: a temporary directory)")
+    p.add_argument("--s3", action="store_true",
+                   help="use moto's S3 server on 127.0.0.1 instead of a directory (test extra)")
     p.set_defaults(func=cmd_demo)
     return parser
 

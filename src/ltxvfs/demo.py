@@ -1,9 +1,10 @@
-"""``ltxvfs demo``: a tour that works right after ``pip install``, on a local file:// replica.
+"""``ltxvfs demo``: the whole product in a minute, right after ``pip install``.
 
-It plays a primary: writes a few transactions to a SQLite database and publishes each change as
-an LTX file (a snapshot, then one L0 file per commit, holding only the changed pages), exactly as
-Litestream lays them out. Then it lists the replica and restores it at the latest TXID and in the
-past, printing what each step found.
+By default the replica is a ``file://`` directory in a temporary folder (no cloud account, no
+extra packages); with ``--s3`` it is a bucket on moto's S3 server started on 127.0.0.1 (needs the
+``test`` extra). The demo writes through the VFS in write mode (each step synced as one LTX
+file), reads from a second connection with hydration on, travels back in time, restores a past
+TXID to a local file, and prints what each step did.
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ from __future__ import annotations
 import sqlite3
 import tempfile
 import time
+from contextlib import ExitStack
+from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import quote
 
 from .plan import list_levels
-from .publish import database_pages, publish_pages
 from .restore import restore
 from .storage import open_replica
-from .storage.base import SNAPSHOT_LEVEL, format_txid
+from .storage.base import format_txid
 
 _STEPS = [
     ("create a table of cities", [
@@ -27,48 +30,98 @@ _STEPS = [
     ("Oslo grows", ["UPDATE city SET population = 717000 WHERE name = 'Oslo'"]),
     ("drop Lisbon", ["DELETE FROM city WHERE name = 'Lisbon'"]),
 ]
+_CITIES = "SELECT name, population FROM city ORDER BY name"
 
 
-def _rows(path: Path) -> list[tuple]:
-    with sqlite3.connect(path) as con:
-        return con.execute("SELECT name, population FROM city ORDER BY name").fetchall()
+def _start_s3(stack: ExitStack) -> str:
+    """moto's S3 server on a free port of 127.0.0.1, a bucket, and a replica URL in it."""
+    import os
+    import socket
+
+    try:
+        import boto3
+        from moto.server import ThreadedMotoServer
+    except ImportError as err:
+        raise SystemExit("ltxvfs demo --s3 needs moto: pip install 'ltxvfs[test]'") from err
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no request log in the demo output
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    stack.callback(server.stop)
+    for key, value in (("AWS_ACCESS_KEY_ID", "demo"), ("AWS_SECRET_ACCESS_KEY", "demo"),
+                       ("AWS_EC2_METADATA_DISABLED", "true")):
+        os.environ.setdefault(key, value)
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="demo")
+    return f"s3://demo/cities?endpoint={endpoint}&region=us-east-1"
 
 
-def run_demo(directory: str | None = None) -> int:
-    with tempfile.TemporaryDirectory(prefix="ltxvfs-demo-") as tmp:
-        root = Path(directory or tmp)
+def run_demo(directory: str | None = None, s3: bool = False) -> int:
+    import apsw
+
+    from .vfs import register
+
+    register()
+    with ExitStack() as stack:
+        root = Path(directory) if directory else Path(stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="ltxvfs-demo-")))
         root.mkdir(parents=True, exist_ok=True)
-        replica_url = (root / "replica").as_uri()
-        primary = root / "primary.db"
-        primary.unlink(missing_ok=True)
-        print(f"replica: {replica_url}")
-        with open_replica(replica_url) as client:
-            previous: dict[int, bytes] = {}
-            for txid, (what, statements) in enumerate(_STEPS, start=1):
-                with sqlite3.connect(primary) as con:
-                    for sql in statements:
-                        con.execute(sql)
-                pages = dict(database_pages(str(primary)))
-                changed = [(n, d) for n, d in sorted(pages.items()) if previous.get(n) != d]
-                if txid == 1:
-                    changed = sorted(pages.items())  # the first file is a full snapshot
-                page_size = len(next(iter(pages.values())))
-                info = publish_pages(client, 0, txid, txid, page_size=page_size,
-                                     commit=len(pages), pages=changed,
-                                     timestamp_ms=int(time.time() * 1000))
-                print(f"  TXID {format_txid(txid)}: {what:<26} -> {info}  "
-                      f"({len(changed)} page(s), {info.size} bytes)")
-                previous = pages
-            listing = list_levels(client)
-            count = sum(len(v) for v in listing.values())
-            print(f"listing: {count} LTX files, {len(listing[0])} on L0, "
-                  f"{len(listing[SNAPSHOT_LEVEL])} snapshots on L9")
-            latest = restore(client, root / "latest.db", force=True)
-            print(f"restore latest (TXID {format_txid(latest.txid)}): {_rows(latest.path)}")
-            past = restore(client, root / "txid2.db", txid=2, force=True)
-            print(f"restore TXID {format_txid(past.txid)}:          {_rows(past.path)}")
-        ok = _rows(latest.path) == _rows(primary)
-        print("latest restore equals the primary" if ok else "MISMATCH: latest differs from primary")
+        url = _start_s3(stack) if s3 else (root / "replica").as_uri()
+        base = f"file:cities.db?vfs=litestream&replica_url={quote(url, safe='')}"
+        print(f"replica: {url}")
+
+        # 1. Write through the VFS: every step is synced as one LTX file.
+        writer = apsw.Connection(
+            f"{base}&write_enabled=true&sync_interval=-1s"
+            f"&buffer_path={quote(str(root / 'cities.buffer'), safe='')}",
+            flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE | apsw.SQLITE_OPEN_URI)
+        moments: list[tuple[str, datetime, list[tuple]]] = []
+        for what, statements in _STEPS:
+            with writer:
+                for sql in statements:
+                    writer.execute(sql)
+            txid = writer.execute("PRAGMA litestream_sync").fetchall()[0][0]
+            time.sleep(0.02)  # let each LTX file have its own timestamp
+            moments.append((txid, datetime.now(UTC), writer.execute(_CITIES).fetchall()))
+            time.sleep(0.02)
+            print(f"  write  TXID {txid}: {what}")
+        writer.close()
+
+        # 2. Read from object storage at once, while a local copy is built in the background.
+        reader = apsw.Connection(f"{base}&hydration_path="
+                                 f"{quote(str(root / 'cities.hydrated.db'), safe='')}",
+                                 flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+        print(f"  read   latest: {reader.execute(_CITIES).fetchall()}")
+        txid2, when2, rows2 = moments[1]
+        reader.execute(f"PRAGMA litestream_time = '{when2.isoformat()}'")
+        got = reader.execute(_CITIES).fetchall()
+        print(f"  travel to {when2.isoformat(timespec='milliseconds')} (TXID "
+              f"{reader.execute('PRAGMA litestream_txid').fetchall()[0][0]}): {got}")
+        reader.execute("PRAGMA litestream_time = 'latest'")
+        deadline = time.monotonic() + 10
+        progress = "0"
+        while time.monotonic() < deadline:
+            progress = reader.execute("PRAGMA litestream_hydration_progress").fetchall()[0][0]
+            if progress == "100.0":
+                break
+            time.sleep(0.02)
+        print(f"  hydrate {progress}% into {root / 'cities.hydrated.db'}; latest again: "
+              f"{reader.execute(_CITIES).fetchall()}")
+        reader.close()
+
+        # 3. The replica is plain Litestream: list it and restore a past TXID to a file.
+        with open_replica(url) as client:
+            files = sum(len(v) for v in list_levels(client).values())
+            past = restore(client, root / "txid2.db", txid=int(txid2, 16), force=True)
+        with sqlite3.connect(past.path) as con:
+            restored = con.execute(_CITIES).fetchall()
+        print(f"  restore TXID {format_txid(past.txid)} from {files} LTX files: {restored}")
+        ok = got == rows2 == restored
+        print("all steps agree" if ok else "MISMATCH between steps")
         if directory:
             print(f"files kept in {root}")
         return 0 if ok else 1
