@@ -373,3 +373,17 @@ def test_client_config_follows_url(s3_server, bucket):
         assert c.key(9, 1, 2) == "a/b/0009/0000000000000001-0000000000000002.ltx"
     with pytest.raises(StorageError, match="closed"):
         c.list_files(0)
+
+
+def test_list_all_levels_in_one_request(client, s3_admin, bucket):
+    for level, lo, hi in ((0, 5, 5), (0, 6, 6), (1, 1, 4), (9, 1, 6), (3, 2, 2)):
+        client.write(level, lo, hi, b"x" * (lo + hi), 1_700_000_000_000)
+    s3_admin.put_object(Bucket=bucket, Key="db/000a/0000000000000001-0000000000000001.ltx", Body=b"")
+    s3_admin.put_object(Bucket=bucket, Key="db/0000/junk.txt", Body=b"")
+    s3_admin.put_object(Bucket=bucket, Key="db/lock.json", Body=b"{}")
+    client.requests.reset()
+    everything = client.list_all()
+    assert client.requests["LIST"] == 1
+    assert everything == {lvl: client.list_files(lvl) for lvl in range(10)}
+    assert [(f.min_txid, f.max_txid) for f in everything[0]] == [(5, 5), (6, 6)]
+    assert len(everything[9]) == 1 and everything[9][0].size == 7

@@ -43,7 +43,10 @@ class Plan:
 
 def list_levels(client: ReplicaClient, *, use_metadata: bool = False,
                 levels: Sequence[int] = tuple(range(SNAPSHOT_LEVEL + 1))) -> dict[int, list[FileInfo]]:
-    """Every level's listing, fetched in parallel (one LIST per level)."""
+    """The listing of ``levels``: all of them in one go where the backend can (S3: one LIST of
+    the whole replica), else one LIST per level, in parallel."""
+    if len(levels) == SNAPSHOT_LEVEL + 1:
+        return client.list_all(use_metadata=use_metadata)
     with ThreadPoolExecutor(max_workers=len(levels)) as pool:
         results = pool.map(lambda lvl: client.list_files(lvl, use_metadata=use_metadata), levels)
         return dict(zip(levels, results, strict=True))

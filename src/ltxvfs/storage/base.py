@@ -85,6 +85,12 @@ class ReplicaClient(abc.ABC):
         travel): S3 reads the ``litestream-timestamp`` metadata (one HEAD per file).
         """
 
+    def list_all(self, *, use_metadata: bool = False) -> dict[int, list[FileInfo]]:
+        """Every level's files (levels 0..9, each ascending). Backends that can list the whole
+        replica in one request (S3) override this: a cold open then costs one LIST, not ten."""
+        return {lvl: self.list_files(lvl, use_metadata=use_metadata)
+                for lvl in range(MAX_LEVEL + 1)}
+
     @abc.abstractmethod
     def read(self, level: int, min_txid: int, max_txid: int, offset: int = 0,
              size: int | None = None) -> bytes:

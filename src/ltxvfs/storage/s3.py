@@ -29,7 +29,7 @@ from ..errors import (
     ObjectNotFoundError,
     StorageError,
 )
-from .base import FileInfo, ReplicaClient, check_level, ltx_filename, parse_ltx_filename
+from .base import MAX_LEVEL, FileInfo, ReplicaClient, check_level, ltx_filename, parse_ltx_filename
 from .url import DEFAULT_REGION, ReplicaURL, parse_replica_url
 
 METADATA_KEY = "litestream-timestamp"
@@ -254,6 +254,34 @@ class S3ReplicaClient(ReplicaClient):
             infos = self._with_metadata_timestamps(infos)
         infos.sort(key=lambda f: (f.min_txid, f.max_txid))
         return infos
+
+    def list_all(self, *, use_metadata: bool = False) -> dict[int, list[FileInfo]]:
+        """All levels in one paginated listing of ``<prefix>/`` (1 LIST per 1,000 files)."""
+        prefix = f"{self._prefix}/"
+        levels: dict[int, list[FileInfo]] = {lvl: [] for lvl in range(MAX_LEVEL + 1)}
+        try:
+            pages = self._s3.get_paginator("list_objects_v2").paginate(
+                Bucket=self._bucket, Prefix=prefix, PaginationConfig={"PageSize": self._page_size})
+            for page in pages:
+                for obj in page.get("Contents", ()):
+                    rest = obj["Key"][len(prefix):]
+                    level_dir, _, name = rest.partition("/")
+                    if len(level_dir) != 4 or not all(c in "0123456789abcdef" for c in level_dir):
+                        continue
+                    level = int(level_dir, 16)
+                    txids = parse_ltx_filename(name)
+                    if level > MAX_LEVEL or txids is None:
+                        continue
+                    levels[level].append(FileInfo(level, txids[0], txids[1], obj["Size"],
+                                                  obj["LastModified"].astimezone(UTC)))
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, "list", prefix) from exc
+        for lvl, infos in levels.items():
+            if use_metadata and infos:
+                infos = self._with_metadata_timestamps(infos)
+            infos.sort(key=lambda f: (f.min_txid, f.max_txid))
+            levels[lvl] = infos
+        return levels
 
     def _with_metadata_timestamps(self, infos: list[FileInfo]) -> list[FileInfo]:
         """created_at from ``litestream-timestamp`` (one HEAD each, bounded concurrency).
