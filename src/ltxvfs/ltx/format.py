@@ -1,17 +1,6 @@
 """The LTX format's pieces: constants, CRC-64, header, page index, page frames, page-number rules.
 
-Layout::
-
-    [header 100 B][page frame]*[6 zero bytes][page index][index length u64][trailer 16 B]
-
-Page frames come in two encodings, chosen per page by the frame's flag bit:
-
-* flag 0x0001 ("block", Litestream >= 0.5.16): pgno u32, flags u16, size u32, LZ4 block.
-* flag 0x0000 ("frame", Litestream <= 0.5.15): pgno u32, flags u16, one LZ4 frame.
-
-We write the block encoding only. The file checksum is CRC-64/GO-ISO over the header, every
-page header (with the size field) and the *decompressed* page, the end marker, the index and the
-post-apply checksum. Every malformed input raises a subclass of :class:`~ltxvfs.errors.LTXError`.
+The layout and the two page encodings are described in the package docstring (``ltxvfs.ltx``).
 """
 
 from __future__ import annotations
