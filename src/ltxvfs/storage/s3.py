@@ -36,6 +36,8 @@ METADATA_KEY = "litestream-timestamp"
 DELETE_BATCH = 1000
 MAX_PARTS = 10_000
 DEFAULT_UPLOAD_CONCURRENCY = 5  # the Go SDK uploader's default
+#: GETs of one range when the response body breaks off mid-stream (botocore does not retry that).
+BODY_ATTEMPTS = 4
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ACCESS_CODES = frozenset({
@@ -310,12 +312,17 @@ class S3ReplicaClient(ReplicaClient):
             return b""
         rng = f"bytes={offset}-" if size is None else f"bytes={offset}-{offset + size - 1}"
         try:
-            body = self._s3.get_object(Bucket=self._bucket, Key=key, Range=rng,
-                                       **self._sse_c)["Body"]
-            try:
-                return body.read()  # type: ignore[no-any-return]
-            finally:
-                body.close()
+            for attempt in range(BODY_ATTEMPTS):
+                body = self._s3.get_object(Bucket=self._bucket, Key=key, Range=rng,
+                                           **self._sse_c)["Body"]
+                try:
+                    return body.read()  # type: ignore[no-any-return]
+                except BotoCoreError:  # the body broke off: botocore retries only until headers
+                    if attempt + 1 == BODY_ATTEMPTS:
+                        raise
+                finally:
+                    body.close()
+            raise AssertionError("unreachable")
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") == "InvalidRange":
                 return b""  # offset at/after the end: a short read, as from a file
