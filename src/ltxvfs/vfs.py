@@ -24,7 +24,7 @@ import apsw
 from .compact import Compactor
 from .config import URI_PARAMETERS, ConfigError, VFSConfig
 from .dbfile import LitestreamFile
-from .errors import ConflictError, LitestreamError, TxNotAvailableError
+from .errors import ConflictError, LitestreamError, ObjectNotFoundError, TxNotAvailableError
 from .follow import Replica
 from .hydrate import PARALLEL as HYDRATION_PARALLEL
 from .hydrate import Hydrator
@@ -192,7 +192,14 @@ class LitestreamVFS(apsw.VFS):
 
                 state = DatabaseState(0, 0, 0, datetime.now(UTC), {})
             else:
-                state = build_state(client, plan, self.pool, store)
+                for attempt in range(3):  # a file of the plan can vanish (retention) meanwhile
+                    try:
+                        state = build_state(client, plan, self.pool, store)
+                        break
+                    except ObjectNotFoundError:
+                        if attempt == 2:
+                            raise
+                        plan = compute_plan(client)
         except BaseException:
             client.close()
             raise
