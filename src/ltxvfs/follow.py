@@ -197,10 +197,16 @@ class Replica:
     def state_at(self, *, txid: int | None = None, timestamp: datetime | None = None
                  ) -> DatabaseState:
         """A state in the past (time travel). Raises TxNotAvailableError."""
-        plan = compute_plan(self.client, txid=txid, timestamp=timestamp)
-        if txid is not None and plan.txid != txid:
-            raise TxNotAvailableError(f"transaction not available: {txid:016x}")
-        return build_state(self.client, plan, self.pool, self.store)
+        for attempt in range(3):  # a file of the plan can vanish (retention) meanwhile
+            plan = compute_plan(self.client, txid=txid, timestamp=timestamp)
+            if txid is not None and plan.txid != txid:
+                raise TxNotAvailableError(f"transaction not available: {txid:016x}")
+            try:
+                return build_state(self.client, plan, self.pool, self.store)
+            except ObjectNotFoundError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
 
 def _unchanged(latest: DatabaseState, pgno: int, state: DatabaseState) -> bool:
