@@ -244,10 +244,13 @@ def decode_page_frame(frame: bytes | memoryview, page_size: int,
         if len(payload) != n:
             raise TruncatedError(f"page frame of page {pgno} truncated: {len(payload)} of {n} bytes")
         return decompress_block(payload, page_size, pgno)
+    d = lz4.frame.LZ4FrameDecompressor()  # max_length: never trust the frame's content size
     try:
-        data = lz4.frame.decompress(bytes(frame[PAGE_HEADER_SIZE:]))
+        data = d.decompress(bytes(frame[PAGE_HEADER_SIZE:]), max_length=page_size + 1)
     except RuntimeError as err:
         raise PageFrameError(f"decompress frame of page {pgno}: {err}") from err
+    if not d.eof and len(data) == page_size:
+        raise PageFrameError(f"LZ4 frame of page {pgno} is incomplete")
     if len(data) != page_size:
         raise PageFrameError(f"page {pgno} decompressed to {len(data)} bytes, not {page_size}")
     return data
