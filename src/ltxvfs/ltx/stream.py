@@ -129,8 +129,8 @@ class Decoder:
             if len(self._buf) == self._off and not self._fill(1):
                 raise TruncatedError(f"{self.name}: truncated in LZ4 frame of page {pgno}")
             chunk = self._buf[self._off:]
-            try:
-                out += d.decompress(chunk)
+            try:  # max_length: at most one byte more than a page, whatever the frame claims
+                out += d.decompress(chunk, max_length=page_size + 1 - len(out))
             except RuntimeError as err:
                 raise PageFrameError(f"{self.name}: decompress frame of page {pgno}: {err}") from err
             used = len(chunk) - len(d.unused_data) if d.eof else len(chunk)
