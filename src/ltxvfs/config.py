@@ -7,6 +7,7 @@ only, so one process can open many replicas through the one VFS.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -27,9 +28,13 @@ def parse_duration(text: str, name: str = "duration") -> float:
     """Seconds from Go duration syntax (``500ms``, ``1s``, ``1m30s``) or a plain number of seconds."""
     s = text.strip()
     try:
-        return float(s)
+        value = float(s)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(value):  # float() takes nan and inf: never a usable interval
+            raise ConfigError(f"invalid {name} {text!r}: expected a finite duration")
+        return value
     sign = -1.0 if s.startswith("-") else 1.0
     body = s.lstrip("+-")
     pos, total = 0, 0.0
