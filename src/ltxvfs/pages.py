@@ -36,6 +36,9 @@ class PageNotFoundError(LitestreamError):
     """A page SQLite asked for is in no LTX file of the current state (a bug or a broken replica)."""
 
 
+#: Bytes of the snapshot's head fetched at open, next to the page indexes.
+HEAD_PREFETCH = 256 * 1024
+
 #: Where one page's frame lives: (file, offset of the frame, frame size).
 PageRef = tuple[FileInfo, int, int]
 
@@ -123,8 +126,23 @@ def fetch_indexes(client: ReplicaClient, files: Sequence[FileInfo], pool: Thread
 
 def build_state(client: ReplicaClient, plan: Plan, pool: ThreadPoolExecutor,
                 store: PageStore | None = None) -> DatabaseState:
-    """The state at the end of ``plan``."""
+    """The state at the end of ``plan``.
+
+    With a ``store``, the head of the plan's snapshot is fetched alongside the indexes (same
+    round trip): its first pages — the schema and the roots of the oldest tables, which every
+    first query walks through — are then already in the cache.
+    """
+    first = plan.files[0]
+    head = None
+    if store is not None and first.size > ESTIMATED_INDEX_TAIL:
+        size = min(HEAD_PREFETCH, first.size - ESTIMATED_INDEX_TAIL)
+        head = pool.submit(client.read, first.level, first.min_txid, first.max_txid, 0, size)
     indexes = fetch_indexes(client, plan.files, pool, store)
+    if head is not None and store is not None:
+        try:
+            store.seed_head(indexes[0], head.result())
+        except LitestreamError:
+            pass  # only a head start: the pages will be fetched when needed
     last = indexes[-1].header
     assert last is not None
     for fi in indexes:
@@ -288,6 +306,21 @@ class PageStore:
                 info = fi.info
                 for pgno, page in fi.decoded.items():
                     self.cache.put((info.level, info.min_txid, info.max_txid, fi.pages[pgno][0]), page)
+
+    def seed_head(self, fi: FileIndex, head: bytes) -> None:
+        """Cache the pages whose frames lie wholly inside ``head`` (the first bytes of a file)."""
+        info = fi.info
+        page_size = fi.header.page_size if fi.header else 0
+        if not page_size and len(head) >= HEADER_SIZE:
+            page_size = Header.unpack(head[:HEADER_SIZE]).page_size
+        view = memoryview(head)
+        budget = min(HEAD_PREFETCH, self.cache.capacity // 4)  # never crowd the cache
+        for pgno, (off, size) in fi.pages.items():
+            if off + size > len(head) or budget < page_size:
+                break
+            page = decode_page_frame(view[off:off + size], page_size, pgno)
+            self.cache.put((info.level, info.min_txid, info.max_txid, off), page)
+            budget -= page_size
 
     def prefetch(self, state: DatabaseState, pgnos: Iterable[int]) -> None:
         """Warm the cache for pages (used by hydration and b-tree prefetch); errors ignored."""

@@ -357,7 +357,19 @@ def register(name: str = "litestream", config: VFSConfig | None = None,
             if _add_functions not in apsw.connection_hooks:
                 apsw.connection_hooks.append(_add_functions)
                 atexit.register(_sync_at_exit)
+                threading.Thread(target=_warm_up_s3, name="ltxvfs-warm-up", daemon=True).start()
         return vfs
+
+
+def _warm_up_s3() -> None:
+    """Import boto3 and load the S3 model while the application gets ready, so the first open
+    of an S3 replica does not pay for it (it would wait on the import lock if still running)."""
+    try:
+        from .storage.s3 import warm_up
+
+        warm_up()
+    except Exception:  # only an optimisation: the open does the real work and reports errors
+        log.debug("S3 warm-up failed", exc_info=True)
 
 
 def unregister(name: str = "litestream") -> None:
