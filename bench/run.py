@@ -80,6 +80,7 @@ WORKLOAD_TABLE: tuple[WorkloadSpec, ...] = (
         Metric("open_s", "of which open", "s"),
         Metric("cold_start_s", "incl. process setup (import+register / load extension)", "s"),
         Metric("requests", "requests", "n"),
+        Metric("rss_open_kb", "RSS growth from open + first lookup", "KiB"),
     )),
     WorkloadSpec("scan_count", "cold `SELECT count(*) FROM t` (walks index t_k)", (
         Metric("time_s", "time", "s"),
@@ -89,7 +90,8 @@ WORKLOAD_TABLE: tuple[WorkloadSpec, ...] = (
         Metric("time_s", "time", "s"),
         Metric("requests", "requests", "n"),
     )),
-    WorkloadSpec("warm_lookups", "1,000 warm random point lookups (hot set of 200 keys)", (
+    WorkloadSpec("warm_lookups", "1,000 warm random point lookups (hot set of 200 keys; "
+                 "median of 5 passes)", (
         Metric("us_per_lookup", "per lookup", "us"),
         Metric("requests", "requests (timed part)", "n"),
     )),
@@ -118,6 +120,9 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+PATCH: list[Path | None] = [None]  # --ltxvfs-patch, for child_env_for
+
+
 def child_env_for(system: str, url: str, pythonpath: Path | None, extra: dict | None = None
                   ) -> dict[str, str]:
     env: dict[str, str | None] = {}
@@ -125,6 +130,8 @@ def child_env_for(system: str, url: str, pythonpath: Path | None, extra: dict | 
         env["LITESTREAM_REPLICA_URL"] = url  # the Go VFS reads it once, at load
     if system == "ltxvfs" and pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
+    if system == "ltxvfs" and PATCH[0] is not None:
+        env["BENCH_LTXVFS_PATCH"] = str(PATCH[0])
     env.update(extra or {})
     return child_env(env)
 
@@ -196,8 +203,8 @@ def fmt(v: float | None, unit: str) -> str:
         return f"{v:.0f}"
     if unit == "B":
         return human_bytes(v)
-    if unit == "MB":
-        return f"{v:.0f} MB"
+    if unit == "KiB":
+        return f"{v / 1024:.1f} MiB"
     return f"{v:.0f}" if abs(v - round(v)) < 1e-9 or v >= 100 else f"{v:.1f}"
 
 
@@ -217,6 +224,8 @@ def ratio(a: float | None, b: float | None) -> str:
     if b == 0:
         return "–" if a == 0 else "∞"
     r = a / b
+    if r < 0.1:
+        return f"{r:.3f}×"
     return f"{r:.2f}×" if r < 100 else f"{r:.0f}×"
 
 
@@ -284,14 +293,14 @@ def render(meta: dict, summary: dict, datasets: list[str], manifests: dict) -> s
     L.append(f"Setup: latency proxy {meta['latency_ms']:g} ms per request; {meta['runs']} runs, "
              f"medians shown; each (run, dataset, workload, system) in a fresh process; "
              f"cache 10 MiB in both VFSes (their default); scan budget "
-             f"{meta['scan_budget_s']:g} s (see notes); wall time {meta['wall_s']:.0f} s.")
+             f"{meta['scan_budget_s']:g} s for the Go VFS (see Method); wall time {meta['wall_s']:.0f} s.")
     L.append("")
     for ds in datasets:
         m = manifests[ds]
         f = m["facts"]
         plan = ", ".join(f"L{x['level']} {x['min']:x}-{x['max']:x} ({human_bytes(x['size'])})"
                          for x in m.get("plan", []))
-        L.append(f"### Dataset `{ds}`: {f['page_count']} pages × {f['page_size']} B = "
+        L.append(f"#### Dataset `{ds}`: {f['page_count']} pages × {f['page_size']} B = "
                  f"{human_bytes(f['page_count'] * f['page_size'])}, {f['rows']} rows")
         L.append("")
         L.append(f"Table t: {f.get('pages_t', '?')} pages, index t_k: {f.get('pages_t_k', '?')} "
@@ -342,7 +351,7 @@ def render(meta: dict, summary: dict, datasets: list[str], manifests: dict) -> s
                          f"{(g.get('peak_rss_kb') or 0) / 1024:.0f} MiB | "
                          f"{(g.get('rss_setup_kb') or 0) / 1024:.0f} MiB |")
         L.append("")
-    L.append("### Targets (ltxvfs against the reference, same run)")
+    L.append("#### Targets (ltxvfs against the reference, same run)")
     L.append("")
     L.append("| target | dataset | ltxvfs | reference | ratio | |")
     L.append("|---|---|---|---|---|---|")
@@ -436,6 +445,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--hot-keys", type=int, default=200)
     ap.add_argument("--range-scans", type=int, default=10)
     ap.add_argument("--range-rows", type=int, default=500)
+    ap.add_argument("--passes", type=int, default=5, help="timed passes of the warm lookups")
+    ap.add_argument("--ltxvfs-patch", type=Path, default=None,
+                    help="EXPERIMENT: a Python file run in each ltxvfs child after register() "
+                         "(e.g. bench/experiments/readahead_streams.py); results are labelled")
     ap.add_argument("--profile", action="store_true",
                     help="afterwards, profile ltxvfs (pyinstrument) on each workload, one run")
     ap.add_argument("--doc", type=Path, default=REPO / "docs" / "benchmarks.md",
@@ -463,14 +476,18 @@ def main(argv: list[str] | None = None) -> int:
     scan_budget = args.scan_budget if args.scan_budget is not None else 10.0
     idle_s = args.idle_seconds if args.idle_seconds is not None else (10 if args.quick else 20)
     params = {"scan_budget_s": scan_budget, "scan_cap_s": args.scan_cap, "idle_s": idle_s,
-              "lookups": args.lookups, "hot_keys": args.hot_keys, "range_scans": args.range_scans,
-              "range_rows": args.range_rows}
+              "lookups": args.lookups, "hot_keys": args.hot_keys, "passes": args.passes,
+              "range_scans": args.range_scans, "range_rows": args.range_rows}
     t_start = time.monotonic()
     data = args.data_dir
     (data / "logs").mkdir(parents=True, exist_ok=True)
     work = data / "work"
     work.mkdir(exist_ok=True)
     label, pythonpath = export_ltxvfs(args.ltxvfs, data / "src")
+    if args.ltxvfs_patch is not None:
+        PATCH[0] = args.ltxvfs_patch.resolve()
+        label += f" + EXPERIMENTAL PATCH {args.ltxvfs_patch}"
+        mode += "-patched"
     log(f"ltxvfs under test: {label}")
 
     stub = start_stub(data / "s3", data / "logs" / "s3stub.log")

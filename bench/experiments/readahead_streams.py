@@ -8,7 +8,8 @@ what a fix in ``src/ltxvfs/pages.py`` would buy. Two changes against ltxvfs's po
    (window doubles). ltxvfs keeps one ``_last_miss``: the interior b-tree page that SQLite reads
    between two leaf runs resets the window to 1 page, and the ramp 1, 2, 4, ... 256 costs about
    nine round trips every time.
-2. A run goes on across pages whose newest version lives in another file or is already cached
+2. (optional, ``BENCH_RA_INITIAL``) a first miss reads more than one page.
+3. A run goes on across pages whose newest version lives in another file or is already cached
    (their superseded frames are read and dropped, up to ``MAX_GAP`` bytes each): one updated page
    no longer ends a 1 MB read.
 
@@ -18,8 +19,12 @@ ltxvfs's own.
 
 from __future__ import annotations
 
+import os
+
 import ltxvfs.pages as pages
 
+#: Window of a miss that continues no stream (ltxvfs: 1 page). BENCH_RA_INITIAL=8 tries 8.
+INITIAL = int(os.environ.get("BENCH_RA_INITIAL", "1"))
 SLACK = 8  # pages a stream may skip (cache hits, pages of other files)
 STREAMS = 8
 MAX_GAP = 64 * 1024
@@ -27,7 +32,7 @@ MAX_GAP = 64 * 1024
 
 def _run(self, state, pgno, ref):
     streams = self.__dict__.setdefault("_bench_streams", {})
-    window = 1
+    window = INITIAL
     for last in list(streams):
         if last < pgno <= last + 1 + SLACK:
             window = min(streams.pop(last) * 2, self.MAX_READAHEAD_PAGES)
