@@ -23,11 +23,16 @@ def stats(connection) -> dict:
     return json.loads(connection.execute("PRAGMA litestream_stats").fetchall()[0][0])
 
 
-def register(name: str = "litestream", config=None, makedefault: bool = False):
-    """Register the ``litestream`` VFS (see :func:`ltxvfs.vfs.register`) and return it."""
+def register(name: str = "litestream", config=None, makedefault: bool = False,
+             warm_up: bool = True):
+    """Register the ``litestream`` VFS (see :func:`ltxvfs.vfs.register`) and return it.
+
+    ``warm_up`` loads boto3 and the S3 model now (~0.4 s) rather than at the first open of an
+    S3 replica; pass False for file:// replicas only, or to defer it.
+    """
     from .vfs import register as _register
 
-    return _register(name, config, makedefault)
+    return _register(name, config, makedefault, warm_up)
 
 __all__ = [
     "ChecksumMismatchError",

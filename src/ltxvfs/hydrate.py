@@ -201,7 +201,7 @@ class Hydrator:
                 "commit": state.commit, "file": [last.level, last.min_txid, last.max_txid],
                 "checksum": trailer.hex()}
         tmp = self._meta_path().with_suffix(".tmp")
-        with open(tmp, "w") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             json.dump(meta, f)
             f.flush()
             os.fsync(f.fileno())

@@ -17,8 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 log = logging.getLogger("ltxvfs.jobs")
 
-#: Threads shared by every open database for background work and parallel fetches.
+#: Threads shared by every open database for parallel fetches (index tails, prefetches).
 POOL_THREADS = 8
+#: Threads shared by every open database for background jobs (polls, syncs, compaction).
+JOB_THREADS = 4
 
 
 class Scheduler:

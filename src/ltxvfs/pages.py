@@ -15,7 +15,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from .errors import LitestreamError, MalformedIndexError, TruncatedError
@@ -90,7 +90,8 @@ class DatabaseState:
                              last.created_at if last else self.created_at, index)
 
 
-def fetch_file_index(client: ReplicaClient, info: FileInfo, want_header: bool = False) -> FileIndex:
+def fetch_file_index(client: ReplicaClient, info: FileInfo, want_header: bool = False
+                     ) -> FileIndex:
     """Read a file's page index from its tail: one ranged GET, two if the index is larger than
     the tail. A file no larger than the tail comes whole, header included."""
     start = max(0, info.size - ESTIMATED_INDEX_TAIL)
@@ -117,11 +118,16 @@ def fetch_file_index(client: ReplicaClient, info: FileInfo, want_header: bool = 
 
 def fetch_indexes(client: ReplicaClient, files: Sequence[FileInfo], pool: ThreadPoolExecutor,
                   store: PageStore | None = None) -> list[FileIndex]:
-    """Page indexes of ``files`` fetched in parallel; the last one always with its header.
-    Pages of files that arrived whole go into ``store``'s cache."""
-    futures = [pool.submit(fetch_file_index, client, f, i == len(files) - 1)
-               for i, f in enumerate(files)]
+    """Page indexes of ``files`` fetched in parallel; the last one always with its header (in
+    the same round trip). Pages of files that arrived whole go into ``store``'s cache."""
+    last = files[-1]
+    header = None
+    if last.size > ESTIMATED_INDEX_TAIL:
+        header = pool.submit(client.read, last.level, last.min_txid, last.max_txid, 0, HEADER_SIZE)
+    futures = [pool.submit(fetch_file_index, client, f) for f in files]
     indexes = [f.result() for f in futures]
+    if header is not None:
+        indexes[-1] = replace(indexes[-1], header=Header.unpack(header.result()))
     if store is not None:
         store.seed(indexes)
     return indexes
