@@ -145,7 +145,7 @@ def test_no_secret_in_logs_exceptions_or_pragmas(vfs, canary_env, captured, s3_s
         with pytest.raises(apsw.Error) as info:
             apsw.Connection(vfs_uri(bad), flags=RO)
         texts += exception_texts(info.value)
-    with FaultProxy(s3_server, Faults(error=1.0)) as proxy:
+    with FaultProxy(s3_server, Faults(deny=1.0)) as proxy:
         bad = secret_url(bucket, proxy.endpoint)
         with pytest.raises(apsw.Error) as info:
             apsw.Connection(vfs_uri(bad, open_timeout="1s"), flags=RO)
@@ -155,14 +155,14 @@ def test_no_secret_in_logs_exceptions_or_pragmas(vfs, canary_env, captured, s3_s
         w3 = apsw.Connection(vfs_uri(via, write_enabled="true", sync_interval="-1s",
                                      buffer_path=quote(str(tmp_path / "buf3"))), flags=RW)
         w3.execute("CREATE TABLE t(x)")
-        proxy.set(error=1.0)
+        proxy.set(deny=1.0)
         with pytest.raises(apsw.Error) as info:
             w3.execute("PRAGMA litestream_sync")
         texts += exception_texts(info.value)
         texts += [str(row) for row in w3.execute("PRAGMA litestream_sync_error")]
         texts += [str(row) for row in w3.execute("PRAGMA litestream_stats")]
-        assert "InternalError" in texts[-2] or "500" in texts[-2], texts[-2]
-        proxy.set(error=0.0)
+        assert "AccessDenied" in texts[-2], texts[-2]
+        proxy.set(deny=0.0)
         w3.close()
     wrong_key = base64.b64encode(b"another-32-byte-key-for-sse-c!!!").decode()
     wrong = (f"s3://{bucket}/db?endpoint={s3_server}&region=us-east-1"
@@ -198,12 +198,18 @@ def test_no_secret_in_any_log_line_at_debug_including_botocore(vfs, canary_env, 
     assert_clean(captured.lines(include_third_party=True), "log line")
 
 
+@pytest.fixture
+def proxy_denying(s3_server):
+    with FaultProxy(s3_server, Faults(deny=1.0)) as proxy:
+        yield proxy
+
+
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "ltxvfs.cli", *args], capture_output=True,
                           text=True, timeout=120, env=env, stdin=subprocess.DEVNULL)
 
 
-def test_cli_output_has_no_secret(canary_env, s3_server, bucket, tmp_path):
+def test_cli_output_has_no_secret(canary_env, s3_server, bucket, tmp_path, proxy_denying):
     url = secret_url(bucket, s3_server)
     ltxvfs.register()
     w = apsw.Connection(vfs_uri(url, write_enabled="true", sync_interval="-1s",
@@ -217,7 +223,7 @@ def test_cli_output_has_no_secret(canary_env, s3_server, bucket, tmp_path):
                  ["verify", url, "-v"], ["restore", url, "-o", str(tmp_path / "r.db")],
                  ["restore", url, "-o", str(tmp_path / "r2.db"), "--dry-run"],
                  ["info", secret_url("no-such-bucket-canary", s3_server)],
-                 ["verify", secret_url(bucket, "http://127.0.0.1:9")],
+                 ["verify", secret_url(bucket, proxy_denying.endpoint)],
                  ["ltx", f"s3://{bucket}/db?sseCustomerKey=CANARY-not-base64"]):
         cp = run_cli(*args, env=env)
         outputs += [cp.stdout, cp.stderr]
