@@ -20,9 +20,16 @@ from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from .errors import LitestreamError, ObjectNotFoundError, TxNotAvailableError
+from .errors import LitestreamError, ObjectNotFoundError
 from .locks import LockTable
-from .pages import DatabaseState, PageStore, build_state, fetch_file_index, fetch_indexes
+from .pages import (
+    DatabaseState,
+    PageStore,
+    build_state,
+    fetch_file_index,
+    fetch_indexes,
+    state_at,
+)
 from .plan import compute_plan, list_levels
 from .storage.base import FileInfo, ReplicaClient
 
@@ -181,8 +188,7 @@ class Replica:
     def _rebuild(self) -> None:
         """Replace the latest state by one built from a fresh plan (no deleted files in it)."""
         try:
-            state = build_state(self.client, compute_plan(self.client), self.pool,
-                                self.store)
+            state = state_at(self.client, self.pool, self.store)
         except LitestreamError as err:
             self.last_error = str(err)
             log.warning("rebuild of %s failed: %s", self.client.url, err)
@@ -197,16 +203,7 @@ class Replica:
     def state_at(self, *, txid: int | None = None, timestamp: datetime | None = None
                  ) -> DatabaseState:
         """A state in the past (time travel). Raises TxNotAvailableError."""
-        for attempt in range(3):  # a file of the plan can vanish (retention) meanwhile
-            plan = compute_plan(self.client, txid=txid, timestamp=timestamp)
-            if txid is not None and plan.txid != txid:
-                raise TxNotAvailableError(f"transaction not available: {txid:016x}")
-            try:
-                return build_state(self.client, plan, self.pool, self.store)
-            except ObjectNotFoundError:
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        return state_at(self.client, self.pool, self.store, txid=txid, timestamp=timestamp)
 
 
 def _unchanged(latest: DatabaseState, pgno: int, state: DatabaseState) -> bool:

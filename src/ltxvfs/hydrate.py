@@ -25,8 +25,7 @@ from pathlib import Path
 from .errors import LitestreamError, ObjectNotFoundError
 from .follow import Replica
 from .ltx import decode_page_frame, lock_pgno
-from .pages import DatabaseState, PageRef, build_state
-from .plan import compute_plan
+from .pages import DatabaseState, PageRef, state_at
 
 log = logging.getLogger("ltxvfs.hydrate")
 
@@ -222,8 +221,7 @@ class Hydrator:
                 level, lo, hi, files[0].size - 8, 8).hex() == meta["checksum"]
             if not same:
                 raise LitestreamError("the replica no longer holds the file it was built from")
-            plan = compute_plan(self.replica.client, txid=int(meta["txid"], 16))
-            state = build_state(self.replica.client, plan, self._pool)
+            state = state_at(self.replica.client, self._pool, txid=int(meta["txid"], 16))
         except (LitestreamError, OSError, ValueError, KeyError) as err:
             log.info("hydration file %s cannot be resumed (%s); starting over", self.path, err)
             meta_path.unlink(missing_ok=True)

@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
-from .errors import LitestreamError, MalformedIndexError, TruncatedError
+from .errors import LitestreamError, MalformedIndexError, ObjectNotFoundError, TruncatedError
 from .ltx import (
     ESTIMATED_INDEX_TAIL,
     HEADER_SIZE,
@@ -28,7 +28,7 @@ from .ltx import (
     page_index_start,
     parse_page_index,
 )
-from .plan import Plan
+from .plan import Plan, compute_plan
 from .storage.base import FileInfo, ReplicaClient
 
 
@@ -160,6 +160,21 @@ def build_state(client: ReplicaClient, plan: Plan, pool: ThreadPoolExecutor,
                                   f"{last.page_size} in {indexes[-1].info}")
     empty = DatabaseState(last.page_size, 0, 0, plan.files[0].created_at, {})
     return empty.applying(indexes, last.commit)
+
+
+def state_at(client: ReplicaClient, pool: ThreadPoolExecutor, store: PageStore | None = None,
+             *, txid: int | None = None, timestamp: datetime | None = None,
+             attempts: int = 3) -> DatabaseState:
+    """Plan and build the state at ``txid``/``timestamp`` (latest if neither). A file of the
+    plan can vanish before its index is read (retention after compaction): plan again."""
+    for attempt in range(attempts):
+        plan = compute_plan(client, txid=txid, timestamp=timestamp)
+        try:
+            return build_state(client, plan, pool, store)
+        except ObjectNotFoundError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 class PageCache:

@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC
+from datetime import UTC, datetime
 from pathlib import Path
 
 import apsw
@@ -24,13 +24,13 @@ import apsw
 from .compact import Compactor
 from .config import URI_PARAMETERS, ConfigError, VFSConfig
 from .dbfile import LitestreamFile
-from .errors import ConflictError, LitestreamError, ObjectNotFoundError, TxNotAvailableError
+from .errors import ConflictError, LitestreamError, TxNotAvailableError
 from .follow import Replica
 from .hydrate import PARALLEL as HYDRATION_PARALLEL
 from .hydrate import Hydrator
 from .jobs import JOB_THREADS, POOL_THREADS, Scheduler
-from .pages import DatabaseState, PageStore, build_state
-from .plan import compute_plan, list_levels
+from .pages import DatabaseState, PageStore, state_at
+from .plan import list_levels
 from .storage import open_replica
 from .writer import Writer, default_buffer_path
 
@@ -176,33 +176,21 @@ class LitestreamVFS(apsw.VFS):
         client = open_replica(cfg.replica_url)  # type: ignore[arg-type]
         try:
             deadline = time.monotonic() + cfg.open_timeout
+            store = PageStore(client, cfg.cache_size)
             while True:
                 try:
-                    plan = compute_plan(client)
+                    state = state_at(client, self.pool, store)
                     break
                 except TxNotAvailableError:
                     if cfg.write_enabled and not any(list_levels(client).values()):
-                        plan = None  # write mode on an empty replica: a new database
+                        # write mode on an empty replica: a new database
+                        state = DatabaseState(0, 0, 0, datetime.now(UTC), {})
                         break
                     if time.monotonic() >= deadline:
                         raise TxNotAvailableError(
                             f"replica {client.url} has no LTX files after waiting "
                             f"{cfg.open_timeout:g}s (open_timeout)") from None
                     time.sleep(min(cfg.poll_interval, max(deadline - time.monotonic(), 0.01)))
-            store = PageStore(client, cfg.cache_size)
-            if plan is None:
-                from datetime import datetime
-
-                state = DatabaseState(0, 0, 0, datetime.now(UTC), {})
-            else:
-                for attempt in range(3):  # a file of the plan can vanish (retention) meanwhile
-                    try:
-                        state = build_state(client, plan, self.pool, store)
-                        break
-                    except ObjectNotFoundError:
-                        if attempt == 2:
-                            raise
-                        plan = compute_plan(client)
         except BaseException:
             client.close()
             raise
