@@ -39,6 +39,9 @@ class PageNotFoundError(LitestreamError):
 #: Readahead streams remembered, pages a stream may skip, bytes of unwanted frames read over.
 _STREAMS, _SLACK, _MAX_GAP = 8, 8, 64 * 1024
 
+#: Files up to this size are read whole when their index is needed (one GET either way).
+WHOLE_FILE = 256 * 1024
+
 #: Bytes of the snapshot's head fetched at open, next to the page indexes.
 HEAD_PREFETCH = 256 * 1024
 
@@ -93,8 +96,9 @@ class DatabaseState:
 def fetch_file_index(client: ReplicaClient, info: FileInfo, want_header: bool = False
                      ) -> FileIndex:
     """Read a file's page index from its tail: one ranged GET, two if the index is larger than
-    the tail. A file no larger than the tail comes whole, header included."""
-    start = max(0, info.size - ESTIMATED_INDEX_TAIL)
+    the tail. A file up to ``WHOLE_FILE`` bytes comes whole in that GET (header, pages and
+    all: verified, and its pages cached), since a few more KiB cost no extra round trip."""
+    start = 0 if info.size <= WHOLE_FILE else info.size - ESTIMATED_INDEX_TAIL
     tail = client.read(info.level, info.min_txid, info.max_txid, start, info.size - start)
     if len(tail) != info.size - start:
         raise TruncatedError(f"{info}: read {len(tail)} bytes of the tail, expected "
@@ -122,7 +126,7 @@ def fetch_indexes(client: ReplicaClient, files: Sequence[FileInfo], pool: Thread
     the same round trip). Pages of files that arrived whole go into ``store``'s cache."""
     last = files[-1]
     header = None
-    if last.size > ESTIMATED_INDEX_TAIL:
+    if last.size > WHOLE_FILE:
         header = pool.submit(client.read, last.level, last.min_txid, last.max_txid, 0, HEADER_SIZE)
     futures = [pool.submit(fetch_file_index, client, f) for f in files]
     indexes = [f.result() for f in futures]
@@ -143,7 +147,7 @@ def build_state(client: ReplicaClient, plan: Plan, pool: ThreadPoolExecutor,
     """
     first = plan.files[0]
     head = None
-    if store is not None and first.size > ESTIMATED_INDEX_TAIL:
+    if store is not None and first.size > WHOLE_FILE:
         size = min(HEAD_PREFETCH, first.size - ESTIMATED_INDEX_TAIL)
         head = pool.submit(client.read, first.level, first.min_txid, first.max_txid, 0, size)
     indexes = fetch_indexes(client, plan.files, pool, store)
