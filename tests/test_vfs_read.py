@@ -241,18 +241,31 @@ def test_small_corrupt_file_fails_the_checksum_at_open(vfs, tmp_path):
 def test_corrupt_frame_gives_an_error_not_rows(vfs, tmp_path):
     from ltxvfs import ltx
 
-    url, path = _corrupt_replica(tmp_path, blobs=200)
+    url, path = _corrupt_replica(tmp_path, blobs=600)  # larger than what is read whole at open
     data = bytearray(path.read_bytes())
     index = ltx.decode_file(bytes(data)).index
-    off, _ = index[30]
-    data[off:off + 4] = (31).to_bytes(4, "big")  # frame claims to be another page
-    off, _ = index[40]
+    last = max(index)
+    off, _ = index[last - 30]
+    data[off:off + 4] = (last - 29).to_bytes(4, "big")  # frame claims to be another page
+    off, _ = index[last - 20]
     data[off + 6:off + 10] = (1 << 30).to_bytes(4, "big")  # absurd compressed size
     path.write_bytes(bytes(data))
     con = connect(url)
     with pytest.raises(apsw.CorruptError):
         rows(con, "SELECT sum(length(x)), count(*) FROM t")
     con.close()
+
+
+def test_small_file_with_a_corrupt_frame_fails_at_open(vfs, tmp_path):
+    from ltxvfs import ltx
+
+    url, path = _corrupt_replica(tmp_path, blobs=100)  # small: read and verified whole
+    data = bytearray(path.read_bytes())
+    off, _ = ltx.decode_file(bytes(data)).index[10]
+    data[off:off + 4] = (11).to_bytes(4, "big")
+    path.write_bytes(bytes(data))
+    with pytest.raises(apsw.CantOpenError):
+        connect(url)
 
 
 def test_corrupt_index_fails_open(vfs, tmp_path):
@@ -366,4 +379,21 @@ def test_storage_outage_is_busy_then_recovers(vfs, tmp_path):
         replica.store.client.read = real_read
     assert failures
     assert rows(con, "SELECT count(*) FROM t") == [(100,)]
+    con.close()
+
+
+def test_idle_follower_polls_half_as_often(vfs, primary):
+    con = connect(primary.url, "poll_interval=50ms")
+    replica = next(r for r in vfs.replicas() if r.client.url == primary.url)
+    rows(con, "SELECT count(*) FROM t")
+    start = replica.polls
+    time.sleep(1.0)  # idle: nobody starts a read
+    idle = replica.polls - start
+    start = replica.polls
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:  # busy: reads all the time
+        rows(con, "SELECT count(*) FROM t")
+        time.sleep(0.01)
+    busy = replica.polls - start
+    assert busy >= 12 and idle <= 0.7 * busy, (idle, busy)
     con.close()

@@ -163,6 +163,7 @@ class LitestreamFile:
             writer.check_writable()  # a ConflictError reaches the caller as it is
         self.replica.locks.lock(id(self), level)
         if level == SHARED and self._lock_level == NONE:
+            self.replica.touched = True
             target = self._next or self._pinned or self.replica.state
             self._next = None
             if target is not self._state:

@@ -56,6 +56,9 @@ class Replica:
         self.polls = 0
         self.refcount = 0
         self.locks = LockTable()
+        #: Set when a connection starts a read transaction; cleared by the poll job.
+        self.touched = True
+        self._skipped = False
         #: Write mode: the replica's writer (buffer, syncs); None when read-only.
         self.writer: Writer | None = None
         #: Hydration: the local full copy being built or kept current; None if off.
@@ -75,6 +78,17 @@ class Replica:
         if changed:
             for listener in list(self.listeners):
                 listener()
+
+    def poll_job(self) -> None:
+        """The scheduled poll. While no connection has started a read since the last poll, only
+        every other tick polls: an idle follower makes half the LISTs (object stores bill LISTs
+        most), and a reader that comes back sees data at most two intervals old."""
+        if not self.touched and not self._skipped:
+            self._skipped = True
+            return
+        self.touched = False
+        self._skipped = False
+        self.poll()
 
     def poll(self) -> DatabaseState:
         """Check for new LTX files and advance the latest state. Errors are logged and kept in

@@ -281,7 +281,7 @@ class LitestreamVFS(apsw.VFS):
                 self.scheduler.remove((name, id(replica)))
 
     def _start_polling(self, replica: Replica) -> None:
-        self.scheduler.add(("poll", id(replica)), replica.poll, replica.poll_interval)
+        self.scheduler.add(("poll", id(replica)), replica.poll_job, replica.poll_interval)
 
     def _stop_polling(self, replica: Replica) -> None:
         self.scheduler.remove(("poll", id(replica)))
