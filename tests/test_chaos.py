@@ -457,7 +457,7 @@ def test_put_applied_but_answer_lost_loses_nothing(proxy, s3_server, bucket, tmp
     try:
         con.close()
     except ltxvfs.ConflictError:
-        pass  # see the xfail test below; the buffer is kept
+        pass  # a conflict must not happen (see the next test); the buffer would be kept
     # The buffer belongs to the replica URL it was written for: reopen through the proxy
     # (its one fault is spent).
     con = apsw.Connection(vfs_uri(s3_urls(bucket, proxy.endpoint), write_enabled="true",
@@ -470,12 +470,6 @@ def test_put_applied_but_answer_lost_loses_nothing(proxy, s3_server, bucket, tmp
     assert [r[0] for r in sqlite3.connect(out).execute("SELECT x FROM t ORDER BY x")] == [1, 2]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "writer._sync maps ObjectExistsError from its conditional PUT to ConflictError without "
-    "checking whether the existing object is its own upload: when S3 applies the PUT but the "
-    "answer is lost (500 or connection reset after the write), botocore retries, gets 412 "
-    "PreconditionFailed, and the writer reports 'another writer committed TXID ... first' and "
-    "refuses every further write until the process reopens the buffer"))
 @pytest.mark.parametrize("fault", ["error_after", "reset_after"])
 def test_put_applied_but_answer_lost_is_not_a_conflict(proxy, s3_server, bucket, tmp_path, vfs,
                                                        fault):

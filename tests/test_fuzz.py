@@ -32,6 +32,7 @@ import lz4.frame
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_ltx import legacy_file
 
 import ltxvfs
 from ltxvfs import ltx
@@ -42,7 +43,6 @@ from ltxvfs.storage import open_replica, parse_replica_url
 
 from litestream_rig import Replicator, Workload, list_ltx_files
 from replicas import FakePrimary
-from test_ltx import legacy_file
 
 EXAMPLES = int(os.environ.get("LTXVFS_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=timedelta(seconds=10), derandomize=False,
@@ -503,10 +503,6 @@ def test_bad_environment_values_raise_config_error(name, value):
     assert cfg.poll_interval > 0 and cfg.cache_size >= 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "VFSConfig.with_params accepts any LITESTREAM_LOG_LEVEL / log_level (it only upper-cases "
-    "it; anything but DEBUG silently means INFO), although docs/configuration.md says a bad "
-    "value is an error at open, never silently replaced by a default"))
 @pytest.mark.parametrize("value", ["bogus", "TRACE", "verbose"])
 def test_bad_log_level_is_an_error(value):
     with pytest.raises(ConfigError, match="LOG_LEVEL"):

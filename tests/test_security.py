@@ -181,12 +181,6 @@ def test_no_secret_in_logs_exceptions_or_pragmas(vfs, canary_env, captured, s3_s
     assert_clean(logs, "ltxvfs log line")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "botocore's own DEBUG logging (logger 'botocore.endpoint' / 'botocore.hooks' ...) prints "
-    "every request's parameters and headers, including x-amz-server-side-encryption-customer-key "
-    "(the SSE-C key) in clear: with the root logger at DEBUG the key appears in log lines. "
-    "ltxvfs never enables those loggers (LITESTREAM_LOG_LEVEL=DEBUG only affects 'ltxvfs'), but "
-    "does not filter them either"))
 def test_no_secret_in_any_log_line_at_debug_including_botocore(vfs, canary_env, captured,
                                                                s3_server, bucket, tmp_path):
     url = secret_url(bucket, s3_server)

@@ -20,6 +20,9 @@ _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
 
 
+_LOG_LEVELS = frozenset({"DEBUG", "INFO", "WARN", "WARNING", "ERROR"})
+
+
 class ConfigError(ValueError):
     """A configuration value (environment variable or URI parameter) is invalid."""
 
@@ -147,7 +150,10 @@ class VFSConfig:
             elif f.name in ("write_enabled", "hydration_enabled", "hydration_persistent"):
                 value = parse_bool(raw, label)
             elif f.name == "log_level":
-                value = raw.upper()
+                value = raw.strip().upper()
+                if value not in _LOG_LEVELS:
+                    raise ConfigError(f"invalid {label} {raw!r}: expected one of "
+                                      f"{', '.join(sorted(_LOG_LEVELS))}")
             else:
                 value = raw
             changes[f.name] = value

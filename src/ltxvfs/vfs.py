@@ -46,7 +46,8 @@ class LitestreamVFS(apsw.VFS):
                  makedefault: bool = False) -> None:
         self.name = name
         self.config = config or VFSConfig.from_env()
-        log.setLevel(logging.DEBUG if self.config.log_level == "DEBUG" else logging.INFO)
+        level = {"WARN": "WARNING"}.get(self.config.log_level, self.config.log_level)
+        log.setLevel(getattr(logging, level, logging.INFO))
         self._replicas: dict[str, Replica] = {}
         self._configs: dict[int, VFSConfig] = {}
         self._buffer_paths: set[Path] = set()

@@ -96,12 +96,16 @@ class Writer:
     def _is_our_upload(self, found: Scan) -> bool:
         sync = found.sync
         assert sync is not None
-        files = [f for f in self.client.list_files(0, seek=sync.txid) if f.min_txid == sync.txid]
+        return self._our_upload(sync.txid, sync.checksum) is not None
+
+    def _our_upload(self, txid: int, checksum: int) -> FileInfo | None:
+        """The L0 file ``txid`` if it is the one we uploaded (same file checksum), else None."""
+        files = [f for f in self.client.list_files(0, seek=txid) if f.min_txid == txid]
         if not files:
-            return False
+            return None
         f = files[0]
         trailer = self.client.read(0, f.min_txid, f.max_txid, f.size - 8, 8)
-        return int.from_bytes(trailer, "big") == sync.checksum
+        return f if int.from_bytes(trailer, "big") == checksum else None
 
     # --- what the VFS file calls ----------------------------------------------------------------
 
@@ -204,9 +208,14 @@ class Writer:
             try:
                 info = self.client.write(0, txid, txid, spool, now, exclusive=True)
             except ObjectExistsError as err:
-                raise ConflictError(
-                    f"another writer committed TXID {format_txid(txid)} first; unsynced commits "
-                    f"are kept in {self.buffer.path}") from err
+                # Our own PUT may have been applied with its answer lost (a 500 or a reset after
+                # the write, then botocore's retry meets the precondition): ours if the stored
+                # file carries our checksum.
+                info = self._our_upload(txid, trailer.file_checksum)
+                if info is None:
+                    raise ConflictError(
+                        f"another writer committed TXID {format_txid(txid)} first; unsynced "
+                        f"commits are kept in {self.buffer.path}") from err
         self._installed(info, header, index, written, commit)
         self.buffer.synced(txid, end, commit)
         log.debug("synced %d page(s) as TXID %s", len(pgnos), format_txid(txid))
