@@ -429,7 +429,7 @@ BULK_EVERY, BULK_ROWS = 50, 40
 
 def pad_len(i: int) -> int:
     """Row payload sizes: mostly small, some spilling into overflow pages (page size 4096)."""
-    return (i * 7919) % 600 if i % 9 else 3000 + (i * 31) % 6000
+    return (i * 7919) % 600 + 1 if i % 9 else 3000 + (i * 31) % 6000  # randomblob(0) is 1 byte
 
 
 def apply_commit(con, i: int) -> None:
