@@ -196,14 +196,13 @@ def parse_page_index(data: bytes | memoryview, file_size: int, data_offset: int 
     i, end = start - data_offset, len(data) - TRAILER_SIZE - 8
     frames_end = start - PAGE_HEADER_SIZE
     max_frame = (page_size or MAX_PAGE_SIZE) + MAX_BLOCK_OVERHEAD + 10
+    values = _uvarints(bytes(data[i:end]))
+    if not values or values[-1] != 0 or len(values) % 3 != 1:
+        raise MalformedIndexError("page index: terminator is not at the recorded index length")
     index: PageIndex = {}
     prev = 0
-    while True:
-        pgno, i = _read_uvarint(data, i, end)
-        if pgno == 0:
-            break
-        offset, i = _read_uvarint(data, i, end)
-        size, i = _read_uvarint(data, i, end)
+    for k in range(0, len(values) - 1, 3):
+        pgno, offset, size = values[k], values[k + 1], values[k + 2]
         if pgno <= prev:
             raise MalformedIndexError(f"page index: pgno {pgno} after {prev}")
         if offset < HEADER_SIZE or size <= PAGE_HEADER_SIZE or size > max_frame \
@@ -212,9 +211,29 @@ def parse_page_index(data: bytes | memoryview, file_size: int, data_offset: int 
                 f"page index: frame of page {pgno} at {offset}+{size} is outside the page data")
         index[pgno] = (offset, size)
         prev = pgno
-    if i != end:
-        raise MalformedIndexError("page index: terminator is not at the recorded index length")
     return index
+
+
+def _uvarints(buf: bytes) -> list[int]:
+    """Every varint of ``buf``, which must end exactly at the end of one.
+
+    One tight loop rather than a call per varint: a 50,000-page snapshot's index has 150,000
+    of them, parsed on every cold open."""
+    values: list[int] = []
+    append = values.append
+    value = shift = 0
+    for b in buf:
+        if b < 0x80:
+            append(value | (b << shift))
+            value = shift = 0
+        else:
+            value |= (b & 0x7F) << shift
+            shift += 7
+            if shift > 63:
+                raise MalformedIndexError("page index: varint too long")
+    if shift:
+        raise MalformedIndexError("page index: varint runs past the index")
+    return values
 
 
 def encode_page_index(entries: Iterable[tuple[int, int, int]]) -> bytes:
