@@ -217,6 +217,7 @@ def assert_faults_injected(proxy: FaultProxy, kinds=("reset", "throttle", "error
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.interop
 def test_chaos_our_writer_and_16_readers(proxy, s3_server, bucket, tmp_path, vfs):
     url = s3_urls(bucket, proxy.endpoint)
     url2 = url + "&forcePathStyle=true"  # same replica, another Replica object in this process
@@ -379,6 +380,7 @@ def _kill_trial(uri: str, rng: random.Random, point: str, timeout: float = 30.0)
     return seen
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("backend", ["s3", "file"])
 def test_kill_nine_trials(backend, request, tmp_path):
     trials = max(4, CRASH_TRIALS // 2)

@@ -118,6 +118,7 @@ def corpus(tmp_path_factory) -> list[bytes]:
     return files
 
 
+@pytest.mark.interop
 def test_corpus_holds_real_litestream_files(corpus):
     headers = [ltx.Header.unpack(d[:100]) for d in corpus]
     assert len(corpus) >= 30

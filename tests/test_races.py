@@ -62,6 +62,7 @@ def _rows(path, sql):
         con.close()
 
 
+@pytest.mark.interop
 def test_two_writer_processes_1000_commits_no_lost_update(s3_server, bucket, tmp_path):
     # Through the (fault-free) proxy: it records every PUT that S3 accepted.
     proxy = FaultProxy(s3_server, Faults(), paused=True).start()
@@ -132,6 +133,7 @@ def _two_writers(proxy: FaultProxy, s3_url: str, tmp_path: Path) -> None:
                                  "writers": figures})
 
 
+@pytest.mark.interop
 def test_writer_against_its_own_compaction_and_retention(vfs, s3_url, tmp_path):
     """Every TXID the writer reported restores to exactly its commit (while its files exist),
     with compaction, snapshots and retention running all the time; followers and concurrent
