@@ -376,11 +376,3 @@ class PageStore:
             page = decode_page_frame(view[off:off + size], page_size, pgno)
             self.cache.put((info.level, info.min_txid, info.max_txid, off), page)
             budget -= page_size
-
-    def prefetch(self, state: DatabaseState, pgnos: Iterable[int]) -> None:
-        """Warm the cache for pages (used by hydration and b-tree prefetch); errors ignored."""
-        for pgno in pgnos:
-            try:
-                self.read_page(state, pgno)
-            except LitestreamError:
-                pass

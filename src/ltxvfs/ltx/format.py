@@ -151,21 +151,6 @@ def _uvarint(n: int) -> bytes:
     return bytes(out)
 
 
-def _read_uvarint(buf: bytes | memoryview, i: int, end: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if i >= end:
-            raise MalformedIndexError("page index: varint runs past the index")
-        b = buf[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, i
-        shift += 7
-        if shift > 63:
-            raise MalformedIndexError("page index: varint too long")
-
-
 def page_index_start(tail: bytes | memoryview, file_size: int) -> int:
     """Absolute offset where the page index begins, from the last >= 24 bytes of the file."""
     if file_size < HEADER_SIZE + PAGE_HEADER_SIZE + 1 + 8 + TRAILER_SIZE:
