@@ -190,12 +190,18 @@ class ReaderPool:
                 p.wait(10)
 
 
+def _summary(results: list[dict]) -> list[tuple]:
+    return [(r["last_n"], r["converged"], r.get("vfs", {}).get("txid"), r.get("vfs", {}).get("polls"),
+             (r.get("vfs", {}).get("poll_error") or "")[:200]) for r in results]
+
+
 def check_readers(results: list[dict], final: int) -> dict:
-    assert len(results) == THREAD_READERS + PROCESS_READERS
+    assert len(results) == THREAD_READERS + PROCESS_READERS, _summary(results)
     problems = [f for r in results for f in r["failures"]]
     assert not problems, f"readers saw {len(problems)} problem(s): {problems[:5]}"
-    not_there = [r["last_n"] for r in results if not r["converged"]]
-    assert not not_there, f"readers that did not reach the final commit {final}: {not_there}"
+    not_there = [r for r in results if not r["converged"]]
+    assert not not_there, \
+        f"readers that did not reach the final commit {final}: {_summary(not_there)}"
     totals: dict[str, int] = {}
     for r in results:
         assert r["stats"].get("reads", 0) > 0
@@ -288,7 +294,7 @@ def test_chaos_litestream_writer_and_16_readers(proxy, s3_server, bucket, tmp_pa
     proxy.set(**vars(Faults.uniform(0.10, stale_list=0.10, stale_seconds=1.0)))
     proxy.enabled = True
     readers = ReaderPool((url, url2), tmp_path, "poll_interval=100ms&cache_size=262144",
-                         timeout=CHAOS_SECONDS + 90)
+                         timeout=CHAOS_SECONDS + 300)  # litestream may need a while to catch up
     try:
         readers.start()
         end = time.monotonic() + CHAOS_SECONDS

@@ -40,7 +40,7 @@ SSE_KEY = base64.b64encode(SSE_KEY_BYTES).decode()
 #: Every form a secret could leak in.
 CANARIES = [SECRET, LS_SECRET, URL_PASSWORD, SSE_KEY, SSE_KEY[:40], quote(SSE_KEY, safe=""),
             SSE_KEY_BYTES.decode(), "CANARY"]
-#: Loggers of third-party libraries (not ltxvfs's own lines); see the xfail test below.
+#: Loggers of third-party libraries (not ltxvfs's own lines): checked by the botocore test below.
 THIRD_PARTY = ("botocore", "boto3", "urllib3", "s3transfer", "werkzeug", "hypothesis")
 
 RW = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE | apsw.SQLITE_OPEN_URI
