@@ -8,7 +8,7 @@ workload's metrics plus ``setup_s`` and ``rss_setup_kb``; the parent adds the ch
 (``ru_maxrss`` from ``wait4``).
 
 Adding a workload = one function ``def wl_NAME(ctx) -> dict`` registered in :data:`WORKLOADS`
-(see the TODO slots at the end for write mode and hydration).
+(write mode and hydration workloads at the end).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import resource
 import sys
 import threading
@@ -34,6 +35,7 @@ import apsw
 from common import proxy_stats, stats_delta
 
 RO_URI = apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI
+RW_URI = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_URI
 
 # --------------------------------------------------------------------------------------------
 # Systems: how to open the database. Each is set up once per process.
@@ -62,9 +64,10 @@ class Ltxvfs(System):
         import ltxvfs
         self.vfs = ltxvfs.register()
 
-    def connect(self, **params: str) -> apsw.Connection:
+    def connect(self, write: bool = False, **params: str) -> apsw.Connection:
         q = {"vfs": "litestream", "replica_url": self.spec["replica_url"], **params}
-        return apsw.Connection("file:bench.db?" + urllib.parse.urlencode(q), flags=RO_URI)
+        return apsw.Connection("file:bench.db?" + urllib.parse.urlencode(q),
+                               flags=RW_URI if write else RO_URI)
 
 
 class GoVFS(System):
@@ -78,10 +81,10 @@ class GoVFS(System):
         self._loader.enable_load_extension(True)
         self._loader.load_extension(litestream_vfs.loadable_path(), "sqlite3_litestreamvfs_init")
 
-    def connect(self, **params: str) -> apsw.Connection:
-        if params:
-            raise ValueError("the Go VFS takes no URI parameters")
-        return apsw.Connection("file:bench.db?vfs=litestream", flags=RO_URI)
+    def connect(self, write: bool = False, **params: str) -> apsw.Connection:
+        # The Go VFS takes its settings from the environment (set by run.py at exec): the
+        # URI parameters meant for ltxvfs are ignored here.
+        return apsw.Connection("file:bench.db?vfs=litestream", flags=RW_URI if write else RO_URI)
 
 
 class Local(System):
@@ -316,31 +319,263 @@ def wl_noop(ctx: Ctx) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# TODO slots: write mode and hydration (ltxvfs does not have them yet).
+# Write mode and hydration
 #
-# Each is one function here + one entry in WORKLOADS + (for run.py) one line in
-# run.WORKLOAD_TABLE naming the metric to report. Write workloads need a writable replica
-# (run.py would give each run its own fresh copy of the dataset's prefix) and, for the Go VFS,
-# LITESTREAM_WRITE_ENABLED=true at exec (see run.child_env_for).
-#
-# def wl_single_row_commits(ctx):   # TODO(write mode): 1,000 single-row commits
-#     con = ctx.system.connect(write_enabled="true")
-#     ... 1,000 x "INSERT INTO t(k,name,payload) VALUES(...)" each its own transaction ...
-#     return {"ms_per_commit": ..., "requests": ..., "req_counts": ...}
-#
-# def wl_bulk_transaction(ctx):     # TODO(write mode): one 100k-row transaction
-#     ... BEGIN; 100,000 inserts; COMMIT; wait until synced (PRAGMA litestream_txid) ...
-#     return {"time_s": ..., "requests": ..., "bytes_up": ...}
-#
-# def wl_commit_visible(ctx):       # TODO(write mode): commit -> object visible in the replica
-#     ... commit one row, then poll the proxy's LIST (or a plain boto3 client) until an LTX
-#     file with the new TXID exists; return {"visible_s": ...}
-#
-# def wl_hydration(ctx):            # TODO(hydration): hydration to completion
-#     con = ctx.system.connect(hydration_path=str(tmp / "h.db"))
-#     ... poll PRAGMA litestream_hydration_progress until 100 ...
-#     return {"time_s": ..., "requests": ..., "bytes": ...}
+# Write workloads get a replica of their own per run (run.py copies the dataset's prefix in the
+# stand-in: spec["replica_prefix"]); ltxvfs opens with write_enabled=true and a private
+# buffer_path, the Go VFS gets LITESTREAM_WRITE_ENABLED/SYNC_INTERVAL/BUFFER_PATH at exec.
+# Visibility is checked on the stand-in directly (spec["stub"]), not through the proxy, so the
+# checks are neither delayed nor counted.
 # --------------------------------------------------------------------------------------------
+
+INSERT = "INSERT INTO t(k, name, payload) VALUES(?, ?, ?)"
+
+
+def _row(rng: random.Random) -> tuple:
+    return (rng.randint(1, 1 << 30), f"name-{rng.randint(0, 1 << 30)}",
+            rng.randbytes(100).hex())
+
+
+def _write_connect(ctx: Ctx, **extra: str) -> apsw.Connection:
+    params = {}
+    if ctx.system.name == "ltxvfs":
+        params = {"write_enabled": "true", "buffer_path": str(Path(ctx.spec["tmpdir"]) / "buf"),
+                  **extra}
+    con = ctx.system.connect(write=True, **params)
+    con.set_busy_timeout(30_000)
+    return con
+
+
+def _max_l0_txid(ctx: Ctx) -> int:
+    """The highest TXID of an LTX file in the replica, listed on the stand-in directly."""
+    bucket, prefix = ctx.spec["dataset"]["bucket"], ctx.spec["replica_prefix"]
+    best, token = 0, ""
+    for _ in range(100):
+        q = {"list-type": "2", "prefix": f"{prefix}/0000/"}
+        if token:
+            q["continuation-token"] = token
+        with urllib.request.urlopen(f"{ctx.spec['stub']}/{bucket}?{urllib.parse.urlencode(q)}",
+                                    timeout=10) as r:
+            body = r.read().decode()
+        for key in re.findall(r"<Key>([^<]*)</Key>", body):
+            name = key.rsplit("/", 1)[-1]
+            if name.endswith(".ltx") and len(name) >= 37:
+                best = max(best, int(name[17:33], 16))
+        m = re.search(r"<NextContinuationToken>([^<]*)<", body)
+        if "<IsTruncated>true" not in body or not m:
+            break
+        token = m.group(1)
+    return max(best, int(ctx.spec["dataset"]["txid"]))
+
+
+def _wait_txid(ctx: Ctx, above: int, timeout: float, interval: float = 0.002) -> float | None:
+    """Seconds until an L0 file with a TXID > ``above`` is listed (None: not within timeout)."""
+    t0 = time.perf_counter()
+    for _ in range(int(timeout / interval) + 10):
+        if _max_l0_txid(ctx) > above:
+            return time.perf_counter() - t0
+        if time.perf_counter() - t0 > timeout:
+            return None
+        time.sleep(interval)
+    return None
+
+
+def _final_sync(ctx: Ctx, con: apsw.Connection) -> None:
+    """ltxvfs: PRAGMA litestream_sync (returns after the upload); Go: close() syncs."""
+    if ctx.system.name == "ltxvfs":
+        con.execute("PRAGMA litestream_sync").fetchall()
+    con.close()
+
+
+def wl_single_row_commits(ctx: Ctx) -> dict:
+    """N single-row INSERTs, each its own transaction (autocommit), then a final sync."""
+    n = int(ctx.params.get("commits", 1000))
+    base = _max_l0_txid(ctx)
+    con = _write_connect(ctx)
+    cur = con.cursor()
+    cur.execute("SELECT max(id) FROM t").fetchall()  # open + schema outside the timing
+    rows = [_row(ctx.rng) for _ in range(n)]
+    s0 = ctx.stats()
+    with ctx.timed():
+        t0 = time.perf_counter()
+        for i, r in enumerate(rows):
+            try:
+                cur.execute(INSERT, r)
+            except apsw.Error as e:
+                raise RuntimeError(f"{ctx.system.name}: commit {i + 1}/{n} failed after "
+                                   f"{time.perf_counter() - t0:.2f}s: {e!r}") from e
+        t1 = time.perf_counter()
+        _final_sync(ctx, con)
+        t2 = time.perf_counter()
+    d = ctx.delta(s0)
+    vis = _wait_txid(ctx, base, 30.0)
+    last = _max_l0_txid(ctx)
+    return {"commits_per_s": n / (t1 - t0), "loop_s": t1 - t0, "sync_s": t2 - t1,
+            "total_s": t2 - t0, "total_commits_per_s": n / (t2 - t0),
+            "requests": d["requests"], "req_counts": d["counts"], "bytes_up": d["bytes_up"],
+            "bytes": d["bytes_down"], "uploaded_txids": last - base,
+            "synced": vis is not None}
+
+
+def wl_bulk_transaction(ctx: Ctx) -> dict:
+    """One transaction of N rows, then the time until it is in the replica."""
+    n = int(ctx.params.get("bulk_rows", 100_000))
+    base = _max_l0_txid(ctx)
+    con = _write_connect(ctx)
+    cur = con.cursor()
+    cur.execute("SELECT max(id) FROM t").fetchall()
+    rows = [_row(ctx.rng) for _ in range(n)]
+    s0 = ctx.stats()
+    with ctx.timed():
+        t0 = time.perf_counter()
+        cur.execute("BEGIN")
+        cur.executemany(INSERT, rows)
+        cur.execute("COMMIT")
+        t1 = time.perf_counter()
+        _final_sync(ctx, con)
+        t2 = time.perf_counter()
+    d = ctx.delta(s0)
+    vis = _wait_txid(ctx, base, 60.0)
+    return {"commit_s": t1 - t0, "sync_s": t2 - t1, "time_s": t2 - t0,
+            "requests": d["requests"], "req_counts": d["counts"], "bytes_up": d["bytes_up"],
+            "bytes": d["bytes_down"], "synced": vis is not None,
+            "visible_after_s": vis}
+
+
+def wl_commit_visible(ctx: Ctx, interval: str | None = None) -> dict:
+    """K times: wait a random part of the sync interval, commit one row, then time until an
+    L0 file with a newer TXID is listed on the stand-in (polled every 2 ms, bounded)."""
+    k = int(ctx.params.get("visible_commits", 5))
+    extra = {"sync_interval": interval} if interval else {}
+    period = 0.1 if interval == "100ms" else 1.0
+    con = _write_connect(ctx, **extra)
+    cur = con.cursor()
+    cur.execute("SELECT max(id) FROM t").fetchall()
+    s0 = ctx.stats()
+    times, commit_times = [], []
+    failure = None
+    with ctx.timed():
+        for i in range(k):
+            time.sleep(ctx.rng.uniform(0, period))
+            base = _max_l0_txid(ctx)
+            t0 = time.perf_counter()
+            try:
+                cur.execute(INSERT, _row(ctx.rng))
+            except apsw.Error as e:
+                failure = f"{ctx.system.name}: commit {i + 1}/{k} failed: {e!r}"
+                if not times:
+                    raise RuntimeError(failure) from e
+                break  # keep the samples measured so far, and say so
+            t1 = time.perf_counter()
+            vis = _wait_txid(ctx, base, 15.0)
+            if vis is None:
+                raise RuntimeError(f"{ctx.system.name}: commit {i + 1}/{k} not visible "
+                                   f"after 15 s")
+            commit_times.append(t1 - t0)
+            times.append(t1 - t0 + vis)
+    d = ctx.delta(s0)
+    with contextlib.suppress(apsw.Error):
+        con.close()
+    times.sort()
+    out = {"visible_s": times[len(times) // 2], "visible_max_s": times[-1],
+           "visible_min_s": times[0], "commit_s": sorted(commit_times)[len(commit_times) // 2],
+           "samples": len(times), "requests": d["requests"], "req_counts": d["counts"]}
+    if failure:
+        out["failure"] = failure + f" (result from the {len(times)} commit(s) before it)"
+    return out
+
+
+def wl_commit_visible_100ms(ctx: Ctx) -> dict:
+    return wl_commit_visible(ctx, "100ms")
+
+
+def _raw_download(ctx: Ctx, threads: int = 8) -> dict:
+    """The bytes of the restore plan (snapshot + L1), downloaded with ``threads`` threads of
+    ranged GETs (raw http.client, keep-alive) through the proxy: the reference for hydration."""
+    import http.client
+    from concurrent.futures import ThreadPoolExecutor
+    m = ctx.spec["dataset"]
+    plan = m["plan"]
+    total = sum(f["size"] for f in plan)
+    chunk = max(256 * 1024, -(-total // (2 * threads)))
+    jobs = []
+    for f in plan:
+        key = f"{m['prefix']}/{f['level']:04x}/{f['min']:016x}-{f['max']:016x}.ltx"
+        for a in range(0, f["size"], chunk):
+            jobs.append((key, a, min(f["size"], a + chunk) - 1))
+    host, port = urllib.parse.urlsplit(ctx.endpoint).netloc.split(":")
+    local = threading.local()
+
+    def get(job) -> int:
+        key, a, b = job
+        c = getattr(local, "c", None)
+        if c is None:
+            c = local.c = http.client.HTTPConnection(host, int(port), timeout=60)
+        c.request("GET", f"/{m['bucket']}/{urllib.parse.quote(key)}",
+                  headers={"Range": f"bytes={a}-{b}"})
+        r = c.getresponse()
+        n = 0
+        while True:
+            buf = r.read(1 << 20)
+            if not buf:
+                break
+            n += len(buf)
+        if r.status != 206 or n != b - a + 1:
+            raise RuntimeError(f"raw GET {key} {a}-{b}: {r.status}, {n} bytes")
+        return n
+
+    s0 = proxy_stats(ctx.endpoint)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as ex:
+        got = sum(ex.map(get, jobs))
+    t1 = time.perf_counter()
+    d = stats_delta(s0, proxy_stats(ctx.endpoint))
+    return {"time_s": t1 - t0, "requests": d["requests"], "req_counts": d["counts"],
+            "bytes": got, "chunks": len(jobs), "chunk_bytes": chunk, "threads": threads}
+
+
+def wl_hydration(ctx: Ctx) -> dict:
+    """Open with a hydration file and poll PRAGMA litestream_hydration_progress every 10 ms
+    until it reports 100 (bounded). The ``local`` system instead downloads the same bytes
+    (snapshot + L1 files) raw with 8 threads of ranged GETs: the reference speed."""
+    if ctx.system.name == "local":
+        return _raw_download(ctx)
+    cap = float(ctx.params.get("hydration_cap_s", 120))
+    path = Path(ctx.spec["tmpdir"]) / "hydrated.db"
+    s0 = proxy_stats(ctx.endpoint)
+    progress, seen = None, []
+    with ctx.timed():
+        t0 = time.perf_counter()
+        con = (ctx.system.connect(hydration_path=str(path)) if ctx.system.name == "ltxvfs"
+               else ctx.system.connect())
+        t_open = time.perf_counter() - t0
+        done = False
+        for _ in range(int(cap / 0.01) + 10):
+            rows = con.execute("PRAGMA litestream_hydration_progress").fetchall()
+            progress = rows[0][0] if rows and rows[0] else None
+            if not seen or seen[-1][1] != progress:
+                seen.append((round(time.perf_counter() - t0, 3), progress))
+            try:
+                if progress is not None and float(progress) >= 100.0:
+                    done = True
+                    break
+            except (TypeError, ValueError):
+                pass
+            if time.perf_counter() - t0 > cap:
+                break
+            time.sleep(0.01)
+        t1 = time.perf_counter()
+    d = stats_delta(s0, proxy_stats(ctx.endpoint))
+    rows = con.execute("SELECT count(*) FROM t").fetchall()[0][0]
+    size = path.stat().st_size if path.exists() else 0
+    con.close()
+    out = {"time_s": t1 - t0, "open_s": t_open, "completed": done, "requests": d["requests"],
+           "req_counts": d["counts"], "bytes": d["bytes_down"], "file_bytes": size,
+           "rows": rows, "progress_last": str(progress), "progress_trace": seen[:40]}
+    if not done:
+        out["incomplete"] = True
+    return out
+
 
 WORKLOADS: dict[str, Callable[[Ctx], dict]] = {
     "noop": wl_noop,
@@ -350,6 +585,11 @@ WORKLOADS: dict[str, Callable[[Ctx], dict]] = {
     "warm_lookups": wl_warm_lookups,
     "range_scans": wl_range_scans,
     "idle_follower": wl_idle_follower,
+    "single_row_commits": wl_single_row_commits,
+    "bulk_transaction": wl_bulk_transaction,
+    "commit_visible": wl_commit_visible,
+    "commit_visible_100ms": wl_commit_visible_100ms,
+    "hydration": wl_hydration,
 }
 
 

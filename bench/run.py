@@ -29,11 +29,14 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +74,8 @@ class WorkloadSpec:
     systems: tuple[str, ...] = SYSTEMS
     datasets: str = "all"  # "all" or "first" (rate measurements that do not depend on size)
     profile: bool = True
+    write: bool = False  # a fresh copy of the replica per (run, system); Go in write mode
+    go_env: tuple[tuple[str, str], ...] = ()  # extra environment for the Go child
 
 
 #: What each workload reports. A new workload = a function in child.WORKLOADS + one entry here.
@@ -106,12 +111,40 @@ WORKLOAD_TABLE: tuple[WorkloadSpec, ...] = (
     WorkloadSpec("noop", "setup only (import + register / load extension)", (
         Metric("setup_s", "setup time", "s"),
     ), profile=False),
-    # TODO(write mode): WorkloadSpec("single_row_commits", "1,000 single-row commits", ...),
-    # TODO(write mode): WorkloadSpec("bulk_transaction", "one 100k-row transaction", ...),
-    # TODO(write mode): WorkloadSpec("commit_visible", "commit → object visible", ...),
-    # TODO(hydration):  WorkloadSpec("hydration", "hydration to completion", ...),
-    # (Write workloads: systems=("ltxvfs", "go"), a fresh replica prefix per run, and
-    #  LITESTREAM_WRITE_ENABLED=true for the Go child: see child_env_for.)
+    WorkloadSpec("single_row_commits", "1,000 single-row commits (autocommit; sync interval "
+                 "1 s), then a final sync", (
+        Metric("commits_per_s", "commits/s (commit loop)", "n", lower_is_better=False),
+        Metric("total_s", "total incl. final sync (ltxvfs: PRAGMA litestream_sync; Go: close)",
+               "s"),
+        Metric("sync_s", "of which final sync", "s"),
+        Metric("requests", "requests", "n"),
+        Metric("uploaded_txids", "TXIDs uploaded", "n"),
+    ), systems=("ltxvfs", "go"), datasets="first", write=True),
+    WorkloadSpec("bulk_transaction", "one 100,000-row transaction, then until synced", (
+        Metric("time_s", "commit + sync", "s"),
+        Metric("commit_s", "of which COMMIT returned", "s"),
+        Metric("requests", "requests", "n"),
+        Metric("bytes_up", "bytes uploaded", "B"),
+    ), systems=("ltxvfs", "go"), datasets="first", write=True),
+    WorkloadSpec("commit_visible", "commit one row → its LTX file listed in the bucket "
+                 "(default sync interval 1 s; median of 5 commits at random phases)", (
+        Metric("visible_s", "commit → visible", "s"),
+        Metric("visible_max_s", "worst of 5", "s"),
+    ), systems=("ltxvfs", "go"), datasets="first", write=True, profile=False),
+    WorkloadSpec("commit_visible_100ms", "the same with sync_interval=100ms "
+                 "(LITESTREAM_SYNC_INTERVAL=100ms for Go)", (
+        Metric("visible_s", "commit → visible", "s"),
+        Metric("visible_max_s", "worst of 5", "s"),
+    ), systems=("ltxvfs", "go"), datasets="first", write=True, profile=False,
+        go_env=(("LITESTREAM_SYNC_INTERVAL", "100ms"),)),
+    WorkloadSpec("hydration", "hydration to completion (`litestream_hydration_progress` = 100); "
+                 "the *local* column is a raw download of the same bytes (snapshot + L1, "
+                 "8 threads of ranged GETs through the proxy)", (
+        Metric("time_s", "time (from open)", "s"),
+        Metric("open_s", "of which open", "s"),
+        Metric("requests", "requests", "n"),
+        Metric("bytes", "bytes downloaded", "B"),
+    ), go_env=(("LITESTREAM_HYDRATION_ENABLED", "true"),)),
 )
 WORKLOADS = {w.name: w for w in WORKLOAD_TABLE}
 
@@ -238,7 +271,8 @@ def summarize(results: list[dict]) -> dict:
     for key, rs in groups.items():
         ok = [r["result"] for r in rs if "error" not in r["result"]]
         s: dict = {"runs": len(ok), "errors": [r["result"]["error"] for r in rs
-                                             if "error" in r["result"]]}
+                                             if "error" in r["result"]]
+                   + [r["failure"] for r in ok if r.get("failure")]}
         numeric = {k for r in ok for k, v in r.items() if isinstance(v, (int, float))
                    and not isinstance(v, bool)}
         for k in numeric:
@@ -265,6 +299,9 @@ TARGETS = [
     ("warm lookups ≤ 0.5 × Go", "warm_lookups", "us_per_lookup", "go", 0.5),
     ("warm lookups ≤ 3 × local", "warm_lookups", "us_per_lookup", "local", 3.0),
     ("idle follower LIST/min ≤ 0.5 × Go", "idle_follower", "list_per_min", "go", 0.5),
+    ("hydration time ≤ 0.5 × Go", "hydration", "time_s", "go", 0.5),
+    ("hydration ≥ 0.8 × raw parallel download speed (time ≤ 1.25 × raw)", "hydration", "time_s",
+     "local", 1.25),
 ]
 
 
@@ -516,16 +553,16 @@ def main(argv: list[str] | None = None) -> int:
                             continue
                         spec = {"dataset": m, "replica_url": url, "endpoint": proxy.url,
                                 "params": params, "seed": 1000 * run + 7}
-                        env = child_env_for(system, url, pythonpath)
                         timeout = args.scan_cap + idle_s + 180
-                        res = run_child(system, wname, spec, work, env, timeout)
+                        res = run_prepared(w, system, spec, run, stub, proxy, work,
+                                           pythonpath, timeout)
                         results.append({"run": run, "dataset": ds, "workload": wname,
                                         "system": system, "result": res})
                         log(f"run {run + 1}/{args.runs} {ds:5} {wname:13} {system:6} "
                             + brief(w, res))
         profiles = {}
         if args.profile:
-            profiles = run_profiles(args, datasets, workloads, manifests, proxy, params,
+            profiles = run_profiles(args, datasets, workloads, manifests, stub, proxy, params,
                                     pythonpath, data, scan_budget, idle_s)
     finally:
         if proxy is not None:
@@ -557,6 +594,50 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _stub_control(stub_url: str, op: str, **q: str) -> dict:
+    req = urllib.request.Request(f"{stub_url}/__bench__/{op}?{urllib.parse.urlencode(q)}",
+                                 data=b"", method="POST")
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
+def run_prepared(w: WorkloadSpec, system: str, spec: dict, run: int, stub, proxy, work: Path,
+                 pythonpath: Path | None, timeout: float, profile_to: Path | None = None
+                 ) -> dict:
+    """One child with what its workload needs: a private temp dir (write buffer, hydration
+    file) and, for write workloads, a fresh copy of the dataset's prefix (hard links in the
+    stand-in), deleted afterwards; the Go child gets its write/hydration environment."""
+    m = spec["dataset"]
+    tmp = work / f"tmp-{w.name}-{system}-{run}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    spec = dict(spec, tmpdir=str(tmp), stub=stub.url, replica_prefix=m["prefix"])
+    extra = dict(w.go_env) if system == "go" else {}
+    copy = None
+    if w.write:
+        copy = f"{m['prefix']}-w{run}-{w.name}-{system}-{os.getpid()}"
+        _stub_control(stub.url, "delete", bucket=m["bucket"], prefix=copy + "/")
+        _stub_control(stub.url, "copy", bucket=m["bucket"], src=m["prefix"] + "/",
+                      dst=copy + "/")
+        spec["replica_prefix"] = copy
+        spec["replica_url"] = s3_url(proxy.url, m["bucket"], copy)
+        if system == "go":
+            extra.setdefault("LITESTREAM_WRITE_ENABLED", "true")
+            extra.setdefault("LITESTREAM_BUFFER_PATH", str(tmp / "buf"))
+    if system == "go" and w.name == "hydration":
+        extra["LITESTREAM_HYDRATION_PATH"] = str(tmp / "hydrated.db")
+    env = child_env_for(system, spec["replica_url"], pythonpath, extra)
+    try:
+        return run_child(system, w.name, spec, work, env, timeout, profile_to=profile_to)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if copy is not None:
+            try:
+                _stub_control(stub.url, "delete", bucket=m["bucket"], prefix=copy + "/")
+            except OSError:
+                pass
+
+
 def brief(w: WorkloadSpec, res: dict) -> str:
     if "error" in res:
         return "ERROR " + res["error"].strip().splitlines()[-1][:200]
@@ -582,7 +663,7 @@ def restore_plan(files: list[dict]) -> list[dict]:
     return plan
 
 
-def run_profiles(args, datasets, workloads, manifests, proxy, params, pythonpath, data,
+def run_profiles(args, datasets, workloads, manifests, stub, proxy, params, pythonpath, data,
                  scan_budget, idle_s) -> dict:
     """One pyinstrument-profiled ltxvfs run per workload on the largest dataset."""
     out = {}
@@ -601,9 +682,8 @@ def run_profiles(args, datasets, workloads, manifests, proxy, params, pythonpath
         spec = {"dataset": m, "replica_url": url, "endpoint": proxy.url, "params": p,
                 "seed": 7}
         path = pdir / f"{ds}-{wname}.txt"
-        res = run_child("ltxvfs", wname, spec, data / "work",
-                        child_env_for("ltxvfs", url, pythonpath), args.scan_cap + idle_s + 180,
-                        profile_to=path)
+        res = run_prepared(w, "ltxvfs", spec, 0, stub, proxy, data / "work", pythonpath,
+                           args.scan_cap + idle_s + 180, profile_to=path)
         out[wname] = f"{path} ({brief(w, res)})"
     return out
 

@@ -162,6 +162,31 @@ class Store:
                 (self.objdir / f"{o.ident}.json").unlink(missing_ok=True)
                 self.path(o).unlink(missing_ok=True)
 
+    def copy_prefix(self, b: str, src: str, dst: str) -> int:
+        """Bench control: copy every object under ``src`` to the same key under ``dst``
+        (hard links: objects are immutable, a PUT replaces the file). Returns the count."""
+        n = 0
+        with self.lock:
+            self._need_bucket(b)
+            for o in [o for k, o in self.objects[b].items() if k.startswith(src)]:
+                c = Obj(b, dst + o.key[len(src):], o.size, o.etag, time.time(), o.content_type,
+                        dict(o.meta))
+                if c.key in self.objects[b]:
+                    raise S3Error(409, "AlreadyExists", resource=c.key)
+                os.link(self.path(o), self.path(c))
+                (self.objdir / f"{c.ident}.json").write_text(json.dumps(asdict(c)))
+                self.objects[b][c.key] = c
+                n += 1
+        return n
+
+    def delete_prefix(self, b: str, prefix: str) -> int:
+        with self.lock:
+            self._need_bucket(b)
+            keys = [k for k in self.objects[b] if k.startswith(prefix)]
+        for k in keys:
+            self.delete(b, k)
+        return len(keys)
+
     def listing(self, b: str) -> list[Obj]:
         with self.lock:
             self._need_bucket(b)
@@ -285,6 +310,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         try:
+            if self.path.startswith("/__bench__/"):
+                self._bench_control()
+                return
             bucket, key, q = self._parse()
             if not bucket:
                 self._list_buckets()
@@ -300,6 +328,20 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as e:  # pragma: no cover - a bug in the stub
             print(f"s3stub: {self.command} {self.path}: {e!r}", file=sys.stderr, flush=True)
             self._error(S3Error(500, "InternalError", repr(e)))
+
+    def _bench_control(self) -> None:
+        """``POST /__bench__/copy?bucket=&src=&dst=`` and ``POST /__bench__/delete?bucket=&prefix=``
+        (the harness's fresh replica per write run; not S3)."""
+        u = urllib.parse.urlsplit(self.path)
+        q = {k: v[0] for k, v in urllib.parse.parse_qs(u.query, keep_blank_values=True).items()}
+        self._read_body()
+        if u.path == "/__bench__/copy" and self.command == "POST":
+            n = self.store.copy_prefix(q["bucket"], q["src"], q["dst"])
+        elif u.path == "/__bench__/delete" and self.command == "POST":
+            n = self.store.delete_prefix(q["bucket"], q["prefix"])
+        else:
+            raise S3Error(404, "NoSuchControl", resource=u.path)
+        self._send(200, json.dumps({"objects": n}).encode(), content_type="application/json")
 
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _dispatch  # noqa: N815
 
