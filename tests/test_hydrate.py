@@ -154,6 +154,7 @@ def test_failure_is_reported_and_reads_go_on(vfs, replica, tmp_path, monkeypatch
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(hydrate.os, "pwrite", full)
+    monkeypatch.setattr(hydrate.os, "pwritev", full)
     con = connect(replica.url, tmp_path / "copy.db")
     wait_for(lambda: one(con, "PRAGMA litestream_hydration_progress").startswith("failed"))
     assert "No space left" in one(con, "PRAGMA litestream_hydration_progress")

@@ -39,6 +39,15 @@ log = logging.getLogger("ltxvfs")
 _MAIN_DB = apsw.SQLITE_OPEN_MAIN_DB
 
 
+class _LocalFile(apsw.VFSFile):
+    """A journal or temp file on local disk, with no fsync: crash recovery never uses them (the
+    write buffer does, and hot journals are hidden by ``xAccess``), so syncing them would only
+    make every commit wait for two more disk flushes."""
+
+    def xSync(self, flags: int) -> None:  # noqa: N802
+        pass
+
+
 class LitestreamVFS(apsw.VFS):
     """Register with :func:`ltxvfs.register`; keep a reference (APSW drops unreferenced VFSes)."""
 
@@ -84,7 +93,7 @@ class LitestreamVFS(apsw.VFS):
             raise apsw.CantOpenError("litestream: WAL mode is not supported (rollback journal only)")
         if name is not None:
             name = self._local_path(self._display(name))
-        return super().xOpen(name, flags)
+        return _LocalFile("", name, flags)
 
     def xAccess(self, pathname, flags):  # noqa: N802
         if pathname.endswith(("-wal", "-journal", "-shm")):
