@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
-import logging
 import os
 import threading
 from collections.abc import Mapping
@@ -31,6 +30,7 @@ from ..errors import (
     StorageError,
 )
 from .base import MAX_LEVEL, FileInfo, ReplicaClient, check_level, ltx_filename, parse_ltx_filename
+from .redact import SECRETS
 from .url import DEFAULT_REGION, ReplicaURL, parse_replica_url
 
 METADATA_KEY = "litestream-timestamp"
@@ -197,7 +197,7 @@ class S3ReplicaClient(ReplicaClient):
             secrets.append(base64.b64encode(cfg.sse_customer_key.encode()).decode())
         if self._credentials:
             secrets.append(self._credentials[1])
-        _REDACT.add(*secrets)
+        SECRETS.add(*secrets)
         region = cfg.region or (DEFAULT_REGION if cfg.endpoint else None)
         kwargs: dict[str, Any] = {"endpoint_url": cfg.endpoint or None,
                                   "verify": not cfg.skip_verify,
@@ -453,49 +453,6 @@ class S3ReplicaClient(ReplicaClient):
         return StorageError(detail)
 
 
-class _RedactSecrets(logging.Filter):
-    """Masks our secrets in the records of botocore's and urllib3's own loggers.
-
-    At DEBUG, botocore logs every request's parameters and headers — the SSE-C key among them.
-    We never turn those loggers on, but an application may; this filter (attached to each of
-    those loggers, so it sees their records whatever the handlers) keeps our secrets out.
-    It only runs for records that are actually emitted: nothing on the normal path.
-    """
-
-    LOGGERS = ("botocore", "botocore.endpoint", "botocore.hooks", "botocore.auth",
-               "botocore.parsers", "botocore.retryhandler", "botocore.httpsession",
-               "botocore.regions", "botocore.client", "botocore.credentials", "boto3",
-               "urllib3", "urllib3.connectionpool", "s3transfer")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._secrets: set[str] = set()
-        self._installed = False
-        self._lock = threading.Lock()
-
-    def add(self, *secrets: str | None) -> None:
-        with self._lock:
-            self._secrets.update(x for x in secrets if x and len(x) >= 4)
-            if not self._installed:
-                for name in self.LOGGERS:
-                    logging.getLogger(name).addFilter(self)
-                self._installed = True
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            text = record.getMessage()
-        except Exception:  # a malformed record: leave it to logging's own error handling
-            return True
-        masked = text
-        for secret in self._secrets:
-            if secret in masked:
-                masked = masked.replace(secret, "***")
-        if masked is not text and masked != text:
-            record.msg, record.args = masked, ()
-        return True
-
-
-_REDACT = _RedactSecrets()
 _session_lock = threading.Lock()
 _session: boto3.session.Session | None = None
 
