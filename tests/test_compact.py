@@ -142,3 +142,28 @@ def test_writer_compacts_snapshots_and_prunes_while_writing(request, tmp_path, b
     assert integrity_check(out) == "ok"
     assert go_vfs_query(url, "SELECT count(*), max(id) FROM t") == [(len(expected), len(expected))]
     client.close()
+
+
+def test_compaction_waits_for_a_txid_the_listing_does_not_show(history):
+    """A stale LIST hides L0 file 6: compacting 7.. into L1 would leave TXID 6 nowhere once
+    retention runs. Compaction must wait, and retention must not delete what L1 lacks."""
+    p, client, _ = history
+    compact_level(client, 1)  # L1 1-5
+    for i in range(3):
+        p.commit(f"INSERT INTO t(b) VALUES ({i})")  # TXIDs 6, 7, 8
+    hidden = client.list_files(0, seek=6)[0]
+    real = client.list_files
+
+    def stale(level, *, seek=0, use_metadata=False):
+        files = real(level, seek=seek, use_metadata=use_metadata)
+        return [f for f in files if not (level == 0 and f.min_txid == hidden.min_txid)]
+
+    client.list_files = stale
+    try:
+        assert compact_level(client, 1) is None
+        deleted = enforce_l0_retention(client, 0, now=datetime.now(UTC) + timedelta(hours=1))
+        assert all(f.max_txid <= 5 for f in deleted)
+    finally:
+        client.list_files = real
+    assert compact_level(client, 1).min_txid == 6  # once visible, all of it
+    assert compute_plan(client).txid == 8

@@ -86,9 +86,23 @@ def compact_level(client: ReplicaClient, dst: int) -> FileInfo | None:
     inputs = [f for f in client.list_files(dst - 1, seek=after + 1)]
     if not inputs:
         return None
+    first = inputs[0].min_txid
+    if existing and first != after + 1 or not existing and first != 1 and not _covered_below(
+            client, dst, first - 1):
+        # A listing can lag behind an upload (eventual consistency, a stale LIST): merging
+        # past a TXID we cannot see would leave a hole that retention then makes permanent.
+        log.info("L%d compaction waits: L%d starts at %s, expected %s", dst, dst - 1,
+                 format_txid(first), format_txid(after + 1))
+        return None
     info = merge_files(client, inputs, dst)
     log.info("compacted %d file(s) of L%d into %s", len(inputs), dst - 1, info)
     return info
+
+
+def _covered_below(client: ReplicaClient, dst: int, txid: int) -> bool:
+    """Some file of a level above ``dst`` (a snapshot, say) ends exactly at ``txid``."""
+    return any(f.max_txid == txid for level in range(dst + 1, SNAPSHOT_LEVEL + 1)
+               for f in client.list_files(level))
 
 
 def snapshot(client: ReplicaClient) -> FileInfo | None:
@@ -107,12 +121,14 @@ def enforce_l0_retention(client: ReplicaClient, retention: float,
     l1 = client.list_files(1)
     if not l1:
         return []
-    covered = l1[-1].max_txid
     cutoff = (now or datetime.now(UTC)) - timedelta(seconds=retention)
     l0 = client.list_files(0)
     doomed = []
     for i, f in enumerate(l0):
-        if f.created_at > cutoff or f.max_txid > covered or i == len(l0) - 1:
+        if f.created_at > cutoff or i == len(l0) - 1:
+            break
+        # Only what an L1 file really holds: never a TXID that compaction skipped.
+        if not any(c.min_txid <= f.min_txid and f.max_txid <= c.max_txid for c in l1):
             break
         doomed.append(f)
     if doomed:
