@@ -115,21 +115,18 @@ class Replica:
                 break
             chain.append(f)
             nxt = f.max_txid + 1
-        gap = bool(files) and not chain
-        if not gap:
+        if not files:
+            return state
+        if not chain:  # a gap in L0 (retention after compaction): bridge it from the plan
+            plan = compute_plan(self.client)
+            if plan.txid < state.txid:
+                log.warning("replica %s went back from TXID %016x to %016x; rebuilding",
+                            self.client.url, state.txid, plan.txid)
+                return build_state(self.client, plan, self.pool, self.store)
+            chain = [f for f in plan.files if f.max_txid > state.txid]
             if not chain:
                 return state
-            indexes = fetch_indexes(self.client, chain, self.pool, self.store)
-            return state.applying(indexes, indexes[-1].header.commit)  # type: ignore[union-attr]
-        plan = compute_plan(self.client)
-        if plan.txid < state.txid:
-            log.warning("replica %s went back from TXID %016x to %016x; rebuilding",
-                        self.client.url, state.txid, plan.txid)
-            return build_state(self.client, plan, self.pool, self.store)
-        newer = [f for f in plan.files if f.max_txid > state.txid]
-        if not newer:
-            return state
-        indexes = fetch_indexes(self.client, newer, self.pool, self.store)
+        indexes = fetch_indexes(self.client, chain, self.pool, self.store)
         return state.applying(indexes, indexes[-1].header.commit)  # type: ignore[union-attr]
 
     def recover(self, state: DatabaseState) -> DatabaseState | None:
