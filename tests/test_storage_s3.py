@@ -387,3 +387,22 @@ def test_list_all_levels_in_one_request(client, s3_admin, bucket):
     assert everything == {lvl: client.list_files(lvl) for lvl in range(10)}
     assert [(f.min_txid, f.max_txid) for f in everything[0]] == [(5, 5), (6, 6)]
     assert len(everything[9]) == 1 and everything[9][0].size == 7
+
+
+def test_list_from_a_txid_asks_s3_only_for_newer_files(s3_url):
+    """A poll or sync lists from the next TXID: S3 must skip the retained older files itself
+    (StartAfter), not send them all for us to drop, so each listing stays one small page."""
+    c = S3ReplicaClient(s3_url, list_page_size=2)
+    try:
+        for lo in range(1, 12):
+            c.write(0, lo, lo, b"x", TS)
+        c.write(0, 12, 14, b"x", TS)
+        c.requests.reset()
+        newer = c.list_files(0, seek=10)
+        assert [(f.min_txid, f.max_txid) for f in newer] == [(10, 10), (11, 11), (12, 14)]
+        assert c.requests["LIST"] == 2  # 3 keys in pages of 2, not 12 keys in 6 pages
+        assert c.list_files(0, seek=15) == []
+        assert [f.min_txid for f in c.list_files(0, seek=1)] == list(range(1, 13))
+        assert [f.min_txid for f in c.list_files(0, seek=12)] == [12]
+    finally:
+        c.close()

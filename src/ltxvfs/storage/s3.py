@@ -247,9 +247,13 @@ class S3ReplicaClient(ReplicaClient):
     def list_files(self, level: int, *, seek: int = 0,
                    use_metadata: bool = False) -> list[FileInfo]:
         prefix = f"{self._prefix}/{check_level(level):04x}/"
+        # Keys sort as their TXIDs (fixed-width lowercase hex): starting after the greatest
+        # possible name of min_txid = seek-1 makes S3 skip every older file, so a follower's poll
+        # or a writer's sync lists only what is new, however many files retention keeps.
+        start_after = prefix + ltx_filename(seek - 1, (1 << 64) - 1) if seek > 1 else None
         infos: list[FileInfo] = []
         try:
-            for page in self._list_pages(prefix):
+            for page in self._list_pages(prefix, start_after):
                 for obj in page.get("Contents", ()):
                     txids = parse_ltx_filename(obj["Key"][len(prefix):])
                     if txids is None or txids[0] < seek:
@@ -263,11 +267,13 @@ class S3ReplicaClient(ReplicaClient):
         infos.sort(key=lambda f: (f.min_txid, f.max_txid))
         return infos
 
-    def _list_pages(self, prefix: str) -> Any:
+    def _list_pages(self, prefix: str, start_after: str | None = None) -> Any:
         """ListObjectsV2 pages, following continuation tokens. (Not botocore's paginator: loading
         its model costs ~60 ms on the first listing, a third of a cold open.)"""
         kwargs: dict[str, Any] = {"Bucket": self._bucket, "Prefix": prefix,
                                   "MaxKeys": self._page_size}
+        if start_after is not None:
+            kwargs["StartAfter"] = start_after
         while True:
             page = self._s3.list_objects_v2(**kwargs)
             yield page
