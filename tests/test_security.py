@@ -28,8 +28,8 @@ from hypothesis import strategies as st
 from test_chaos import vfs_uri
 
 import ltxvfs
-from ltxvfs.errors import ReplicaURLError
-from ltxvfs.storage import FileReplicaClient, open_replica, parse_replica_url
+from ltxvfs.errors import ReplicaURLError, StorageError
+from ltxvfs.storage import FileInfo, FileReplicaClient, open_replica, parse_replica_url
 from ltxvfs.storage.base import check_level, ltx_filename, parse_ltx_filename
 
 SECRET = "CANARY-aws-secret-51c0ffee"
@@ -424,3 +424,57 @@ def test_file_replica_never_touches_anything_outside_its_root(tmp_path):
     assert created == [outside / "victim"]
     assert all(str(p).startswith(str(root)) for p in root.rglob("*"))
     assert (outside / "victim").read_text() == "keep me"
+
+
+def _publish(client, level: int, lo: int, hi: int, fill: int = 0) -> None:
+    from ltxvfs.publish import publish_pages
+
+    publish_pages(client, level, lo, hi, page_size=512, commit=1, pages=[(1, bytes([fill]) * 512)],
+                  timestamp_ms=1_700_000_000_000)
+
+
+@pytest.mark.parametrize("where", ["ltx", "level"])
+def test_file_replica_refuses_a_directory_link_out_of_its_root(tmp_path, where):
+    """Whoever can write the replica directory must not be able to send our reads, writes or
+    deletes elsewhere by replacing ``ltx`` or a level directory with a symbolic link."""
+    outside = tmp_path / "outside"
+    bait = FileReplicaClient(outside)
+    _publish(bait, 0, 1, 1)  # a valid LTX file outside the root, where the link points
+    root = tmp_path / "root"
+    client = FileReplicaClient(root)
+    if where == "ltx":
+        root.mkdir()
+        (root / "ltx").symlink_to(outside / "ltx")
+    else:
+        (root / "ltx").mkdir(parents=True)
+        (root / "ltx" / "0").symlink_to(outside / "ltx" / "0")
+    before = sorted(p.name for p in (outside / "ltx" / "0").iterdir())
+    for call in (lambda: client.list_files(0), lambda: client.read(0, 1, 1),
+                 lambda: _publish(client, 0, 2, 2),
+                 lambda: client.delete(bait.list_files(0))):
+        with pytest.raises(StorageError, match="symbolic link"):
+            call()
+    assert sorted(p.name for p in (outside / "ltx" / "0").iterdir()) == before
+    assert bait.read(0, 1, 1)  # the file outside is intact
+
+
+def test_file_replica_skips_and_refuses_linked_ltx_files(tmp_path):
+    """A link with an LTX name inside a level directory is not listed, not read, and deleting
+    it removes the link only."""
+    outside = tmp_path / "outside"
+    bait = FileReplicaClient(outside)
+    _publish(bait, 0, 5, 5, fill=7)
+    target = bait.path(0, 5, 5)
+    root = tmp_path / "root"
+    client = FileReplicaClient(root)
+    _publish(client, 0, 1, 4)
+    link = client.path(0, 5, 5)
+    link.symlink_to(target)
+    assert [(f.min_txid, f.max_txid) for f in client.list_files(0)] == [(1, 4)]
+    with pytest.raises(StorageError, match="symbolic link"):
+        client.read(0, 5, 5)
+    client.delete([FileInfo(0, 5, 5, 0, None)])
+    assert not os.path.lexists(link) and target.exists()
+    _publish(client, 0, 5, 5, fill=1)  # a write replaces a link, never writes through it
+    assert not link.is_symlink() and bait.read(0, 5, 5) == target.read_bytes()
+    assert client.read(0, 5, 5) != bait.read(0, 5, 5)

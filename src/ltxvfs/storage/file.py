@@ -5,17 +5,24 @@ is the LTX header timestamp, so a plain listing already answers time-travel ques
 ``use_metadata`` changes nothing. Writes go to a uniquely named temporary file that is fsynced and
 then renamed (or hard-linked, for exclusive creates) into place, so readers and concurrent writers
 never see a partial file.
+
+Below the root nothing is reached through a symbolic link: ``ltx``, the level directories and the
+LTX files are opened relative to their parent's descriptor with ``O_NOFOLLOW``, so whoever can
+write the replica directory cannot point a level or a file at something outside it (Litestream
+follows such links; we refuse them). The root itself may be a link: that is the user's choice.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import secrets
 import shutil
 import stat
-import tempfile
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from collections.abc import Iterator
 from typing import BinaryIO
 
 from ..errors import (
@@ -32,6 +39,8 @@ from .url import ReplicaURL
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _COPY_CHUNK = 1024 * 1024
 _FILE_MODE = 0o644
+_DIR_MODE = 0o755
+_NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _ns_to_datetime(ns: int) -> datetime:
@@ -79,16 +88,16 @@ class FileReplicaClient(ReplicaClient):
         directory = self.level_dir(level)
         infos: list[FileInfo] = []
         try:
-            with os.scandir(directory) as entries:
+            with self._level_fd(level) as dfd, os.scandir(dfd) as entries:
                 for entry in entries:
                     txids = parse_ltx_filename(entry.name)
                     if txids is None or txids[0] < seek:
                         continue
                     try:
-                        st = entry.stat()
+                        st = entry.stat(follow_symlinks=False)
                     except FileNotFoundError:
                         continue  # deleted by retention while we listed
-                    if stat.S_ISREG(st.st_mode):
+                    if stat.S_ISREG(st.st_mode):  # links and other non-files are skipped
                         infos.append(FileInfo(level, txids[0], txids[1], st.st_size,
                                               _ns_to_datetime(st.st_mtime_ns)))
         except FileNotFoundError:
@@ -104,7 +113,9 @@ class FileReplicaClient(ReplicaClient):
             raise ValueError(f"invalid range: offset={offset} size={size}")
         path = self.path(level, min_txid, max_txid)
         try:
-            with open(path, "rb") as f:
+            with self._level_fd(level) as dfd:
+                fd = os.open(path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            with os.fdopen(fd, "rb") as f:
                 f.seek(offset)
                 return f.read() if size is None else f.read(size)
         except FileNotFoundError:
@@ -121,46 +132,44 @@ class FileReplicaClient(ReplicaClient):
         """
         final = self.path(level, min_txid, max_txid)
         ns = timestamp_ms * 1_000_000
+        tmp = f"{final.name}.{secrets.token_hex(6)}.tmp"
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=final.name + ".", suffix=".tmp", dir=final.parent)
-        except OSError as exc:
-            raise self._error(exc, "write", final) from exc
-        placed = False
-        try:
-            with os.fdopen(fd, "wb") as f:
-                os.fchmod(f.fileno(), _FILE_MODE)
-                if isinstance(data, (bytes, bytearray, memoryview)):
-                    f.write(data)
-                else:
-                    shutil.copyfileobj(data, f, _COPY_CHUNK)
-                f.flush()
-                size = f.tell()
-                os.utime(f.fileno(), ns=(ns, ns))
-                os.fsync(f.fileno())
-            if exclusive:
-                self._link_exclusive(tmp, final)
-            else:
-                os.replace(tmp, final)
-                placed = True
-        except OSError as exc:
-            raise self._error(exc, "write", final) from exc
-        finally:
-            if not placed:
+            with self._level_fd(level, create=True) as dfd:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, _FILE_MODE, dir_fd=dfd)
+                placed = False
                 try:
-                    os.unlink(tmp)
-                except FileNotFoundError:
-                    pass
-        try:
-            _fsync_dir(final.parent)
+                    with os.fdopen(fd, "wb") as f:
+                        os.fchmod(f.fileno(), _FILE_MODE)  # whatever the umask
+                        if isinstance(data, (bytes, bytearray, memoryview)):
+                            f.write(data)
+                        else:
+                            shutil.copyfileobj(data, f, _COPY_CHUNK)
+                        f.flush()
+                        size = f.tell()
+                        os.utime(f.fileno(), ns=(ns, ns))
+                        os.fsync(f.fileno())
+                    if exclusive:
+                        self._link_exclusive(dfd, tmp, final)
+                    else:
+                        # Renaming over a link replaces the link, never what it points at.
+                        os.replace(tmp, final.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+                        placed = True
+                finally:
+                    if not placed:
+                        try:
+                            os.unlink(tmp, dir_fd=dfd)
+                        except FileNotFoundError:
+                            pass
+                os.fsync(dfd)  # make the rename/link durable
         except OSError as exc:
             raise self._error(exc, "write", final) from exc
         return FileInfo(level, min_txid, max_txid, size, _ns_to_datetime(ns))
 
-    def _link_exclusive(self, tmp: str, final: Path) -> None:
+    def _link_exclusive(self, dfd: int, tmp: str, final: Path) -> None:
         """Hard-link the finished temp file into place: atomic, and fails if the name exists."""
         try:
-            os.link(tmp, final)
+            os.link(tmp, final.name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
         except FileExistsError:
             raise ObjectExistsError(f"file: {final} already exists in {self.url}") from None
         except OSError as exc:
@@ -173,22 +182,40 @@ class FileReplicaClient(ReplicaClient):
         for info in files:
             path = self.path(info.level, info.min_txid, info.max_txid)
             try:
-                os.unlink(path)
+                with self._level_fd(info.level) as dfd:
+                    os.unlink(path.name, dir_fd=dfd)  # removes a link itself, not its target
             except FileNotFoundError:
                 pass
             except OSError as exc:
                 raise self._error(exc, "delete", path) from exc
 
+    @contextmanager
+    def _level_fd(self, level: int, *, create: bool = False) -> Iterator[int]:
+        """A descriptor of ``<root>/ltx/<level>``, reached without following any link below
+        the root (a link there fails with ELOOP or ENOTDIR)."""
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for name in ("ltx", str(check_level(level))):
+                if create:
+                    try:
+                        os.mkdir(name, _DIR_MODE, dir_fd=fd)
+                    except FileExistsError:
+                        pass
+                child = os.open(name, _NOFOLLOW_DIR, dir_fd=fd)
+                os.close(fd)
+                fd = child
+            yield fd
+        finally:
+            os.close(fd)
+
     def _error(self, exc: OSError, what: str, path: Path) -> StorageError:
         if isinstance(exc, PermissionError):
             return AccessDeniedError(f"file: {what} {path}: permission denied")
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            return StorageError(f"file: {what} {path}: a symbolic link or non-directory inside "
+                                f"the replica {self.url}; file replicas never follow links "
+                                f"below their root")
         return StorageError(f"file: {what} {path}: {exc.strerror or exc}")
 
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename/link/unlink in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
