@@ -121,3 +121,30 @@ def test_replica_without_a_snapshot_start():
 def test_naive_timestamp_is_utc():
     naive = (T0 + timedelta(minutes=460, seconds=30)).replace(tzinfo=None)
     assert choose_plan(SPEC_REPLICA, timestamp=naive).txid == 460
+
+
+# A follower at some TXID whose next L0 files retention removed: litestream's layout with a
+# snapshot, L2 every 30 TXIDs, L1 every 5, and the newest L0 files.
+BRIDGE_REPLICA = listing(
+    f(9, 1, 100), f(2, 61, 90), f(2, 91, 100),
+    f(1, 81, 85), f(1, 86, 90), f(1, 91, 95), f(1, 96, 100),
+    f(0, 99, 99), f(0, 100, 100),
+)
+
+
+def test_bridge_overlaps_what_the_follower_has_as_little_as_possible():
+    from ltxvfs.plan import choose_bridge
+
+    # The plan would apply the snapshot (re-keying every page); the bridge takes the L1 file
+    # holding TXID 88 (overlap 86-87 only), then the file starting exactly at 91 that reaches
+    # furthest.
+    assert spans(choose_plan(BRIDGE_REPLICA)) == [(9, 1, 100)]
+    assert spans(choose_bridge(BRIDGE_REPLICA, 87, 100)) == [(1, 86, 90), (2, 91, 100)]
+    assert spans(choose_bridge(BRIDGE_REPLICA, 90, 100)) == [(2, 91, 100)]
+    assert spans(choose_bridge(BRIDGE_REPLICA, 97, 100)) == [(1, 96, 100)]
+    assert spans(choose_bridge(BRIDGE_REPLICA, 98, 100)) == [(0, 99, 99), (0, 100, 100)]
+    assert choose_bridge(BRIDGE_REPLICA, 100, 100) == ()
+    # Below every compacted level only the snapshot reaches: the caller uses the plan.
+    assert choose_bridge(BRIDGE_REPLICA, 50, 100) is None
+    gap = listing(f(9, 1, 10), f(1, 11, 15), f(0, 18, 18))
+    assert choose_bridge(gap, 12, 18) is None

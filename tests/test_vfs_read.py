@@ -397,3 +397,38 @@ def test_idle_follower_polls_half_as_often(vfs, primary):
     busy = replica.polls - start
     assert busy >= 12 and idle <= 0.7 * busy, (idle, busy)
     con.close()
+
+
+def test_bridging_a_gap_refetches_only_pages_that_changed(vfs, tmp_path, replica_url):
+    """A follower whose next L0 files retention removed bridges the gap with the compacted file
+    that overlaps it least — not with the latest snapshot, which would move every page to a new
+    file and make the next scan fetch the whole database again."""
+    with open_replica(replica_url) as client:
+        p = FakePrimary(tmp_path / "p.db", client)
+        p.commit("CREATE TABLE t(id INTEGER PRIMARY KEY, body BLOB)",
+                 "INSERT INTO t(body) SELECT randomblob(300) FROM generate_series(1, 2000)")
+        p.commit("INSERT INTO t(body) VALUES (x'01')")  # TXID 2
+        con = connect(replica_url, "poll_interval=1h")
+        [replica] = [r for r in vfs.replicas() if r.client.url == client.url]
+        assert rows(con, "SELECT count(*) FROM t") == [(2001,)]
+        scan = "SELECT sum(length(body)) FROM t"
+        rows(con, scan)  # every page is cached now
+        for i in range(3, 7):  # TXIDs 3-6 while the follower is not polling
+            p.commit(f"INSERT INTO t(body) VALUES (x'{i:02x}')")
+        l0 = client.list_files(0)
+        compact(client, [f for f in l0 if 2 <= f.min_txid <= 6], level=1)  # L1 2-6
+        compact(client, l0[:6], level=9)  # the snapshot 1-6 (what the old bridge applied)
+        client.delete([f for f in l0 if 3 <= f.min_txid <= 6])
+        p.commit("INSERT INTO t(body) VALUES (x'07')")  # TXID 7, in L0
+        replica.poll()
+        assert rows(con, "PRAGMA litestream_txid") == [("0000000000000007",)]
+        before = ltxvfs.stats(con)
+        assert rows(con, scan) == p.rows(scan)
+        assert rows(con, "SELECT count(*) FROM t") == [(2006,)]
+        after = ltxvfs.stats(con)
+        # Only the pages TXIDs 2-7 wrote (page 1, the last leaf, interior pages) are new, and
+        # the small L1 file arrived whole with its index; the snapshot would cost ~620 KB.
+        assert after["page_gets"] - before["page_gets"] <= 2
+        assert after["bytes_fetched"] - before["bytes_fetched"] < 64 * 1024
+        assert rows(con, "PRAGMA integrity_check") == [("ok",)]
+        con.close()

@@ -1,9 +1,9 @@
 """Following a primary: one :class:`Replica` per replica URL, and a shared poll scheduler.
 
 A poll makes one LIST (L0, from the next TXID). New contiguous L0 files are applied directly. If
-L0 has a gap (files removed by retention after compaction) the full latest plan is computed and
-the files beyond our TXID applied — compacted files included, since per page the newest TXID
-wins. A replica that went backwards (restored or replaced) is rebuilt. Nothing here can freeze
+L0 has a gap (files removed by retention after compaction) the whole replica is listed and the gap
+bridged with compacted files that overlap what we have as little as possible (plan.choose_bridge;
+per page the newest TXID wins), or with the latest plan's files beyond our TXID. A replica that went backwards (restored or replaced) is rebuilt. Nothing here can freeze
 the follower: every poll starts again from the TXID we have.
 
 Polls run as jobs on the shared scheduler (jobs.py).
@@ -30,7 +30,7 @@ from .pages import (
     fetch_indexes,
     state_at,
 )
-from .plan import compute_plan, list_levels
+from .plan import choose_bridge, choose_plan, list_levels
 from .storage.base import FileInfo, ReplicaClient
 
 if TYPE_CHECKING:
@@ -117,13 +117,16 @@ class Replica:
             nxt = f.max_txid + 1
         if not files:
             return state
-        if not chain:  # a gap in L0 (retention after compaction): bridge it from the plan
-            plan = compute_plan(self.client)
+        if not chain:  # a gap in L0 (retention after compaction): bridge it
+            listing = list_levels(self.client)
+            plan = choose_plan(listing)
             if plan.txid < state.txid:
                 log.warning("replica %s went back from TXID %016x to %016x; rebuilding",
                             self.client.url, state.txid, plan.txid)
                 return build_state(self.client, plan, self.pool, self.store)
-            chain = [f for f in plan.files if f.max_txid > state.txid]
+            bridge = choose_bridge(listing, state.txid, plan.txid)
+            chain = list(bridge) if bridge is not None else \
+                [f for f in plan.files if f.max_txid > state.txid]
             if not chain:
                 return state
         indexes = fetch_indexes(self.client, chain, self.pool, self.store)

@@ -120,6 +120,37 @@ def choose_plan(listing: Mapping[int, Sequence[FileInfo]], *, txid: int | None =
     return Plan(tuple(plan))
 
 
+def choose_bridge(listing: Mapping[int, Sequence[FileInfo]], txid: int,
+                  target: int) -> tuple[FileInfo, ...] | None:
+    """Files that carry a state at ``txid`` forward to ``target`` when L0 no longer holds the
+    next TXIDs (retention deleted them after compaction); None if levels 0-8 cannot get there.
+
+    A compacted file starting at or before ``txid`` also holds pages the state already has;
+    applying it moves them to the file's key and out of the page cache, and the reader fetches
+    them again. The restore plan's choice (a snapshot, the largest files) would move nearly
+    every page, so here each step takes, among the files holding the next TXID, the one that
+    starts latest — least overlap — and then reaches furthest. Snapshots (L9) overlap almost
+    everything and are left to the caller's fallback, the plan itself.
+    """
+    chain: list[FileInfo] = []
+    current = txid
+    while current < target:
+        nxt = current + 1
+        best: FileInfo | None = None
+        for lvl in CHAIN_LEVELS:
+            for f in listing.get(lvl, ()):
+                if f.min_txid > nxt:
+                    break  # each listing is ascending by MinTXID
+                if f.max_txid >= nxt and (best is None or (f.min_txid, f.max_txid)
+                                          > (best.min_txid, best.max_txid)):
+                    best = f
+        if best is None or best.max_txid > target:
+            return None
+        chain.append(best)
+        current = best.max_txid
+    return tuple(chain)
+
+
 def _better(a: FileInfo, b: FileInfo) -> bool:
     """Litestream's tie-break: larger MaxTXID, smaller MinTXID, higher level, earlier creation."""
     return (a.max_txid, -a.min_txid, a.level, -a.created_at.timestamp()) > (
