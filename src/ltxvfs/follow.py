@@ -3,8 +3,9 @@
 A poll makes one LIST (L0, from the next TXID). New contiguous L0 files are applied directly. If
 L0 has a gap (files removed by retention after compaction) the whole replica is listed and the gap
 bridged with compacted files that overlap what we have as little as possible (plan.choose_bridge;
-per page the newest TXID wins), or with the latest plan's files beyond our TXID. A replica that went backwards (restored or replaced) is rebuilt. Nothing here can freeze
-the follower: every poll starts again from the TXID we have.
+per page the newest TXID wins), or with the latest plan's files beyond our TXID. A replica that
+went backwards (restored or replaced) is rebuilt. Nothing here can freeze the follower: every
+poll starts again from the TXID we have.
 
 Polls run as jobs on the shared scheduler (jobs.py).
 """

@@ -44,9 +44,20 @@ class Scheduler:
                 self._thread.start()
             self._cond.notify()
 
-    def remove(self, key: Hashable) -> None:
+    def remove(self, key: Hashable, *, wait: float = 0.0) -> bool:
+        """Stop scheduling ``key``. With ``wait``, also wait up to that many seconds for a run
+        in progress to end, so its owner can close what the job uses (a closing writer must
+        not pull the storage client from under its compaction). True if no run is going on.
+        Never call it with ``wait`` from the job itself."""
+        deadline = time.monotonic() + wait
         with self._cond:
             self._jobs.pop(key, None)  # its heap entry is dropped when it comes due
+            while key in self._running:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
 
     def stop(self) -> None:
         with self._cond:
@@ -79,3 +90,4 @@ class Scheduler:
         finally:
             with self._cond:
                 self._running.discard(key)
+                self._cond.notify_all()

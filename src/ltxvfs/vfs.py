@@ -36,6 +36,12 @@ from .writer import Writer, default_buffer_path
 
 log = logging.getLogger("ltxvfs")
 
+#: How long closing (or switching modes) waits for a background run in progress to finish: a
+#: compaction or sync may take a while and must not lose its storage client half-way; a poll is
+#: only worth a short wait (its result would be dropped anyway).
+JOB_STOP_WAIT = 30.0
+POLL_STOP_WAIT = 2.0
+
 _MAIN_DB = apsw.SQLITE_OPEN_MAIN_DB
 
 
@@ -285,16 +291,22 @@ class LitestreamVFS(apsw.VFS):
         return path.with_name(f"{path.name}.{n}")
 
     def _stop_writer_jobs(self, replica: Replica, writer: Writer) -> None:
-        self.scheduler.remove(("sync", id(replica)))
+        """Unschedule the sync and compaction jobs and let a run in progress finish (bounded),
+        so the final sync and closing the client do not cut a compaction short."""
+        keys = [("sync", id(replica))]
         if writer.compactor is not None:
-            for name, _, _ in writer.compactor.jobs():
-                self.scheduler.remove((name, id(replica)))
+            keys += [(name, id(replica)) for name, _, _ in writer.compactor.jobs()]
+        deadline = time.monotonic() + JOB_STOP_WAIT
+        for key in keys:
+            if not self.scheduler.remove(key, wait=max(deadline - time.monotonic(), 0.0)):
+                log.warning("background job %s of %s still running after %gs; closing anyway",
+                            key[0], replica.client.url, JOB_STOP_WAIT)
 
     def _start_polling(self, replica: Replica) -> None:
         self.scheduler.add(("poll", id(replica)), replica.poll_job, replica.poll_interval)
 
     def _stop_polling(self, replica: Replica) -> None:
-        self.scheduler.remove(("poll", id(replica)))
+        self.scheduler.remove(("poll", id(replica)), wait=POLL_STOP_WAIT)
 
     # --- closing ----------------------------------------------------------------------------------
 
