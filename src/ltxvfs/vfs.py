@@ -31,6 +31,7 @@ from .hydrate import Hydrator
 from .jobs import JOB_THREADS, POOL_THREADS, Scheduler
 from .pages import DatabaseState, PageStore, state_at
 from .plan import list_levels
+from .scratch import make_scratch_dir, remove_scratch_dir
 from .storage import open_replica
 from .writer import Writer, default_buffer_path
 
@@ -111,11 +112,9 @@ class LitestreamVFS(apsw.VFS):
 
     def _private_dir(self) -> str:
         """A 0700 temp directory of this VFS for journals and temporary hydration files."""
-        import tempfile
-
         with self._lock:
             if self._tmpdir is None:
-                self._tmpdir = tempfile.mkdtemp(prefix="ltxvfs-")
+                self._tmpdir = make_scratch_dir()
         return self._tmpdir
 
     def _local_path(self, name: str) -> str:
@@ -347,9 +346,8 @@ class LitestreamVFS(apsw.VFS):
         self.jobs_pool.shutdown(wait=False, cancel_futures=True)
         self.hydration_pool.shutdown(wait=False, cancel_futures=True)
         if self._tmpdir is not None:
-            import shutil
-
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            remove_scratch_dir(self._tmpdir)
+            self._tmpdir = None
 
 
 # --- registration and SQL functions ------------------------------------------------------------
@@ -396,7 +394,8 @@ def unregister(name: str = "litestream") -> None:
 
 
 def _sync_at_exit() -> None:
-    """A clean interpreter exit syncs what is buffered, even if connections were left open."""
+    """A clean interpreter exit syncs what is buffered, even if connections were left open,
+    and removes the scratch directories."""
     for vfs in list(_registered.values()):
         for replica in vfs.replicas():
             writer = replica.writer
@@ -405,6 +404,8 @@ def _sync_at_exit() -> None:
                     writer.close()  # final sync; the buffer goes only if all of it was synced
                 except LitestreamError:
                     pass  # logged by close(); the buffer is kept
+        if vfs._tmpdir is not None:
+            remove_scratch_dir(vfs._tmpdir)  # open journals there are unlinked, not in use
 
 
 def _add_functions(con: apsw.Connection) -> None:
