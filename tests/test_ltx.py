@@ -401,3 +401,25 @@ def test_mutations_raise_only_ltx_errors(data):
     except LTXError:
         return
     assert f.pages == good
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda e: e.__setitem__(2, (2, e[2][1], e[2][2])), "pgno 2 after 2"),  # repeated
+    (lambda e: e.__setitem__(1, (5, e[1][1], e[1][2])), "pgno 3 after 5"),  # out of order
+    (lambda e: e.__setitem__(0, (0, e[0][1], e[0][2])), "pgno 0 after 0"),  # page 0
+    (lambda e: e.__setitem__(1, (2, 99, e[1][2])), "page 2 at 99+"),  # inside the header
+    (lambda e: e.__setitem__(2, (3, e[2][1], 6)), "page 3 at .*\\+6 "),  # no payload
+    (lambda e: e.__setitem__(3, (4, e[3][1], 10**6)), "page 4 at .*\\+1000000 "),  # too big
+    (lambda e: e.__setitem__(3, (4, e[3][1] + 900, e[3][2])), "page 4 at "),  # past the frames
+])
+def test_each_index_rule_names_the_bad_entry(change, message):
+    """Every entry of a page index is checked (pgno order, frame inside the page data, size
+    bounds), and the error names the first bad one."""
+    data = _sample()
+    entries = [(p, o, s) for p, (o, s) in sorted(ltx.decode_file(data).index.items())]
+    start = ltx.page_index_start(data, len(data))
+    assert ltx.parse_page_index(data[start:], len(data)) == {p: (o, s) for p, o, s in entries}
+    change(entries)
+    bad = data[:start] + ltx.encode_page_index(entries) + data[-ltx.TRAILER_SIZE:]
+    with pytest.raises(MalformedIndexError, match=message):
+        ltx.parse_page_index(bad[start:], len(bad))

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from .errors import LitestreamError, MalformedIndexError, ObjectNotFoundError, TruncatedError
+from .gcpause import paused_gc
 from .ltx import (
     ESTIMATED_INDEX_TAIL,
     HEADER_SIZE,
@@ -85,10 +86,16 @@ class DatabaseState:
         new commit are dropped (the database shrank)."""
         index = dict(self.index)
         for fi in files:
+            info = fi.info
+            if not index:  # a cold open's snapshot: 50,000 pages for 200 MB, no rival entries
+                with paused_gc():
+                    index = {pgno: (info, off, size) for pgno, (off, size) in fi.pages.items()}
+                continue
+            newest = info.max_txid
             for pgno, (off, size) in fi.pages.items():
                 cur = index.get(pgno)
-                if cur is None or cur[0].max_txid <= fi.info.max_txid:
-                    index[pgno] = (fi.info, off, size)
+                if cur is None or cur[0].max_txid <= newest:
+                    index[pgno] = (info, off, size)
         if index and max(index) > commit:
             index = {p: r for p, r in index.items() if p <= commit}
         last = max(files, key=lambda f: f.info.max_txid).info if files else None

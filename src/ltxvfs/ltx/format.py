@@ -5,6 +5,7 @@ The layout and the two page encodings are described in the package docstring (``
 
 from __future__ import annotations
 
+import operator
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from ..errors import (
     PageOrderError,
     TruncatedError,
 )
+from ..gcpause import paused_gc
 
 MAGIC = b"LTX1"
 HEADER_SIZE = 100
@@ -181,22 +183,28 @@ def parse_page_index(data: bytes | memoryview, file_size: int, data_offset: int 
     i, end = start - data_offset, len(data) - TRAILER_SIZE - 8
     frames_end = start - PAGE_HEADER_SIZE
     max_frame = (page_size or MAX_PAGE_SIZE) + MAX_BLOCK_OVERHEAD + 10
-    values = _uvarints(bytes(data[i:end]))
+    with paused_gc():
+        return _parse_entries(bytes(data[i:end]), frames_end, max_frame)
+
+
+def _parse_entries(buf: bytes, frames_end: int, max_frame: int) -> PageIndex:
+    values = _uvarints(buf)
     if not values or values[-1] != 0 or len(values) % 3 != 1:
         raise MalformedIndexError("page index: terminator is not at the recorded index length")
-    index: PageIndex = {}
-    prev = 0
-    for k in range(0, len(values) - 1, 3):
-        pgno, offset, size = values[k], values[k + 1], values[k + 2]
-        if pgno <= prev:
-            raise MalformedIndexError(f"page index: pgno {pgno} after {prev}")
-        if offset < HEADER_SIZE or size <= PAGE_HEADER_SIZE or size > max_frame \
-                or offset + size > frames_end:
-            raise MalformedIndexError(
-                f"page index: frame of page {pgno} at {offset}+{size} is outside the page data")
-        index[pgno] = (offset, size)
-        prev = pgno
-    return index
+    # Checked column by column with builtins (C loops): a 50,000-page snapshot's index is
+    # parsed on every cold open, and a Python loop per entry cost ~30 ms of it.
+    pgnos, offsets, sizes = values[0:-1:3], values[1:-1:3], values[2:-1:3]
+    if pgnos and (pgnos[0] < 1 or not all(map(operator.lt, pgnos, pgnos[1:]))):
+        prev, pgno = next((a, b) for a, b in zip([0, *pgnos], pgnos, strict=False) if b <= a)
+        raise MalformedIndexError(f"page index: pgno {pgno} after {prev}")
+    if pgnos and (min(offsets) < HEADER_SIZE or min(sizes) <= PAGE_HEADER_SIZE
+                  or max(sizes) > max_frame or max(map(operator.add, offsets, sizes)) > frames_end):
+        pgno, offset, size = next(
+            (p, o, z) for p, o, z in zip(pgnos, offsets, sizes, strict=True)
+            if o < HEADER_SIZE or z <= PAGE_HEADER_SIZE or z > max_frame or o + z > frames_end)
+        raise MalformedIndexError(
+            f"page index: frame of page {pgno} at {offset}+{size} is outside the page data")
+    return dict(zip(pgnos, zip(offsets, sizes, strict=True), strict=True))
 
 
 def _uvarints(buf: bytes) -> list[int]:
