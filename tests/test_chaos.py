@@ -404,6 +404,7 @@ def _kill_trial(uri: str, rng: random.Random, point: str, timeout: float = 30.0)
 
 
 @pytest.mark.interop
+@pytest.mark.timeout(max(600, CRASH_TRIALS * 15))  # long runs: ~2-6 s a trial on S3 (moto)
 @pytest.mark.parametrize("backend", ["s3", "file"])
 def test_kill_nine_trials(backend, request, tmp_path):
     trials = max(4, CRASH_TRIALS // 2)
@@ -420,9 +421,12 @@ def test_kill_nine_trials(backend, request, tmp_path):
     committed = synced = 1
     hits: dict[str, int] = {k: 0 for k in KILL_POINTS}
     restores = 0
+    seconds = {"writing": 0.0, "restoring": 0.0}
     for trial in range(trials):
         point = KILL_POINTS[trial % len(KILL_POINTS)]
+        t0 = time.monotonic()
         seen = _kill_trial(uri, rng, point)
+        t1 = time.monotonic()
         assert seen["rc"] == -signal.SIGKILL, f"trial {trial}: writer exited by itself: {seen}"
         assert seen["start"] is not None, f"trial {trial}: writer did not start: {seen}"
         # Reopening recovered every commit the previous process made (nothing committed lost).
@@ -436,6 +440,8 @@ def test_kill_nine_trials(backend, request, tmp_path):
             assert synced <= v.n <= committed + 1, \
                 f"trial {trial} ({point}): restored n={v.n}, synced {synced}, committed {committed}"
         assert va.n == vb.n and va.rows == vb.rows, f"trial {trial}: the two restores differ"
+        seconds["writing"] += t1 - t0
+        seconds["restoring"] += time.monotonic() - t1
     # A last clean run recovers and syncs everything.
     p = start_child("writer", uri, "--count", "1", "--sync-every", "1")
     out, err = p.communicate(timeout=120)
@@ -445,7 +451,8 @@ def test_kill_nine_trials(backend, request, tmp_path):
     va, vb = both_restores(url, tmp_path, "end")
     assert va.n == vb.n == start + 1
     _report(f"crash-{backend}", {"trials": trials, "kill_points_hit": hits,
-                                 "restores_checked": restores, "commits": start + 1})
+                                 "restores_checked": restores, "commits": start + 1,
+                                 "seconds": {k: round(v, 1) for k, v in seconds.items()}})
 
 
 # --------------------------------------------------------------------------------------------
