@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .errors import LitestreamError, ObjectNotFoundError
 from .follow import Replica
+from .gcpause import paused_gc
 from .ltx import decode_page_frame, lock_pgno
 from .pages import DatabaseState, PageRef, state_at
 
@@ -253,10 +254,17 @@ def _write_pages(fd: int, page_size: int, pgnos: list[int], pages: list[bytes]) 
 
 def _runs(state: DatabaseState, pgnos: list[int]) -> list[list[tuple[int, PageRef]]]:
     """Group pages into GETs: frames adjacent in the same file, up to RUN_BYTES each."""
-    by_file: dict[tuple, list[tuple[int, PageRef]]] = {}
-    for p in pgnos:
-        ref = state.index[p]
-        by_file.setdefault((ref[0].level, ref[0].min_txid, ref[0].max_txid), []).append((p, ref))
+    index = state.index
+    # Keyed by the FileInfo object (one per file in a state; identity, not its field-by-field
+    # hash) with the collector paused: this walks every page of the database.
+    by_file: dict[int, list[tuple[int, PageRef]]] = {}
+    with paused_gc():
+        for p in pgnos:
+            ref = index[p]
+            group = by_file.get(id(ref[0]))
+            if group is None:
+                group = by_file[id(ref[0])] = []
+            group.append((p, ref))
     runs: list[list[tuple[int, PageRef]]] = []
     for items in by_file.values():
         items.sort(key=lambda x: x[1][1])
