@@ -28,7 +28,8 @@ HERE = Path(__file__).parent
 SOAK_SECONDS = float(os.environ.get("LTXVFS_SOAK_SECONDS", "20"))
 MIB = 1024 * 1024
 
-pytestmark = [pytest.mark.soak, pytest.mark.slow]
+pytestmark = [pytest.mark.soak, pytest.mark.slow,
+              pytest.mark.timeout(max(600, int(SOAK_SECONDS * 1.5) + 180))]  # long soaks
 
 
 def test_soak_memory_and_descriptors_stay_flat(s3_server, bucket, tmp_path):
