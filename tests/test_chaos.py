@@ -400,6 +400,8 @@ def _kill_trial(uri: str, rng: random.Random, point: str, timeout: float = 30.0)
             seen[parts[0]] = int(parts[1])
     seen["rc"] = p.returncode
     seen["stderr"] = p.stderr.read()[-3000:]
+    seen["seconds"] = round(time.monotonic() - start, 1)
+    seen["last_ops"] = [ln.strip() for ln in lines if ln.startswith("op ")][-4:]
     return seen
 
 
@@ -422,6 +424,7 @@ def test_kill_nine_trials(backend, request, tmp_path):
     hits: dict[str, int] = {k: 0 for k in KILL_POINTS}
     restores = 0
     seconds = {"writing": 0.0, "restoring": 0.0}
+    missed: list[dict] = []
     for trial in range(trials):
         point = KILL_POINTS[trial % len(KILL_POINTS)]
         t0 = time.monotonic()
@@ -432,6 +435,9 @@ def test_kill_nine_trials(backend, request, tmp_path):
         # Reopening recovered every commit the previous process made (nothing committed lost).
         assert committed <= seen["start"] <= committed + 1, (trial, committed, seen)
         hits[point] += seen["hit"] or point == "random"
+        if not seen["hit"] and point != "random":  # killed at the deadline instead: say why
+            missed.append({k: seen[k] for k in ("point", "seconds", "start", "committed",
+                                                "last_ops", "stderr")})
         committed = max(seen["committed"], seen["start"])
         synced = max(synced, seen["synced"])
         va, vb = both_restores(url, tmp_path, f"t{trial}")
@@ -452,7 +458,8 @@ def test_kill_nine_trials(backend, request, tmp_path):
     assert va.n == vb.n == start + 1
     _report(f"crash-{backend}", {"trials": trials, "kill_points_hit": hits,
                                  "restores_checked": restores, "commits": start + 1,
-                                 "seconds": {k: round(v, 1) for k, v in seconds.items()}})
+                                 "seconds": {k: round(v, 1) for k, v in seconds.items()},
+                                 "missed_points": missed})
 
 
 # --------------------------------------------------------------------------------------------
