@@ -627,8 +627,12 @@ def run_reader(con, *, target, deadline: float, pause: float = 0.01,
     failures: list[str] = []
     last_n = -1
     converged = False
+    goal_seen_at = None  # when the final commit became known: convergence is timed from there
+    converge_seconds = None
     while time.monotonic() < deadline and not stop():
         goal = target()
+        if goal is not None and goal_seen_at is None:
+            goal_seen_at = time.monotonic()
         try:
             view = read_view(con)
             check_view(view)
@@ -646,6 +650,7 @@ def run_reader(con, *, target, deadline: float, pause: float = 0.01,
                 if ok != [("ok",)]:
                     failures.append(f"integrity_check at the end: {ok[:3]}")
                 converged = view.n == goal
+                converge_seconds = round(time.monotonic() - goal_seen_at, 2)
                 if not converged:
                     failures.append(f"read n={view.n} beyond the final commit {goal}")
                 break
@@ -663,7 +668,7 @@ def run_reader(con, *, target, deadline: float, pause: float = 0.01,
     except Exception as err:
         vfs_stats = {"error": str(err)}
     return {"stats": dict(stats), "failures": failures[:20], "last_n": last_n,
-            "converged": converged, "vfs": vfs_stats}
+            "converged": converged, "converge_seconds": converge_seconds, "vfs": vfs_stats}
 
 
 def reader_main(args: argparse.Namespace) -> int:

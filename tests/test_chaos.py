@@ -207,6 +207,8 @@ def check_readers(results: list[dict], final: int) -> dict:
         assert r["stats"].get("reads", 0) > 0
         for k, v in r["stats"].items():
             totals[k] = totals.get(k, 0) + v
+    # The slowest reader: seconds from the final commit being known to reading it.
+    totals["slowest_convergence_s"] = max(r.get("converge_seconds") or 0 for r in results)
     return totals
 
 
