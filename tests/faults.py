@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import faulthandler
 import http.client
 import http.server
 import json
@@ -677,6 +678,8 @@ def reader_main(args: argparse.Namespace) -> int:
     import ltxvfs
 
     ltxvfs.register()
+    # A reader that is still running well past its deadline is stuck in a call: say where.
+    faulthandler.dump_traceback_later(args.timeout + 3, exit=True)
     stats: collections.Counter[str] = collections.Counter()
     deadline = time.monotonic() + args.timeout
     con = open_reader(args.uri, stats, deadline)

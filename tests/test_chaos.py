@@ -19,6 +19,7 @@ Durations: ``LTXVFS_CHAOS_SECONDS`` (default 12 s of chaos per test), ``LTXVFS_C
 from __future__ import annotations
 
 import collections
+import faulthandler
 import json
 import os
 import random
@@ -176,10 +177,12 @@ class ReaderPool:
         self.final_file.write_text(str(final))
         for th in self.threads:
             th.join(max(1.0, self.deadline - time.monotonic() + 5))
+        if any(th.is_alive() for th in self.threads):  # stuck in a call: show where
+            faulthandler.dump_traceback(sys.stderr, all_threads=True)
         for p in self.procs:
             out, err = p.communicate(timeout=max(5.0, self.deadline - time.monotonic() + 10))
             lines = [ln for ln in out.splitlines() if ln.startswith("{")]
-            assert lines, f"reader process failed (rc={p.returncode}): {err[-2000:]}"
+            assert lines, f"reader process failed (rc={p.returncode}): {err[-8000:]}"
             self.results.append(json.loads(lines[-1]))
         return self.results
 
