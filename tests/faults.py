@@ -679,7 +679,7 @@ def reader_main(args: argparse.Namespace) -> int:
 
     ltxvfs.register()
     # A reader that is still running well past its deadline is stuck in a call: say where.
-    faulthandler.dump_traceback_later(args.timeout + 3, exit=True)
+    faulthandler.dump_traceback_later(args.timeout + 35, exit=True)
     stats: collections.Counter[str] = collections.Counter()
     deadline = time.monotonic() + args.timeout
     con = open_reader(args.uri, stats, deadline)
