@@ -6,9 +6,8 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import quote
 
-import apsw
+from test_write import writer
 
 import ltxvfs
 import ltxvfs.compact
@@ -61,11 +60,7 @@ def test_closing_a_writer_lets_a_running_compaction_finish(tmp_path, monkeypatch
 
     monkeypatch.setattr(ltxvfs.compact, "compact_level", slow_compaction)
     url = (tmp_path / "replica").as_uri()
-    con = apsw.Connection(
-        f"file:db?vfs=litestream&replica_url={quote(url, safe='')}&write_enabled=true"
-        f"&sync_interval=20ms&compaction_levels=50ms"
-        f"&buffer_path={quote(str(tmp_path / 'buf'), safe='')}",
-        flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE | apsw.SQLITE_OPEN_URI)
+    con = writer(url, tmp_path, sync_interval="20ms", compaction_levels="50ms")
     con.execute("CREATE TABLE t(x); INSERT INTO t VALUES (1)")
     con.execute("PRAGMA litestream_sync")
     assert inside.wait(5)
