@@ -405,7 +405,7 @@ def _sync_at_exit() -> None:
                 except LitestreamError:
                     pass  # logged by close(); the buffer is kept
         if vfs._tmpdir is not None:
-            remove_scratch_dir(vfs._tmpdir)  # open journals there are unlinked, not in use
+            remove_scratch_dir(vfs._tmpdir)  # a journal still open there stays usable (POSIX)
 
 
 def _add_functions(con: apsw.Connection) -> None:
