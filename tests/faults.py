@@ -433,12 +433,25 @@ def pad_len(i: int) -> int:
     return (i * 7919) % 600 + 1 if i % 9 else 3000 + (i * 31) % 6000  # randomblob(0) is 1 byte
 
 
+@contextlib.contextmanager
+def write_transaction(con) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT on an apsw or sqlite3 (autocommit) connection; ROLLBACK (as far
+    as it still can) on any error, which is re-raised."""
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        con.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(Exception):
+            con.execute("ROLLBACK")
+        raise
+
+
 def apply_commit(con, i: int) -> None:
     """Commit number ``i`` (1, 2, ...) in one transaction, on an apsw or sqlite3 (autocommit)
     connection: insert row i, sometimes update an older row, delete one, add a bulk batch;
     ``meta.n`` = i. Every committed state is a function of ``n`` alone (:func:`expected_rows`)."""
-    con.execute("BEGIN IMMEDIATE")
-    try:
+    with write_transaction(con):
         con.execute("INSERT INTO t(id, v, pad) VALUES (?, ?, randomblob(?))", (i, f"v{i}", pad_len(i)))
         if i % 10 == 0:
             con.execute("UPDATE t SET v = v || '+' WHERE id = ?", (i - 5,))
@@ -449,11 +462,6 @@ def apply_commit(con, i: int) -> None:
             con.executemany("INSERT INTO bulk(id, b) VALUES (?, randomblob(700))",
                             [(base + k,) for k in range(BULK_ROWS)])
         con.execute("UPDATE meta SET n = ? WHERE k = 1", (i,))
-        con.execute("COMMIT")
-    except BaseException:
-        with contextlib.suppress(Exception):
-            con.execute("ROLLBACK")
-        raise
 
 
 def expected_rows(n: int) -> list[tuple[int, str, int]]:
@@ -806,16 +814,10 @@ SOAK_SCHEMA = [
 
 def soak_commit(con, i: int) -> None:
     """A database that does not grow: commit i rewrites three rows (n = i) and meta.n."""
-    con.execute("BEGIN IMMEDIATE")
-    try:
+    with write_transaction(con):
         for k in (i % SOAK_ROWS + 1, (i * 7) % SOAK_ROWS + 1, (i * 13) % SOAK_ROWS + 1):
             con.execute("UPDATE kv SET v = randomblob(?), n = ? WHERE k = ?", (100 + i % 900, i, k))
         con.execute("UPDATE meta SET n = ? WHERE k = 1", (i,))
-        con.execute("COMMIT")
-    except BaseException:
-        with contextlib.suppress(Exception):
-            con.execute("ROLLBACK")
-        raise
 
 
 def soak_check(con) -> int:

@@ -227,6 +227,13 @@ def fuzz_counter():
     _report("fuzz-ltx", counts)
 
 
+def _count_example(fuzz_counter, buf: bytes, peak: int) -> None:
+    """Count one fuzz example and check its allocation peak stayed bounded."""
+    fuzz_counter["examples"] += 1
+    fuzz_counter["peak_max"] = max(fuzz_counter["peak_max"], peak)
+    assert peak <= _memory_bound(buf), f"{len(buf)} bytes: peak allocation {peak} bytes"
+
+
 @FUZZ
 @given(data=st.data())
 def test_decoder_on_mutated_real_files(corpus, fuzz_counter, data):
@@ -240,9 +247,7 @@ def test_decoder_on_mutated_real_files(corpus, fuzz_counter, data):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    fuzz_counter["examples"] += 1
-    fuzz_counter["peak_max"] = max(fuzz_counter["peak_max"], peak)
-    assert peak <= _memory_bound(buf), f"decoding {len(buf)} bytes allocated {peak} bytes"
+    _count_example(fuzz_counter, buf, peak)
     if whole[0] == "ok":
         fuzz_counter["decoded"] += 1
         if buf in corpus and buf != base:  # a splice that rebuilt another corpus file whole
@@ -283,9 +288,7 @@ def test_index_and_frames_on_mutated_real_files(corpus, fuzz_counter, data):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    fuzz_counter["examples"] += 1
-    fuzz_counter["peak_max"] = max(fuzz_counter["peak_max"], peak)
-    assert peak <= _memory_bound(buf), f"{len(buf)} bytes: peak allocation {peak}"
+    _count_example(fuzz_counter, buf, peak)
 
 
 # --------------------------------------------------------------------------------------------

@@ -69,8 +69,6 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True  # exists, another user's
-    except OverflowError:
+    except (PermissionError, OverflowError):  # another user's process; not a PID at all
         return True
     return True
