@@ -801,6 +801,38 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+#: Thread-name prefixes of the package's long-lived pools: they start threads on demand up to a
+#: fixed cap and keep them, so their count grows during a run without being a leak.
+POOL_PREFIXES = ("ltxvfs-io", "ltxvfs-job", "ltxvfs-hydrate")
+#: Pools that live for one call (a listing, HEADs, a multipart upload, a restore) and are joined.
+CALL_PREFIXES = ("ltxvfs-list", "ltxvfs-head", "ltxvfs-upload", "ltxvfs-restore")
+
+
+def _fd_kinds() -> dict[str, int]:
+    """Open descriptors by kind: ``socket`` (pooled HTTP connections: opened on demand up to
+    the pool size, dropped and reopened after a fault) and ``other`` (files, pipes...)."""
+    kinds = {"socket": 0, "other": 0}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed since the listing (or the listing's own descriptor)
+            continue
+        kinds["socket" if target.startswith("socket:") else "other"] += 1
+    return kinds
+
+
+def _thread_kinds() -> dict[str, int]:
+    """Live threads by kind: ``pool`` and ``call`` as above, ``other`` for everything else
+    (main, readers, the job scheduler: a count that must not grow)."""
+    kinds = collections.Counter({"pool": 0, "call": 0, "other": 0})
+    for th in threading.enumerate():
+        name = th.name
+        kind = ("pool" if name.startswith(POOL_PREFIXES)
+                else "call" if name.startswith(CALL_PREFIXES) else "other")
+        kinds[kind] += 1
+    return dict(kinds)
+
+
 SOAK_ROWS = 300
 SOAK_SCHEMA = [
     "CREATE TABLE IF NOT EXISTS kv(k INTEGER PRIMARY KEY, v BLOB NOT NULL, n INTEGER NOT NULL)",
@@ -889,7 +921,10 @@ def soak_main(args: argparse.Namespace) -> int:
             emit(json.dumps({"t": round(now - start, 2), "rss": _rss_bytes(),
                              "traced": tracemalloc.get_traced_memory()[0],
                              "fds": len(os.listdir("/proc/self/fd")),
-                             "threads": threading.active_count(), "n": n,
+                             **{f"fds_{k}": v for k, v in _fd_kinds().items()},
+                             "threads": threading.active_count(), **{
+                                 f"threads_{k}": v for k, v in _thread_kinds().items()},
+                             "n": n,
                              "reads": counters["reads"]}))
         time.sleep(args.pace)
     stop.set()

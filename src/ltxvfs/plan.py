@@ -47,7 +47,7 @@ def list_levels(client: ReplicaClient, *, use_metadata: bool = False,
     the whole replica), else one LIST per level, in parallel."""
     if len(levels) == SNAPSHOT_LEVEL + 1:
         return client.list_all(use_metadata=use_metadata)
-    with ThreadPoolExecutor(max_workers=len(levels)) as pool:
+    with ThreadPoolExecutor(max_workers=len(levels), thread_name_prefix="ltxvfs-list") as pool:
         results = pool.map(lambda lvl: client.list_files(lvl, use_metadata=use_metadata), levels)
         return dict(zip(levels, results, strict=True))
 

@@ -57,7 +57,8 @@ def restore(client: ReplicaClient, output: str | os.PathLike[str], *, txid: int 
     total = sum(f.size for f in plan)
     done = 0
     try:
-        with open(tmp, "wb") as fh, ThreadPoolExecutor(max_workers=2) as pool:
+        with (open(tmp, "wb") as fh,
+              ThreadPoolExecutor(max_workers=2, thread_name_prefix="ltxvfs-restore") as pool):
             page_size = commit = 0
             seen = bytearray()
             for info in plan:

@@ -323,7 +323,8 @@ class S3ReplicaClient(ReplicaClient):
             ts = parse_timestamp(head.get("Metadata", {}).get(METADATA_KEY, ""))
             return info if ts is None else dataclasses.replace(info, created_at=ts)
 
-        with ThreadPoolExecutor(min(self._metadata_concurrency, len(infos))) as pool:
+        with ThreadPoolExecutor(min(self._metadata_concurrency, len(infos)),
+                                thread_name_prefix="ltxvfs-head") as pool:
             return list(pool.map(fetch, infos))
 
     def read(self, level: int, min_txid: int, max_txid: int, offset: int = 0,
@@ -403,7 +404,7 @@ class S3ReplicaClient(ReplicaClient):
         try:
             parts: list[dict[str, Any]] = []
             wave = self._upload_concurrency
-            with ThreadPoolExecutor(wave) as pool:
+            with ThreadPoolExecutor(wave, thread_name_prefix="ltxvfs-upload") as pool:
                 for first in range(0, n_parts, wave):
                     futures = [pool.submit(upload, i, chunk(i))
                                for i in range(first, min(first + wave, n_parts))]
