@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import threading
 import time
@@ -72,6 +73,17 @@ def test_hydrates_and_deletes_on_close(vfs, replica, tmp_path):
     assert oct(target.stat().st_mode & 0o777) == "0o600"
     con.close()
     assert not target.exists()
+
+
+def test_hydration_leaves_the_readers_cache_statistics_alone(vfs, replica, tmp_path):
+    con = connect(replica.url, tmp_path / "h.db")
+    hydrated(con)
+    stats = json.loads(one(con, "PRAGMA litestream_stats"))
+    # Only the opening statements' own reads (the schema) count; hydration checking the cache
+    # for each of the ~400 pages it copies once counted as ~400 misses readers never had.
+    assert stats["cache_hits"] + stats["cache_misses"] < 20, stats
+    assert one(con, "SELECT count(*) FROM t") == 400
+    con.close()
 
 
 def test_enabled_without_a_path_uses_a_private_temp_file(vfs, replica):

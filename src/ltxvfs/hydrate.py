@@ -174,7 +174,7 @@ class Hydrator:
         info, start = run[0][1][0], run[0][1][1]
         end = run[-1][1][1] + run[-1][1][2]
         cache = self.replica.store.cache
-        cached = [cache.get((info.level, info.min_txid, info.max_txid, r[1])) for _, r in run]
+        cached = [cache.peek((info.level, info.min_txid, info.max_txid, r[1])) for _, r in run]
         if all(c is not None for c in cached):  # e.g. our own sync seeded them
             pages = list(cached)
         else:

@@ -223,6 +223,12 @@ class PageCache:
             self.hits += 1
             return page
 
+    def peek(self, key: tuple) -> bytes | None:
+        """The page if cached, without counting a hit or miss or refreshing its age: for
+        background work (hydration) that must not skew what readers' statistics and LRU say."""
+        with self._lock:
+            return self._data.get(key)
+
     def put(self, key: tuple, page: bytes) -> None:
         with self._lock:
             old = self._data.pop(key, None)
