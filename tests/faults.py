@@ -803,9 +803,9 @@ def _rss_bytes() -> int:
 
 #: Thread-name prefixes of the package's long-lived pools: they start threads on demand up to a
 #: fixed cap and keep them, so their count grows during a run without being a leak.
-POOL_PREFIXES = ("ltxvfs-io", "ltxvfs-job", "ltxvfs-hydrate")
+POOL_PREFIXES = ("ltxvfs-io_", "ltxvfs-job_", "ltxvfs-hydrate_")  # ThreadPoolExecutor adds _N
 #: Pools that live for one call (a listing, HEADs, a multipart upload, a restore) and are joined.
-CALL_PREFIXES = ("ltxvfs-list", "ltxvfs-head", "ltxvfs-upload", "ltxvfs-restore")
+CALL_PREFIXES = ("ltxvfs-list_", "ltxvfs-head_", "ltxvfs-upload_", "ltxvfs-restore_")
 
 
 def _fd_kinds() -> dict[str, int]:

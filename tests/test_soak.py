@@ -75,8 +75,8 @@ def test_soak_memory_and_descriptors_stay_flat(s3_server, bucket, tmp_path):
         "traced_first_mib": round(mean("traced", first) / MIB, 2),
         "traced_last_mib": round(mean("traced", last) / MIB, 2),
         "fds_first_max": max(s["fds"] for s in first), "fds_last_max": max(s["fds"] for s in last),
-        "file_fds_first_max": max(s["fds_other"] for s in first),
-        "file_fds_last_max": max(s["fds_other"] for s in last),
+        "file_fds_first_mean": round(mean("fds_other", first), 2),
+        "file_fds_last_mean": round(mean("fds_other", last), 2),
         "socket_fds_max": max(s["fds_socket"] for s in samples),
         "threads_first_max": max(s["threads"] for s in first),
         "threads_last_max": max(s["threads"] for s in last),
@@ -91,7 +91,8 @@ def test_soak_memory_and_descriptors_stay_flat(s3_server, bucket, tmp_path):
     assert mean("traced", last) <= mean("traced", first) * 1.25 + 4 * MIB, figures
     # Sockets come and go with the HTTP connection pools (a fault drops one, the next request
     # opens another), up to the pools' size; files (buffer, journals, scratch) must stay flat.
-    assert figures["file_fds_last_max"] <= figures["file_fds_first_max"] + 2, figures
+    # Means, not maxima: a sample may catch a buffer rewrite holding two more for a moment.
+    assert figures["file_fds_last_mean"] <= figures["file_fds_first_mean"] + 1, figures
     assert figures["socket_fds_max"] <= S3_CLIENTS * MAX_POOL_CONNECTIONS, figures
     # The shared pools start threads on demand and keep them, so the total may rise during a
     # run (CI once saw 14 -> 17 in 20 s) up to their fixed caps; that is not a leak. What must

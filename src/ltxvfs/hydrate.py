@@ -102,9 +102,12 @@ class Hydrator:
         return data if len(data) == state.page_size else None
 
     def progress(self) -> str:
+        """``100.0`` exactly when reads of the latest state use the file: while it catches up
+        with a newer transaction (reads of that are remote meanwhile) it says ``99.9``."""
         if self.error is not None:
             return f"failed: {self.error}"
-        if self.state is not None:
+        state = self.state
+        if state is not None and state is self.replica.state:
             return "100.0"
         if not self.total_pages:
             return "0.0"
