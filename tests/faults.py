@@ -516,6 +516,31 @@ def check_view(view: View) -> None:
 _out_lock = threading.Lock()
 
 
+def wait_at_barrier() -> None:
+    """Child side of ``release_together``: say ``ready`` and wait for the go-ahead on stdin."""
+    emit("ready")
+    sys.stdin.readline()
+
+
+def release_together(procs: list, timeout: float = 120) -> None:
+    """Parent side: wait (bounded) until every child printed ``ready``, then let them all go
+    at once — so racers really race, however long each took to start on a loaded machine."""
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        reader = threading.Thread(target=lambda p=p: p.ready.append(p.stdout.readline()),
+                                  daemon=True)
+        p.ready = []
+        reader.start()
+        reader.join(max(0.0, deadline - time.monotonic()))
+        if p.ready != ["ready\n"]:
+            for q in procs:
+                q.kill()
+            raise AssertionError(f"a racer did not get ready: {p.ready} {p.stderr.read()[-2000:]}")
+    for p in procs:  # left open: Python 3.11's communicate() fails on a closed stdin
+        p.stdin.write("go\n")
+        p.stdin.flush()
+
+
 def emit(*parts: object) -> None:
     line = " ".join(str(p) for p in parts)
     with _out_lock:
@@ -740,6 +765,8 @@ def racer_main(args: argparse.Namespace) -> int:
         return con
 
     con = reopen()
+    if args.barrier:
+        wait_at_barrier()
     next_sync = rng.randint(1, 4)
     while seq < args.count:
         try:
@@ -958,6 +985,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--who", required=True)
     c.add_argument("--count", type=int, default=500)
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--barrier", action="store_true", help="start on a line on stdin")
     s = sub.add_parser("soak")
     s.add_argument("uri")
     s.add_argument("read_uri")

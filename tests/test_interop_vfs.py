@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -83,8 +84,10 @@ def test_long_read_transaction_keeps_its_snapshot(vfs, request, tmp_path, replic
     for _ in range(3):
         wl.step()
         rep.wait_until_replicated()
-    rep.wait_for_level(1, rep.wait_until_replicated())  # compaction happened meanwhile
-    time.sleep(3 * POLL)  # the poller has seen it all...
+    last = rep.wait_until_replicated()
+    rep.wait_for_level(1, last)  # compaction happened meanwhile
+    replica = next(r for r in vfs.replicas() if r.client.url == url)
+    assert wait_for(lambda: replica.state.txid >= last, timeout=30)  # the poller has seen it all...
     assert rows(con) == snapshot  # ...but the open read transaction keeps its snapshot
     assert rows(con, "PRAGMA litestream_txid") == txid
     con.execute("COMMIT")
@@ -104,20 +107,26 @@ def test_follows_a_live_primary_through_compaction_and_retention(
     rep.wait_until_replicated()
     con = connect(url)
     assert rows(con) == wl.rows()
-    late = []
+    replica = next(r for r in vfs.replicas() if r.client.url == url)
+    late, polls = [], []
     deadline = time.monotonic() + 8  # long enough for L1/L2 compaction and L0 retention
     while time.monotonic() < deadline:
         wl.step(transactions=2)
         target = rep.wait_until_replicated()
         expected = wl.rows()
-        start = time.monotonic()
+        start, polls_before = time.monotonic(), replica.polls
         seen = wait_for(lambda t=target: int(rows(con, "PRAGMA litestream_txid")[0][0], 16) >= t,
-                        timeout=3 * POLL + 1)
+                        timeout=30)
         late.append(time.monotonic() - start)
+        polls.append(replica.polls - polls_before)
         assert seen, "reader did not reach the primary's TXID"
         assert rows(con) == expected
-    print("visible after", sorted(late))
-    assert max(late) <= 3 * POLL, late
+    print("visible after", sorted(late), "polls", sorted(polls))
+    # Counted in polls, not seconds, so a loaded machine's slow scheduler cannot fail it: one
+    # poll may have been under way already, one may lose a race with retention (and is logged);
+    # the next one sees the commit. The typical latency is still ~ one interval.
+    assert max(polls) <= 3, (polls, late)
+    assert statistics.median(late) <= 3 * POLL, late
     assert "l0 retention enforced" in rep.log_tail(400)
     # Reopened late, the reader starts from the compacted files and keeps following.
     con.close()
@@ -125,7 +134,7 @@ def test_follows_a_live_primary_through_compaction_and_retention(
     assert rows(con) == wl.rows()
     wl.step()
     rep.wait_until_replicated()
-    assert wait_for(lambda: rows(con) == wl.rows(), timeout=3 * POLL + 1)
+    assert wait_for(lambda: rows(con) == wl.rows(), timeout=30)
     con.close()
 
 

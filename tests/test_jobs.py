@@ -30,7 +30,7 @@ def test_remove_waits_for_a_run_in_progress_and_is_bounded():
         assert started.wait(5)
         t0 = time.monotonic()
         assert sched.remove("slow", wait=0.2) is False  # still running: gave up after 0.2 s
-        assert 0.15 < time.monotonic() - t0 < 2
+        assert 0.15 < time.monotonic() - t0 < 10  # the upper bound only catches a hang
         threading.Timer(0.1, release.set).start()
         assert sched.remove("slow", wait=5) is True  # returned once the run ended
         ticks = threading.Semaphore(0)

@@ -28,7 +28,7 @@ from urllib.parse import quote
 
 import apsw
 import pytest
-from faults import SCHEMA, FaultProxy, Faults, apply_commit, check_view, read_view
+from faults import SCHEMA, FaultProxy, Faults, apply_commit, check_view, read_view, release_together
 from test_chaos import restored_view, s3_urls, vfs_uri
 
 import ltxvfs
@@ -82,8 +82,9 @@ def _two_writers(proxy: FaultProxy, s3_url: str, tmp_path: Path) -> None:
         procs[who] = subprocess.Popen(
             [sys.executable, str(HERE / "faults.py"), "racer", uri, "--buffer",
              str(tmp_path / f"buf-{who}"), "--who", who, "--count", str(RACE_COMMITS // 2),
-             "--seed", str(seed)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+             "--seed", str(seed), "--barrier"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.PIPE)
+    release_together(list(procs.values()))  # both open at the same TXID: they must collide
     outs = {}
     for who, p in procs.items():
         out, err = p.communicate(timeout=600)

@@ -3,6 +3,7 @@
 Inserts rows START..START+COUNT-1 into ``t(id INTEGER PRIMARY KEY, who TEXT, body BLOB)``, one
 commit each, printing ``committed <id>`` (flushed) after each commit returns and ``synced <txid>``
 after each explicit sync (every SYNC commits, if given). Exits 3 on ConflictError, printing it.
+With ``WRITER_BARRIER=1`` it prints ``ready`` once open and waits for a line on stdin.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ def main() -> int:
     who = f"pid{os.getpid()}"
     try:
         con.execute("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, who TEXT, body BLOB)")
+        if os.environ.get("WRITER_BARRIER") == "1":
+            print("ready", flush=True)
+            sys.stdin.readline()
         for i in range(start, start + count):
             con.execute("INSERT INTO t VALUES (?, ?, randomblob(?))", (i, who, 100 + i % 900))
             print(f"committed {i}", flush=True)
