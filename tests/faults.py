@@ -527,15 +527,15 @@ def release_together(procs: list, timeout: float = 120) -> None:
     at once — so racers really race, however long each took to start on a loaded machine."""
     deadline = time.monotonic() + timeout
     for p in procs:
-        reader = threading.Thread(target=lambda p=p: p.ready.append(p.stdout.readline()),
+        said: list[str] = []  # readline in a thread: a child that hangs cannot hang the test
+        reader = threading.Thread(target=lambda p=p, said=said: said.append(p.stdout.readline()),
                                   daemon=True)
-        p.ready = []
         reader.start()
         reader.join(max(0.0, deadline - time.monotonic()))
-        if p.ready != ["ready\n"]:
+        if said != ["ready\n"]:
             for q in procs:
                 q.kill()
-            raise AssertionError(f"a racer did not get ready: {p.ready} {p.stderr.read()[-2000:]}")
+            raise AssertionError(f"a racer did not get ready: {said} {p.stderr.read()[-2000:]}")
     for p in procs:  # left open: Python 3.11's communicate() fails on a closed stdin
         p.stdin.write("go\n")
         p.stdin.flush()
