@@ -945,10 +945,10 @@ def soak_main(args: argparse.Namespace) -> int:
         now = time.monotonic()
         if now >= next_sample:
             next_sample = now + args.every
+            fds = _fd_kinds()
             emit(json.dumps({"t": round(now - start, 2), "rss": _rss_bytes(),
                              "traced": tracemalloc.get_traced_memory()[0],
-                             "fds": len(os.listdir("/proc/self/fd")),
-                             **{f"fds_{k}": v for k, v in _fd_kinds().items()},
+                             "fds": sum(fds.values()), **{f"fds_{k}": v for k, v in fds.items()},
                              "threads": threading.active_count(), **{
                                  f"threads_{k}": v for k, v in _thread_kinds().items()},
                              "n": n,

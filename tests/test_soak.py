@@ -26,16 +26,16 @@ from test_chaos import _report, s3_urls, vfs_uri
 
 from ltxvfs.hydrate import PARALLEL as HYDRATION_PARALLEL
 from ltxvfs.jobs import JOB_THREADS, POOL_THREADS
+from ltxvfs.storage.s3 import DEFAULT_MAX_POOL_CONNECTIONS, DEFAULT_METADATA_CONCURRENCY
 
 HERE = Path(__file__).parent
 SOAK_SECONDS = float(os.environ.get("LTXVFS_SOAK_SECONDS", "20"))
 MIB = 1024 * 1024
 #: Threads of per-call pools alive at once: each job thread (sync, compaction, poll) and reader
-#: may be inside one call's pool (up to 16 HEADs, or a listing of 10 levels) at a time.
-CALL_THREADS_CAP = (JOB_THREADS + 4) * 16
-#: The child opens two S3 clients (the writer's URL and the readers' one), each with a
-#: connection pool of this size (the ``S3Client`` default).
-S3_CLIENTS, MAX_POOL_CONNECTIONS = 2, 64
+#: may be inside one call's pool (HEADs, or a listing of 10 levels) at a time.
+CALL_THREADS_CAP = (JOB_THREADS + 4) * max(DEFAULT_METADATA_CONCURRENCY, 10)
+#: The child opens two S3 clients (the writer's URL and the readers' one).
+S3_CLIENTS = 2
 
 pytestmark = [pytest.mark.soak, pytest.mark.slow,
               pytest.mark.timeout(max(600, int(SOAK_SECONDS * 1.5) + 180))]  # long soaks
@@ -93,7 +93,7 @@ def test_soak_memory_and_descriptors_stay_flat(s3_server, bucket, tmp_path):
     # opens another), up to the pools' size; files (buffer, journals, scratch) must stay flat.
     # Means, not maxima: a sample may catch a buffer rewrite holding two more for a moment.
     assert figures["file_fds_last_mean"] <= figures["file_fds_first_mean"] + 1, figures
-    assert figures["socket_fds_max"] <= S3_CLIENTS * MAX_POOL_CONNECTIONS, figures
+    assert figures["socket_fds_max"] <= S3_CLIENTS * DEFAULT_MAX_POOL_CONNECTIONS, figures
     # The shared pools start threads on demand and keep them, so the total may rise during a
     # run (CI once saw 14 -> 17 in 20 s) up to their fixed caps; that is not a leak. What must
     # not rise is every other thread (main, readers, the scheduler), and pools stay under caps.

@@ -12,6 +12,7 @@ import os
 import sys
 
 import apsw
+from faults import wait_at_barrier
 
 import ltxvfs
 from ltxvfs.errors import ConflictError
@@ -28,8 +29,7 @@ def main() -> int:
     try:
         con.execute("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, who TEXT, body BLOB)")
         if os.environ.get("WRITER_BARRIER") == "1":
-            print("ready", flush=True)
-            sys.stdin.readline()
+            wait_at_barrier()
         for i in range(start, start + count):
             con.execute("INSERT INTO t VALUES (?, ?, randomblob(?))", (i, who, 100 + i % 900))
             print(f"committed {i}", flush=True)

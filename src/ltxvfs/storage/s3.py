@@ -37,6 +37,8 @@ METADATA_KEY = "litestream-timestamp"
 DELETE_BATCH = 1000
 MAX_PARTS = 10_000
 DEFAULT_UPLOAD_CONCURRENCY = 5  # the Go SDK uploader's default
+DEFAULT_MAX_POOL_CONNECTIONS = 64  # pooled HTTP connections per client
+DEFAULT_METADATA_CONCURRENCY = 16  # HEADs in flight when a listing asks for timestamps
 #: GETs of one range when the response body breaks off mid-stream (botocore does not retry that).
 BODY_ATTEMPTS = 4
 
@@ -134,7 +136,8 @@ class S3ReplicaClient(ReplicaClient):
     def __init__(self, url: ReplicaURL | str, *, environ: Mapping[str, str] | None = None,
                  part_size: int | None = None, max_attempts: int = 10,
                  connect_timeout: float = 10.0, read_timeout: float = 60.0,
-                 max_pool_connections: int = 64, metadata_concurrency: int = 16,
+                 max_pool_connections: int = DEFAULT_MAX_POOL_CONNECTIONS,
+                 metadata_concurrency: int = DEFAULT_METADATA_CONCURRENCY,
                  list_page_size: int = 1000) -> None:
         cfg = url if isinstance(url, ReplicaURL) else parse_replica_url(url, environ)
         if cfg.scheme != "s3":
