@@ -4,6 +4,7 @@ Inserts rows START..START+COUNT-1 into ``t(id INTEGER PRIMARY KEY, who TEXT, bod
 commit each, printing ``committed <id>`` (flushed) after each commit returns and ``synced <txid>``
 after each explicit sync (every SYNC commits, if given). Exits 3 on ConflictError, printing it.
 With ``WRITER_BARRIER=1`` it prints ``ready`` once open and waits for a line on stdin.
+``WRITER_PRAGMAS="synchronous=OFF;locking_mode=EXCLUSIVE"`` runs those PRAGMAs after opening.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def main() -> int:
                           | apsw.SQLITE_OPEN_URI)
     con.set_busy_timeout(5000)
     who = f"pid{os.getpid()}"
+    for pragma in filter(None, os.environ.get("WRITER_PRAGMAS", "").split(";")):
+        con.execute(f"PRAGMA {pragma}")
     try:
         con.execute("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, who TEXT, body BLOB)")
         if os.environ.get("WRITER_BARRIER") == "1":

@@ -1,17 +1,19 @@
 """The main database file SQLite sees: one per connection, on a shared :class:`Replica`.
 
-* Read mode: a read transaction pins one state, adopted when SQLite takes the SHARED lock; page 1
-  carries a change counter that moves only when that state changes, so SQLite keeps its page
-  cache between transactions.
-* Write mode: pages come from the write buffer first, then from the replica; SQLite's own change
-  counter is left alone (SQLite maintains it on every commit, as on a real file). Locks follow
-  SQLite's rules among this process's connections (locks.py); the writer's commit ends at the
-  unlock (or at ``xSync``, which also makes it durable).
+* Every read goes through the connection's :class:`~ltxvfs.view.View`, chosen when SQLite takes
+  the SHARED lock and fixed until the lock drops to NONE (follower state, writer buffer over the
+  replica's state, or a pinned past state); page 1 carries the connection's own change counter,
+  which moves exactly when its view may show other bytes (view.py).
+* Write mode: SQLite's writes go to the write buffer. A transaction's records become a commit at
+  ``xSync`` (durable: fsynced), else at ``SQLITE_FCNTL_COMMIT_PHASETWO`` (every mode, including
+  ``synchronous=OFF`` and ``locking_mode=EXCLUSIVE``), else at the unlock (a rollback's playback).
+  Locks follow SQLite's rules among this process's connections (locks.py).
 * Package errors become apsw errors here.
 """
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -22,13 +24,13 @@ from .follow import Replica
 from .locks import NONE, RESERVED, SHARED
 from .pages import DatabaseState, PageNotFoundError
 from .pragmas import PragmaError, format_time, handle_pragma
+from .view import Counter, View
 
 if TYPE_CHECKING:
     from .vfs import LitestreamVFS
+    from .writer import Writer
 
-#: Change counters of time-travel views live in their own range, apart from SQLite's.
-_TRAVEL_VERSION = 0x40000000
-
+log = logging.getLogger("ltxvfs")
 
 def to_apsw_error(err: Exception) -> apsw.Error:
     """The apsw exception SQLite should see for one of ours (the original stays chained)."""
@@ -40,38 +42,49 @@ def to_apsw_error(err: Exception) -> apsw.Error:
 
 
 class LitestreamFile:
-    """A main database file on a replica."""
+    """A main database file on a replica. Reads go through the connection's :class:`View`
+    (view.py): chosen when SQLite takes SHARED, fixed until the lock drops to NONE."""
 
-    def __init__(self, vfs: LitestreamVFS, replica: Replica, may_write: bool) -> None:
+    def __init__(self, vfs: LitestreamVFS, replica: Replica, name: str, may_write: bool) -> None:
         self._vfs = vfs
         self.replica = replica
-        self._store = replica.store
+        self.name = name
         self._may_write = may_write
-        self._state: DatabaseState = replica.state
-        self._next: DatabaseState | None = None  # adopted at the next transaction start
-        self._pinned: DatabaseState | None = None
+        self._view: View | None = None  # while SQLite holds a lock
+        self._pinned: DatabaseState | None = None  # the pin for the next views
         self._pinned_time: datetime | None = None
         self._pinned_txid: int | None = None
+        self._exclusive_mode = False  # PRAGMA locking_mode=EXCLUSIVE seen
         self._lock_level = NONE
-        self._version = 1
+        self._counter = Counter()
         self._page1: tuple[bytes | None, int, bytes] = (None, 0, b"")
         self._closed = False
 
-    @property
-    def _writer(self):
-        """The writer whose buffer this connection reads through (None: read from states)."""
-        return self.replica.writer if self._pinned is None else None
+    def _choose_view(self) -> View:
+        """The view a transaction starting now gets (called under the replica's lock table)."""
+        if self._pinned is not None:
+            return View(self._pinned, None, pinned=True)
+        writer = self.replica.writer
+        if writer is not None:
+            return View(None, writer)
+        return View(self.replica.state, None)
+
+    def _current(self) -> View:
+        """The view of the open transaction; outside one (SQLite reads under a lock, but a
+        PRAGMA may ask), the view a transaction would get now."""
+        return self._view if self._view is not None else self._choose_view()
 
     # --- reads ----------------------------------------------------------------------------------
 
     def xRead(self, amount: int, offset: int) -> bytes:  # noqa: N802
         for attempt in range(3):
-            state = self.replica.state if self._writer is not None else self._state
+            view = self._current()
             try:
-                return self._read(amount, offset)
+                return self._read(view, amount, offset)
             except ObjectNotFoundError as err:
                 # A file of our state was removed (retention after compaction). Compacted files
                 # covering it may hold the same pages: carry on from there, same snapshot.
+                state = view.read_state(self.replica)
                 try:
                     fixed = self.replica.recover(state) if attempt < 2 else None
                 except LitestreamError:
@@ -79,110 +92,102 @@ class LitestreamFile:
                 if fixed is None or fixed is state:
                     raise apsw.BusyError(f"litestream: {err}; the replica moved on, "
                                          "retry the transaction") from err
-                if self._pinned is state:
-                    self._pinned = fixed
-                if self._state is state:
-                    self._state = fixed
+                if view.state is not None:  # same bytes, so the counter stays
+                    self._view = View(fixed, None, view.pinned) if self._view is view else self._view
+                    if self._pinned is state:
+                        self._pinned = fixed
             except LitestreamError as err:
                 raise to_apsw_error(err) from err
         raise AssertionError("unreachable")
 
-    def _page(self, pgno: int) -> bytes:
-        writer = self._writer
-        if writer is not None:
-            page = writer.read_page(pgno)
-            if page is not None:
-                return page
-            state = self.replica.state
-        else:
-            state = self._state
-        hydrator = self.replica.hydrator
-        if hydrator is not None:
-            page = hydrator.read_page(state, pgno)
-            if page is not None:
-                return page
-        return self._store.read_page(state, pgno)
-
-    def _geometry(self) -> tuple[int, int]:
-        """(page size, database size in bytes) as this connection sees it."""
-        writer = self._writer
-        if writer is not None:
-            page_size = writer.page_size
-            return page_size, writer.size_pages() * page_size
-        return self._state.page_size, self._state.size
-
-    def _read(self, amount: int, offset: int) -> bytes:
-        page_size, size = self._geometry()
+    def _read(self, view: View, amount: int, offset: int) -> bytes:
+        page_size, size = view.geometry()
         if offset >= size:
             return b""
         pgno, start = divmod(offset, page_size)
         if start + amount <= page_size:
-            page = self._page(pgno + 1)
+            page = view.page(self.replica, pgno + 1)
             if pgno == 0:
                 page = self._patch_header(page)
             return page[start:start + amount]
         out = bytearray()
         while len(out) < amount and offset + len(out) < size:
             pgno, start = divmod(offset + len(out), page_size)
-            page = self._page(pgno + 1)
+            page = view.page(self.replica, pgno + 1)
             if pgno == 0:
                 page = self._patch_header(page)
             out += page[start:start + amount - len(out)]
         return bytes(out)
 
     def _patch_header(self, page: bytes) -> bytes:
-        """Page 1 always says rollback-journal mode. In read mode its change counter (and the
-        'version valid for' field) is ours: it moves only when the state does."""
-        version = 0 if self._writer is not None else self._version
+        """Page 1 always says rollback-journal mode and carries this connection's counter."""
+        value = self._counter.value
         cached = self._page1
-        if cached[0] is page and cached[1] == version:
+        if cached[0] is page and cached[1] == value:
             return cached[2]  # SQLite reads the header at every transaction start
-        p = bytearray(page)
-        p[18] = p[19] = 1
-        if version:
-            counter = version.to_bytes(4, "big")
-            p[24:28] = counter
-            p[92:96] = counter
-        patched = bytes(p)
-        self._page1 = (page, version, patched)
+        patched = self._counter.patch(page)
+        self._page1 = (page, value, patched)
         return patched
 
     def xFileSize(self) -> int:  # noqa: N802
-        return self._geometry()[1]
+        return self._current().geometry()[1]
 
     # --- locks ----------------------------------------------------------------------------------
 
     def xLock(self, level: int) -> None:  # noqa: N802
         if level >= RESERVED and self._lock_level < RESERVED:
-            writer = self.replica.writer
-            if writer is None or not self._may_write:
-                raise apsw.ReadOnlyError("litestream: the database is read-only (write mode is off)")
-            if self._pinned is not None:
+            if self._pinned is not None or self._view is not None and self._view.pinned:
                 raise apsw.ReadOnlyError("litestream: cannot write while reading the past; "
                                          "PRAGMA litestream_time = 'latest' first")
-            writer.check_writable()  # a ConflictError reaches the caller as it is
-        self.replica.locks.lock(id(self), level)
+            if not self._may_write:
+                raise apsw.ReadOnlyError("litestream: the database is read-only (write mode is off)")
+        try:
+            self.replica.locks.lock(id(self), level, self._granting)
+        except LitestreamError as err:
+            raise to_apsw_error(err) from err
+        self._lock_level = level
+
+    def _granting(self, level: int) -> None:
+        """Runs under the lock table's mutex, just before ``level`` is granted: a new read
+        transaction chooses its view; a write transaction needs the writer its view reads."""
         if level == SHARED and self._lock_level == NONE:
             self.replica.touched = True
-            target = self._next or self._pinned or self.replica.state
-            self._next = None
-            if target is not self._state:
-                self._state = target
-                self._bump_version()
-        self._lock_level = level
-
-    def _bump_version(self) -> None:
-        base = _TRAVEL_VERSION if self._pinned is not None else 0
-        self._version = base | ((self._version + 1) & 0x3FFFFFFF or 1)
+            view = self._choose_view()
+            self._counter.adopt(view)
+            self._view = view
+            self.replica.locks.set_reads_buffer(id(self), view.writer is not None)
+        elif level >= RESERVED and self._lock_level < RESERVED:
+            writer = self.replica.writer
+            if writer is None:
+                raise apsw.ReadOnlyError("litestream: the database is read-only (write mode is off)")
+            view = self._view
+            if view is not None and view.writer is not writer:
+                # SQLite's own code for "this read transaction is too old to write from"
+                # (a message does not survive xLock; the extended code does: say why in the log).
+                log.warning("a connection to %s began its read transaction before write mode "
+                            "was turned on: it cannot write until that transaction ends",
+                            self.replica.client.url)
+                raise apsw.exception_for(apsw.SQLITE_BUSY_SNAPSHOT)
+            writer.check_writable()  # a ConflictError reaches the caller as it is
 
     def xUnlock(self, level: int) -> None:  # noqa: N802
-        if self._lock_level >= RESERVED > level and self.replica.writer is not None:
-            try:
-                self.replica.writer.commit(fsync=False)
-            except LitestreamError as err:
-                raise to_apsw_error(err) from err
+        if self._lock_level >= RESERVED > level:
+            self._commit(fsync=False)  # a rollback's playback, or a commit SQLite ended here
         self.replica.locks.unlock(id(self), level)
         self._lock_level = level
+        if level == NONE:
+            self._view = None
+
+    def _commit(self, fsync: bool) -> None:
+        """End of a write transaction: what SQLite wrote becomes a commit in the buffer."""
+        view = self._view
+        writer = view.writer if view is not None else None
+        if writer is None:
+            return
+        try:
+            writer.commit(fsync=fsync)
+        except LitestreamError as err:
+            raise to_apsw_error(err) from err
 
     def xCheckReservedLock(self) -> bool:  # noqa: N802
         return self.replica.locks.reserved_by_other(id(self))
@@ -201,13 +206,21 @@ class LitestreamFile:
             page_size = writer.page_size or len(data)
             pgno, start = divmod(offset, page_size)
             if start or len(data) != page_size:  # a partial page: read, modify, write
-                page = bytearray(self._page(pgno + 1) if offset < self._geometry()[1]
+                view = self._current()
+                page = bytearray(view.page(self.replica, pgno + 1) if offset < view.geometry()[1]
                                  else bytes(page_size))
                 page[start:start + len(data)] = data
                 data = bytes(page)
             writer.write_page(pgno + 1, data)
         except LitestreamError as err:
             raise to_apsw_error(err) from err
+
+    def _writing(self) -> Writer:
+        view = self._view
+        writer = view.writer if view is not None else None
+        if writer is None or not self._may_write or self._lock_level < RESERVED:
+            raise apsw.ReadOnlyError("litestream: the database is read-only")
+        return writer
 
     def xTruncate(self, newsize: int) -> None:  # noqa: N802
         writer = self._writing()
@@ -217,12 +230,8 @@ class LitestreamFile:
             raise to_apsw_error(err) from err
 
     def xSync(self, flags: int) -> None:  # noqa: N802
-        writer = self.replica.writer
-        if writer is not None and self._lock_level >= RESERVED:
-            try:
-                writer.commit(fsync=True)  # SQLite syncs the database file only to commit
-            except LitestreamError as err:
-                raise to_apsw_error(err) from err
+        if self._lock_level >= RESERVED:
+            self._commit(fsync=True)  # SQLite syncs the database file only to commit
 
     def xSectorSize(self) -> int:  # noqa: N802
         return 0
@@ -233,17 +242,35 @@ class LitestreamFile:
     def xClose(self) -> None:  # noqa: N802
         if not self._closed:
             self._closed = True
+            self._view = None
             self.replica.locks.unlock(id(self), NONE)
+            self._vfs.forget_local_files(self.name)
             self._vfs.release(self.replica)
 
-    # --- PRAGMAs --------------------------------------------------------------------------------
+    # --- file controls and PRAGMAs --------------------------------------------------------------
 
     def xFileControl(self, op: int, ptr: int) -> bool:  # noqa: N802
+        if op == apsw.SQLITE_FCNTL_COMMIT_PHASETWO:
+            # The end of every committed write transaction, in every mode: with
+            # synchronous=OFF there is no xSync, with locking_mode=EXCLUSIVE no xUnlock.
+            if self._lock_level >= RESERVED:
+                self._commit(fsync=False)
+            return False
         if op != apsw.SQLITE_FCNTL_PRAGMA:
             return False
         pragma = apsw.VFSFcntlPragma(ptr)
+        name = pragma.name.lower()
+        value = (pragma.value or "").strip().lower()
+        if name == "journal_mode" and value == "wal" and self._may_write:
+            # Refused before SQLite writes anything: WAL needs shared memory this VFS has not
+            # (read-only connections get SQLite's own answer: the mode stays 'delete').
+            raise apsw.SQLError("litestream: journal_mode=WAL is not supported (rollback journal "
+                                "only: DELETE, TRUNCATE, PERSIST, MEMORY or OFF)")
+        if name == "locking_mode" and value in ("exclusive", "normal"):
+            self._exclusive_mode = value == "exclusive"
+            return False
         try:
-            result = handle_pragma(self, pragma.name, pragma.value, self._pinned_txid)
+            result = handle_pragma(self, name, pragma.value, self._pinned_txid)
         except ConflictError:
             raise  # as it is: the caller should see exactly this
         except (PragmaError, LitestreamError) as err:
@@ -253,16 +280,8 @@ class LitestreamFile:
         pragma.result = result
         return True
 
-    def _view(self) -> DatabaseState:
-        """The state a read would see now: inside a transaction its own, else the next one."""
-        if self._lock_level != NONE:
-            return self._state
-        return self._next or self._pinned or self.replica.state
-
     def txid(self) -> int:
-        if self._writer is not None:
-            return self.replica.state.txid
-        return self._view().txid
+        return self._current().txid
 
     def lag(self) -> int:
         return self.replica.lag_seconds()
@@ -270,24 +289,22 @@ class LitestreamFile:
     def time_text(self) -> str:
         if self._pinned_time is not None:
             return format_time(self._pinned_time)
-        return format_time(self._view().created_at)
+        return format_time(self._current().read_state(self.replica).created_at)
 
     def travel_to(self, when: datetime | None = None, txid: int | None = None) -> None:
-        """Read the database as of ``when`` or ``txid`` (both None: follow the latest again).
-        Takes effect at once outside a transaction, else at the next one."""
+        """Read the database as of ``when`` or ``txid`` (both None: follow the latest again),
+        from the next transaction on (at once outside a transaction)."""
         if self._lock_level >= RESERVED:
             raise PragmaError("cannot time-travel inside a write transaction")
+        if self._view is not None and self._exclusive_mode:
+            raise PragmaError("cannot time-travel under locking_mode=EXCLUSIVE once the database "
+                              "was read: the connection never ends its read transaction; set "
+                              "litestream_time before the first query, or use locking_mode=NORMAL")
         if when is None and txid is None:
-            state = self.replica.state
             self._pinned, self._pinned_time, self._pinned_txid = None, None, None
         else:
             state = self.replica.state_at(txid=txid, timestamp=when)
             self._pinned, self._pinned_time, self._pinned_txid = state, when, txid
-        if self._lock_level == NONE:
-            self._state = state
-            self._bump_version()
-        else:
-            self._next = state
 
     def hydration_progress(self) -> str:
         hydrator = self.replica.hydrator
@@ -318,7 +335,7 @@ class LitestreamFile:
 
     def stats(self) -> dict[str, object]:
         """Counters of this database (shared by its connections in this process)."""
-        replica, store = self.replica, self._store
+        replica, store = self.replica, self.replica.store
         writer, hydrator = replica.writer, replica.hydrator
         requests = getattr(replica.client, "requests", None)
         return {

@@ -56,6 +56,10 @@ class Replica:
         self.last_error: str | None = None
         self.polls = 0
         self.refcount = 0
+        #: The replica's identity (ReplicaURL.identity), set by the VFS that opened it.
+        self.key = client.identity
+        #: Held while write mode is switched on or off (never two writers, never half-off).
+        self.mode_lock = threading.RLock()
         self.locks = LockTable()
         #: Set when a connection starts a read transaction; cleared by the poll job.
         self.touched = True

@@ -12,7 +12,11 @@
 from __future__ import annotations
 
 import atexit
+import hashlib
+import itertools
 import logging
+import os
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +36,7 @@ from .jobs import JOB_THREADS, POOL_THREADS, Scheduler
 from .pages import DatabaseState, PageStore, state_at
 from .plan import list_levels
 from .scratch import make_scratch_dir, remove_scratch_dir
-from .storage import open_replica
+from .storage import open_replica, parse_replica_url
 from .writer import Writer, default_buffer_path
 
 log = logging.getLogger("ltxvfs")
@@ -44,6 +48,15 @@ JOB_STOP_WAIT = 30.0
 POLL_STOP_WAIT = 2.0
 
 _MAIN_DB = apsw.SQLITE_OPEN_MAIN_DB
+
+#: Appended with a number to every database name (``xFullPathname``): one journal per open.
+_OPEN_MARK = "#ltxvfs"
+_OPEN_MARK_RE = re.compile(re.escape(_OPEN_MARK) + r"\d+$")
+
+
+def display_name(name: str) -> str:
+    """A database name as the user wrote it (without the per-open mark)."""
+    return _OPEN_MARK_RE.sub("", name)
 
 
 class _LocalFile(apsw.VFSFile):
@@ -64,9 +77,13 @@ class LitestreamVFS(apsw.VFS):
         self.config = config or VFSConfig.from_env()
         level = {"WARN": "WARNING"}.get(self.config.log_level, self.config.log_level)
         log.setLevel(getattr(logging, level, logging.INFO))
-        self._replicas: dict[str, Replica] = {}
+        self._replicas: dict[str, Replica] = {}  # by ReplicaURL.identity
         self._configs: dict[int, VFSConfig] = {}
-        self._buffer_paths: set[Path] = set()
+        #: One lock per replica identity, held while it is opened or closed: a connection never
+        #: joins a replica half set up, nor opens a second one while the last closes (syncing).
+        self._key_locks: dict[str, threading.Lock] = {}
+        self._opens = itertools.count(1)
+        self._buffer_paths: dict[Path, str] = {}  # path -> identity of the replica writing it
         self._hydration_paths: set[Path] = set()
         self._tmpdir: str | None = None
         self._lock = threading.RLock()
@@ -95,11 +112,12 @@ class LitestreamVFS(apsw.VFS):
                 flags[1] = flags[0] | apsw.SQLITE_OPEN_READONLY
             else:
                 flags[1] = flags[0]  # read-write; writes are checked at the RESERVED lock
-            return LitestreamFile(self, replica, may_write=cfg.write_enabled)
+            full = name.filename() if isinstance(name, apsw.URIFilename) else str(name)
+            return LitestreamFile(self, replica, full, may_write=cfg.write_enabled)
         if flags[0] & apsw.SQLITE_OPEN_WAL:
             raise apsw.CantOpenError("litestream: WAL mode is not supported (rollback journal only)")
         if name is not None:
-            name = self._local_path(self._display(name))
+            name = self._local_path(str(name))
         return _LocalFile("", name, flags)
 
     def xAccess(self, pathname, flags):  # noqa: N802
@@ -118,26 +136,41 @@ class LitestreamVFS(apsw.VFS):
         return self._tmpdir
 
     def _local_path(self, name: str) -> str:
-        """Journals of replica databases live in a private temp directory (0700), named after a
-        hash of the database name. The unix VFS gives a journal the permissions of the file its
-        name minus '-suffix' names, so an empty 0600 stand-in is created for it."""
+        """Journals of replica databases live in the private temp directory (0700), named
+        after a hash of the database's full name — unique per open (``xFullPathname``), so
+        connections to two replicas that share a name never share a journal. The unix VFS
+        gives a journal the permissions of the file its name minus '-suffix' names, so an
+        empty 0600 stand-in is created for it (removed when the database closes)."""
         cut = name.rfind("-")
         if cut <= 0:
             return name
-        import hashlib
-        import os
-
-        stem = os.path.join(self._private_dir(),
-                            hashlib.sha256(name[:cut].encode()).hexdigest()[:20])
+        stem = self._stem(name[:cut])
         if not os.path.exists(stem):
             os.close(os.open(stem, os.O_WRONLY | os.O_CREAT, 0o600))
         return stem + name[cut:]
 
+    def _stem(self, db_name: str) -> str:
+        return os.path.join(self._private_dir(), hashlib.sha256(db_name.encode()).hexdigest()[:20])
+
+    def forget_local_files(self, db_name: str) -> None:
+        """A closed database's stand-in and leftover journals go (its name is never reused)."""
+        if self._tmpdir is None:
+            return
+        stem = self._stem(db_name)
+        for suffix in ("", "-journal"):
+            try:
+                os.unlink(stem + suffix)
+            except FileNotFoundError:
+                pass
+
     def xFullPathname(self, name):  # noqa: N802
-        return name
+        """The name, made unique per open (SQLite derives the journal's name from it): the
+        replica a main database belongs to is known only from its URI, which journals lack."""
+        return f"{name}{_OPEN_MARK}{next(self._opens)}"
 
     def _display(self, name) -> str:
-        return name.filename() if isinstance(name, apsw.URIFilename) else str(name)
+        text = name.filename() if isinstance(name, apsw.URIFilename) else str(name)
+        return display_name(text)
 
     def _config_for(self, name) -> VFSConfig:
         cfg = self.config
@@ -150,42 +183,47 @@ class LitestreamVFS(apsw.VFS):
                               "parameter (file:db?vfs=litestream&replica_url=s3://bucket/path)")
         return cfg
 
+    def _key_lock(self, key: str) -> threading.Lock:
+        with self._lock:
+            lock = self._key_locks.get(key)
+            if lock is None:
+                lock = self._key_locks[key] = threading.Lock()
+            return lock
+
     def _acquire(self, cfg: VFSConfig) -> Replica:
-        key = cfg.replica_url
-        assert key is not None
-        with self._lock:
-            replica = self._replicas.get(key)
+        """The replica of ``cfg`` (one per replica identity), opened and set up for what
+        ``cfg`` asks (write mode, hydration) before any connection uses it."""
+        key = parse_replica_url(cfg.replica_url).identity  # type: ignore[arg-type]
+        with self._key_lock(key):
+            with self._lock:
+                replica = self._replicas.get(key)
+                if replica is not None:
+                    replica.refcount += 1
             if replica is not None:
-                replica.refcount += 1
-        if replica is not None:
-            if cfg.write_enabled and replica.writer is None:
-                try:
+                if cfg.write_enabled and replica.writer is None:
+                    try:
+                        self.enable_writes(replica, cfg)
+                    except BaseException:
+                        self._release(replica)
+                        raise
+                return replica
+            replica = self._open_replica(cfg)
+            replica.key = key
+            with self._lock:
+                replica.refcount = 1
+                self._replicas[key] = replica
+                self._configs[id(replica)] = cfg
+            try:
+                if cfg.write_enabled:
                     self.enable_writes(replica, cfg)
-                except BaseException:
-                    self.release(replica)
-                    raise
+                else:
+                    self._start_polling(replica)
+                if cfg.hydration:
+                    self._start_hydration(replica, cfg)
+            except BaseException:
+                self._release(replica)
+                raise
             return replica
-        replica = self._open_replica(cfg)
-        with self._lock:
-            existing = self._replicas.get(key)
-            if existing is not None:  # another thread opened it meanwhile: use theirs
-                existing.refcount += 1
-                replica.client.close()
-                return existing
-            replica.refcount = 1
-            self._replicas[key] = replica
-            self._configs[id(replica)] = cfg
-        try:
-            if cfg.write_enabled:
-                self.enable_writes(replica, cfg)
-            else:
-                self._start_polling(replica)
-            if cfg.hydration:
-                self._start_hydration(replica, cfg)
-        except BaseException:
-            self.release(replica)
-            raise
-        return replica
 
     def _open_replica(self, cfg: VFSConfig) -> Replica:
         client = open_replica(cfg.replica_url)  # type: ignore[arg-type]
@@ -217,49 +255,77 @@ class LitestreamVFS(apsw.VFS):
 
     def enable_writes(self, replica: Replica, cfg: VFSConfig | None = None) -> None:
         """Turn write mode on for ``replica``: open (and recover) its buffer, stop polling, sync
-        every ``sync_interval``. Raises ConflictError when a crashed buffer cannot be applied."""
+        every ``sync_interval``. Raises ConflictError when a crashed buffer cannot be applied.
+        Connections already inside a read transaction keep their view until it ends."""
         cfg = cfg or self._configs.get(id(replica), self.config)
-        with self._lock:
+        with replica.mode_lock:  # one switch at a time: never two writers for one replica
             if replica.writer is not None:
                 return
-            path = self._unique(Path(cfg.buffer_path) if cfg.buffer_path else
-                                default_buffer_path(replica.client.url), self._buffer_paths)
-            self._buffer_paths.add(path)
-        self._stop_polling(replica)
-        replica.poll()  # start from the newest remote state
-        writer = Writer(replica, path)
-        try:
-            writer.open()
-        except BaseException:
+            path = Path(cfg.buffer_path) if cfg.buffer_path else \
+                default_buffer_path(replica.client.identity)
             with self._lock:
-                self._buffer_paths.discard(path)
-            self._start_polling(replica)
-            raise
-        replica.writer = writer
-        if cfg.sync_interval > 0:  # a negative interval: sync only on close (as Go)
-            self.scheduler.add(("sync", id(replica)), writer.sync_in_background,
-                               cfg.sync_interval)
-        writer.compactor = Compactor(replica.client, cfg.compaction_levels, cfg.snapshot_interval,
-                                     cfg.snapshot_retention, cfg.l0_retention)
-        for name, fn, interval in writer.compactor.jobs():
-            self.scheduler.add((name, id(replica)), fn, interval)
+                owner = self._buffer_paths.get(path)
+                if owner is not None:
+                    raise ConfigError(f"buffer_path {path} is already the write buffer of "
+                                      "another replica in this process; give each its own")
+                self._buffer_paths[path] = replica.key
+            self._stop_polling(replica)
+            replica.poll()  # start from the newest remote state
+            writer = Writer(replica, path)
+            try:
+                writer.open()
+            except BaseException:
+                with self._lock:
+                    self._buffer_paths.pop(path, None)
+                self._start_polling(replica)
+                raise
+            self._install_writer(replica, writer)
+            if cfg.sync_interval > 0:  # a negative interval: sync only on close (as Go)
+                self.scheduler.add(("sync", id(replica)), writer.sync_in_background,
+                                   cfg.sync_interval)
+            writer.compactor = Compactor(replica.client, cfg.compaction_levels,
+                                         cfg.snapshot_interval, cfg.snapshot_retention,
+                                         cfg.l0_retention)
+            for name, fn, interval in writer.compactor.jobs():
+                self.scheduler.add((name, id(replica)), fn, interval)
         log.info("write mode on for %s (buffer %s)", replica.client.url, path)
 
     def disable_writes(self, replica: Replica) -> None:
-        """Sync what is buffered, then go back to read mode (polling). On a failed sync write
-        mode stays on and the error is raised."""
-        writer = replica.writer
-        if writer is None:
-            return
-        if replica.locks.writer_active():
-            raise apsw.BusyError("a write transaction is open; try again when it ends")
-        writer.sync()
-        self._stop_writer_jobs(replica, writer)
+        """Sync what is buffered, then go back to read mode (polling). Refused (BusyError)
+        while a connection writes or is inside a transaction that reads the buffer; on a failed
+        sync write mode stays on, whole, and the error is raised."""
+        with replica.mode_lock:
+            writer = replica.writer
+            if writer is None:
+                return
+            for _ in range(3):
+                writer.sync()  # raises: nothing changed, write mode stays on
+                if replica.locks.when_idle(lambda: self._detach_writer(replica, writer)):
+                    break
+            else:
+                raise apsw.BusyError("commits keep arriving; write mode stays on, try again")
+            self._stop_writer_jobs(replica, writer)
+            try:
+                writer.close()  # nothing left to sync: closes and removes the buffer
+            finally:
+                with self._lock:
+                    self._buffer_paths.pop(writer.buffer.path, None)
+                self._start_polling(replica)
+        log.info("write mode off for %s", replica.client.url)
+
+    @staticmethod
+    def _install_writer(replica: Replica, writer: Writer) -> None:
+        with replica.locks.mutex:  # views are chosen under it (dbfile._granting)
+            replica.writer = writer
+
+    @staticmethod
+    def _detach_writer(replica: Replica, writer: Writer) -> bool:
+        """Under the lock table's mutex, with no writer and no buffer reader: detach the writer
+        if everything it holds is synced (new transactions then read the replica's state)."""
+        if writer.buffer.has_unsynced:
+            return False
         replica.writer = None
-        writer.close()
-        with self._lock:
-            self._buffer_paths.discard(writer.buffer.path)
-        self._start_polling(replica)
+        return True
 
     def _start_hydration(self, replica: Replica, cfg: VFSConfig) -> None:
         with self._lock:
@@ -310,6 +376,11 @@ class LitestreamVFS(apsw.VFS):
     # --- closing ----------------------------------------------------------------------------------
 
     def release(self, replica: Replica) -> None:
+        """A connection to ``replica`` closed; the last one closes the replica (final sync)."""
+        with self._key_lock(replica.key):
+            self._release(replica)
+
+    def _release(self, replica: Replica) -> None:
         with self._lock:
             replica.refcount -= 1
             if replica.refcount > 0:
@@ -328,9 +399,11 @@ class LitestreamVFS(apsw.VFS):
             if writer is not None:
                 self._stop_writer_jobs(replica, writer)
                 replica.writer = None
-                with self._lock:
-                    self._buffer_paths.discard(writer.buffer.path)
-                writer.close()  # final sync; raises if it failed (the buffer is kept)
+                try:
+                    writer.close()  # final sync; raises if it failed (the buffer is kept)
+                finally:
+                    with self._lock:
+                        self._buffer_paths.pop(writer.buffer.path, None)
         finally:
             replica.client.close()
 

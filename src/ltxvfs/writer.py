@@ -33,13 +33,14 @@ from .storage.base import FileInfo, format_txid
 log = logging.getLogger("ltxvfs.writer")
 
 
-def default_buffer_path(replica_url: str) -> Path:
-    """A stable private place per replica, so a restarted process finds its buffer."""
+def default_buffer_path(identity: str) -> Path:
+    """A stable private place per replica (its ``identity``: however the URL was spelled), so a
+    restarted process finds its buffer."""
     state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local",
                                                              "state")
     base = Path(state) if os.access(os.path.dirname(state) or "/", os.W_OK) else \
         Path(tempfile.gettempdir()) / f"ltxvfs-{os.getuid()}"
-    return base / "ltxvfs" / "buffers" / f"{replica_id(replica_url):016x}.buffer"
+    return base / "ltxvfs" / "buffers" / f"{replica_id(identity):016x}.buffer"
 
 
 class Writer:
@@ -48,13 +49,15 @@ class Writer:
     def __init__(self, replica: Replica, buffer_path: Path) -> None:
         self.replica = replica
         self.client = replica.client
-        self.buffer = WriteBuffer(buffer_path, replica_id(replica.client.url))
+        self.buffer = WriteBuffer(buffer_path, replica_id(replica.client.identity))
         self._sync_lock = threading.Lock()
         self.conflict: ConflictError | None = None
         self.last_error: str | None = None
         self.syncs = 0
         self.conflicts = 0
         self.synced_txid: int | None = None
+        #: Commits that changed the buffer since this writer opened (views count them, view.py).
+        self.commits_made = 0
         self.closed = False
         #: Compaction jobs run by the VFS's scheduler while writing (set by the VFS).
         self.compactor: Compactor | None = None
@@ -135,7 +138,8 @@ class Writer:
         self.buffer.truncate(size_pages)
 
     def commit(self, fsync: bool) -> None:
-        self.buffer.commit(fsync)
+        if self.buffer.commit(fsync):
+            self.commits_made += 1
 
     # --- syncing --------------------------------------------------------------------------------
 

@@ -77,6 +77,11 @@ class ReplicaClient(abc.ABC):
     #: The replica URL with any secret removed; safe to log and put in messages.
     url: str
 
+    @property
+    def identity(self) -> str:
+        """Where the replica is, however its URL was spelled (see ``ReplicaURL.identity``)."""
+        return self.url
+
     @abc.abstractmethod
     def list_files(self, level: int, *, seek: int = 0, use_metadata: bool = False) -> list[FileInfo]:
         """Files of ``level`` with ``min_txid >= seek``, ascending by (min_txid, max_txid).

@@ -62,6 +62,10 @@ class FileReplicaClient(ReplicaClient):
         self.root = path
         self.url = path.as_uri()
 
+    @property
+    def identity(self) -> str:
+        return "file:" + os.path.realpath(self.root)
+
     def level_dir(self, level: int) -> Path:
         return self.root / "ltx" / str(check_level(level))
 

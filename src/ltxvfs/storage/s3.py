@@ -178,6 +178,10 @@ class S3ReplicaClient(ReplicaClient):
         self._closed = False
 
     @property
+    def identity(self) -> str:
+        return self.config.identity
+
+    @property
     def _s3(self) -> Any:
         client = self._client
         if client is None:

@@ -75,6 +75,16 @@ class ReplicaURL:
     sse_kms_key_id: str = ""
 
     @property
+    def identity(self) -> str:
+        """The replica's location, the same however the URL was spelled (``s3://b/p`` and
+        ``s3://b/p/``, ``/r`` and ``file:///r``): what ltxvfs keys replicas and their private
+        local files by. No secrets."""
+        if self.scheme == "file":
+            return "file:" + os.path.realpath(str(self.path))
+        endpoint = self.endpoint.rstrip("/").lower()
+        return f"s3:{endpoint}|{self.bucket}|{self.prefix}"
+
+    @property
     def is_tigris(self) -> bool:
         return _endpoint_host(self.endpoint) in _TIGRIS_HOSTS
 

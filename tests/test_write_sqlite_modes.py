@@ -1,0 +1,179 @@
+"""Write mode under SQLite's own settings: ``synchronous``, ``locking_mode``, ``journal_mode``, and
+rollback journals of databases that share a name. Regression tests of issue 12, items 1, 2, 13.
+
+What each ``synchronous`` level guarantees in write mode (docs/write-mode.md):
+
+* every level, every ``locking_mode``: a commit is in the write buffer (``write()``) before
+  COMMIT returns, so a process crash (kill -9) loses no acknowledged commit;
+* NORMAL, FULL, EXTRA: the buffer is also fsynced before COMMIT returns (power loss);
+* OFF: no fsync — an operating-system crash or power loss can lose recent commits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import apsw
+import pytest
+from test_write import RW, rows, uri, writer
+
+import ltxvfs
+from ltxvfs.restore import restore
+from ltxvfs.storage import open_replica
+
+HERE = Path(__file__).parent
+MODES = [(sync, lock) for sync in ("OFF", "NORMAL", "FULL", "EXTRA")
+         for lock in ("NORMAL", "EXCLUSIVE")]
+
+
+@pytest.fixture(scope="module")
+def vfs():
+    return ltxvfs.register()
+
+
+def restored_rows(url: str, out: Path, sql: str = "SELECT * FROM t ORDER BY id") -> list[tuple]:
+    import sqlite3
+
+    with open_replica(url) as client:
+        path = restore(client, out).path
+    con = sqlite3.connect(path)
+    try:
+        assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+# --- item 2: the end of a transaction in every mode ---------------------------------------------
+
+@pytest.mark.parametrize(("synchronous", "locking_mode"), MODES)
+def test_every_commit_reaches_the_buffer_and_the_replica(vfs, tmp_path, synchronous, locking_mode):
+    url = (tmp_path / "replica").as_uri()
+    con = writer(url, tmp_path, sync_interval="-1s")
+    con.execute(f"PRAGMA synchronous = {synchronous}")
+    con.execute(f"PRAGMA locking_mode = {locking_mode}")
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+    for i in range(5):
+        con.execute("INSERT INTO t VALUES (?, ?)", (i, f"v{i}"))
+    txid = con.execute("PRAGMA litestream_sync").fetchall()[0][0]
+    assert txid == f"{1:016x}", "committed transactions were not in the buffer"
+    con.execute("BEGIN")
+    con.execute("INSERT INTO t VALUES (99, 'rolled back')")
+    con.execute("ROLLBACK")
+    con.execute("INSERT INTO t VALUES (5, 'v5')")
+    assert con.execute("PRAGMA litestream_sync").fetchall()[0][0] == f"{2:016x}"
+    expected = [(i, f"v{i}") for i in range(6)]
+    assert rows(con) == expected
+    con.close()
+    assert restored_rows(url, tmp_path / "out.db") == expected
+
+
+@pytest.mark.parametrize(("synchronous", "locking_mode"), MODES)
+def test_fsync_before_commit_returns_unless_synchronous_is_off(vfs, tmp_path, monkeypatch,
+                                                               synchronous, locking_mode):
+    url = (tmp_path / "replica").as_uri()
+    con = writer(url, tmp_path, sync_interval="-1s")
+    con.execute(f"PRAGMA synchronous = {synchronous}")
+    con.execute(f"PRAGMA locking_mode = {locking_mode}")
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+    buffer_fd = next(r for r in vfs.replicas() if r.client.url == url).writer.buffer._fd
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    for i in range(3):
+        before = len([fd for fd in synced if fd == buffer_fd])
+        con.execute("INSERT INTO t VALUES (?, 'x')", (i,))
+        after = len([fd for fd in synced if fd == buffer_fd])
+        assert after - before == (0 if synchronous == "OFF" else 1), (synchronous, synced)
+    monkeypatch.undo()
+    con.close()
+
+
+@pytest.mark.parametrize(("synchronous", "locking_mode"), MODES)
+def test_no_acknowledged_commit_is_lost_to_kill_nine(tmp_path, synchronous, locking_mode):
+    url = (tmp_path / "replica").as_uri()
+    u = uri(url, tmp_path / "buf", sync_interval="-1s")
+    env = {**os.environ, "WRITER_PRAGMAS": f"synchronous={synchronous};locking_mode={locking_mode}"}
+    p = subprocess.Popen([sys.executable, str(HERE / "writer_proc.py"), u, "1", "100000"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    seen = []
+    assert p.stdout is not None
+    for line in p.stdout:
+        if line.startswith("committed"):
+            seen.append(int(line.split()[1]))
+            if len(seen) == 30:
+                break
+    p.send_signal(signal.SIGKILL)
+    p.wait(30)
+    assert len(seen) == 30, p.stderr.read() if p.stderr else ""
+    ltxvfs.register()
+    con = apsw.Connection(u, flags=RW)  # recovers the buffer and syncs it
+    got = [r[0] for r in con.execute("SELECT id FROM t ORDER BY id")]
+    con.close()
+    assert set(seen) <= set(got) and got == list(range(1, len(got) + 1))
+    assert [r[0] for r in restored_rows(url, tmp_path / "r.db", "SELECT id FROM t ORDER BY id")] == got
+
+
+# --- item 13: WAL is refused before anything is written -----------------------------------------
+
+@pytest.mark.parametrize("locking_mode", ["NORMAL", "EXCLUSIVE"])
+def test_wal_is_refused_cleanly_in_write_mode(vfs, tmp_path, locking_mode):
+    url = (tmp_path / "replica").as_uri()
+    con = writer(url, tmp_path)
+    con.execute(f"PRAGMA locking_mode = {locking_mode}")
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+    con.execute("INSERT INTO t VALUES (1, 'a')")
+    with pytest.raises(apsw.SQLError, match="journal_mode=WAL is not supported"):
+        con.execute("PRAGMA journal_mode = WAL")
+    assert con.execute("PRAGMA journal_mode").fetchall() == [("delete",)]
+    con.execute("INSERT INTO t VALUES (2, 'b')")  # the connection is still usable
+    assert rows(con) == [(1, "a"), (2, "b")]
+    con.close()
+    out = tmp_path / "out.db"
+    assert restored_rows(url, out) == [(1, "a"), (2, "b")]
+    header = out.read_bytes()[:100]
+    assert header[18:20] == b"\x01\x01", "page 1 says WAL"
+
+
+# --- item 1: journals of databases with one name on two replicas --------------------------------
+
+def test_rollback_journals_are_not_shared_between_replicas_of_one_name(vfs, tmp_path):
+    x, y = (tmp_path / "x").as_uri(), (tmp_path / "y").as_uri()
+    a = writer(x, tmp_path, name="bufx", sync_interval="-1s")  # both are "file:db?…"
+    b = writer(y, tmp_path, name="bufy", sync_interval="-1s")
+    for con in (a, b):
+        con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT, pad BLOB)")
+        con.execute("WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < 300)"
+                    " INSERT INTO t SELECT i, 'old', randomblob(400) FROM s")
+    original = rows(a, "SELECT id, v, pad FROM t ORDER BY id")
+    a.execute("PRAGMA cache_size = 10")
+    a.execute("BEGIN")
+    a.execute("UPDATE t SET v = 'new'")  # spills to the database: the journal matters
+    b.execute("BEGIN")
+    b.execute("UPDATE t SET v = 'b'")
+    b.execute("COMMIT")  # wrote (and deleted) its own journal
+    a.execute("ROLLBACK")
+    assert rows(a, "SELECT id, v, pad FROM t ORDER BY id") == original
+    assert a.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    a.execute("PRAGMA litestream_sync")
+    a.close()
+    b.close()
+    assert restored_rows(x, tmp_path / "x.db", "SELECT id, v, pad FROM t ORDER BY id") == original
+    assert {v for _, v in restored_rows(y, tmp_path / "y.db", "SELECT id, v FROM t")} == {"b"}
+
+
+def test_journals_and_their_stand_ins_go_when_the_database_closes(vfs, tmp_path):
+    url = (tmp_path / "replica").as_uri()
+    scratch_before = set(os.listdir(vfs._private_dir()))
+    for _ in range(3):
+        con = writer(url, tmp_path)
+        con.execute("PRAGMA journal_mode = PERSIST")  # leaves its journal behind
+        con.execute("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY)")
+        con.execute("INSERT INTO t DEFAULT VALUES")
+        assert set(os.listdir(vfs._private_dir())) - scratch_before, "the journal lives there"
+        con.close()
+        assert set(os.listdir(vfs._private_dir())) == scratch_before
