@@ -13,10 +13,11 @@ from urllib.parse import quote
 
 import apsw
 import pytest
-from replicas import FakePrimary
 
 import ltxvfs
 from ltxvfs.storage import open_replica
+
+from replicas import FakePrimary
 
 RO = apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI
 RW = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE | apsw.SQLITE_OPEN_URI
