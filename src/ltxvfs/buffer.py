@@ -258,9 +258,13 @@ class WriteBuffer:
     # --- syncing --------------------------------------------------------------------------------
 
     def snapshot(self) -> tuple[Pages, int]:
-        """The committed pages and the offset they end at, for an upload."""
+        """The committed pages and the offset they end at, for an upload. The size is always
+        set: the committed transactions' size, else the base's."""
         with self._lock:
-            return self.committed.copy(), self._last_commit_end
+            pages = self.committed.copy()
+            if pages.size is None:
+                pages.size = self.base_size
+            return pages, self._last_commit_end
 
     def mark_sync(self, txid: int, end: int, checksum: int) -> None:
         """Durably note that the records up to ``end`` are being uploaded as ``txid``."""

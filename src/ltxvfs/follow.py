@@ -72,13 +72,27 @@ class Replica:
         return self._state
 
     def set_state(self, state: DatabaseState) -> None:
-        """Install a new latest state (a poll, a rebuild, our own upload) and tell listeners."""
+        """Install a new latest state (a poll, a rebuild) and tell listeners."""
         with self._lock:
             changed = state is not self._state
             self._state = state
         if changed:
-            for listener in list(self.listeners):
-                listener()
+            self._changed()
+
+    def replace_state(self, expected: DatabaseState, state: DatabaseState) -> bool:
+        """Install ``state`` only if the latest state is still ``expected`` (one atomic compare
+        and set). False, and nothing changed, when another state was installed meanwhile."""
+        with self._lock:
+            if self._state is not expected:
+                return False
+            self._state = state
+        if state is not expected:
+            self._changed()
+        return True
+
+    def _changed(self) -> None:
+        for listener in list(self.listeners):
+            listener()
 
     def poll_job(self) -> None:
         """The scheduled poll. While no connection has started a read since the last poll, only
@@ -161,8 +175,7 @@ class Replica:
                 except ObjectNotFoundError:
                     continue
                 if fixed is not None:
-                    if self._state is state:
-                        self.set_state(fixed)
+                    self.replace_state(state, fixed)  # never over a state installed meanwhile
                     return fixed
                 break
             log.info("pages of TXID %016x are in no remaining file; rebuilding", state.txid)
