@@ -645,3 +645,26 @@ def test_upload_takes_the_database_size_from_the_buffer(vfs, tmp_path):
         header = Header.unpack(client.read(0, 3, 3, 0, 100))
     assert header.commit == grown, f"TXID 3 says {header.commit} pages, the database has {grown}"
     con.close()
+
+
+def test_a_poll_in_flight_never_replaces_the_writers_install(vfs, tmp_path):
+    """Every state computed from the current one is installed by compare-and-set: a poll that
+    read the replica before the writer's upload landed must not put the older state back."""
+    url = (tmp_path / "replica").as_uri()
+    con = writer(url, tmp_path, sync_interval="-1s")
+    con.execute("CREATE TABLE t(x)")
+    assert rows(con, "PRAGMA litestream_sync") == [("0000000000000001",)]
+    replica = _replica_of(vfs, tmp_path / "buf")
+    con.execute("INSERT INTO t VALUES (1)")
+    real = replica._advance
+
+    def advance(state):
+        out = real(state)  # listed: nothing new
+        replica.writer.sync()  # TXID 2 lands and is installed
+        return out
+
+    replica._advance = advance
+    replica.poll()
+    assert replica.state.txid == 2, f"the poll put TXID {replica.state.txid} back"
+    assert rows(con, "SELECT x FROM t") == [(1,)]
+    con.close()
