@@ -406,3 +406,265 @@ def test_close_reports_a_conflict_and_keeps_the_buffer(vfs, tmp_path):
     with open_replica(url) as client:
         out = restore(client, tmp_path / "r.db").path
     assert _rows_file(out, "SELECT who FROM t ORDER BY id") == [("a",), ("b",)]  # not overwritten
+
+
+# --- an upload whose answer was lost (issue 12, item 8) ------------------------------------------
+
+
+def _replica_of(vfs, buffer: Path):
+    return next(r for r in vfs.replicas() if r.writer is not None and r.writer.buffer.path == buffer)
+
+
+def test_upload_whose_every_answer_was_lost_is_ours_at_the_next_sync(vfs, s3_server, bucket,
+                                                                      tmp_path):
+    """S3 stored the PUT, but every attempt's answer was lost (botocore's retries included): the
+    next sync finds our own file at the next TXID. It must take it as our success, not as
+    another writer's commit (which would refuse every write until a restart)."""
+    from faults import FaultProxy, Faults
+
+    from ltxvfs.storage.s3 import S3ReplicaClient
+
+    with FaultProxy(s3_server, Faults(), paused=True) as proxy:
+        url = f"s3://{bucket}/db?endpoint={proxy.endpoint}&region=us-east-1"
+        con = writer(url, tmp_path, sync_interval="-1s")
+        con.execute("CREATE TABLE t(x)")
+        assert rows(con, "PRAGMA litestream_sync") == [("0000000000000001",)]
+        w = _replica_of(vfs, tmp_path / "buf").writer
+        real = w.client
+        w.client = S3ReplicaClient(url, max_attempts=2)  # two lost answers exhaust the retries
+        try:
+            con.execute("INSERT INTO t VALUES (1)")
+            proxy.set(kinds=frozenset({"PUT"}), error_after=1.0, limit=2)
+            proxy.enabled = True
+            with pytest.raises(apsw.Error, match="InternalError|500"):
+                con.execute("PRAGMA litestream_sync")
+            assert proxy.counts["error_after"] == 2, proxy.stats()
+            assert proxy.stored["db/0000/0000000000000002-0000000000000002.ltx"] == 1
+            proxy.enabled = False
+            con.execute("INSERT INTO t VALUES (2)")
+            assert rows(con, "PRAGMA litestream_sync") == [("0000000000000003",)]
+            assert rows(con, "PRAGMA litestream_sync_error") == [("",)]
+            con.execute("INSERT INTO t VALUES (3)")  # writes go on
+            assert rows(con, "SELECT x FROM t ORDER BY x") == [(1,), (2,), (3,)]
+        finally:
+            w.client.close()
+            w.client = real
+        con.close()
+    with open_replica(f"s3://{bucket}/db?endpoint={s3_server}&region=us-east-1") as client:
+        assert [f.min_txid for f in client.list_files(0)] == [1, 2, 3, 4]
+        out = restore(client, tmp_path / "r.db").path
+    assert _rows_file(out, "SELECT x FROM t ORDER BY x") == [(1,), (2,), (3,)]
+
+
+class _LostAnswers:
+    """A replica client whose writes land but may report a failure, and whose listings may be
+    stale (not yet showing some TXIDs) — every upload's bytes are recorded."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+        self.lose = 0  # writes to land and then report as failed
+        self.hide: set[int] = set()  # TXIDs the next listings do not show
+        self.stale_lists = 0  # how many listings are stale
+        self.crash_on_write = 0  # exit the process at this write (1-based), 0: never
+        self.puts: list[bytes] = []
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def list_files(self, level, **kw):
+        files = self.real.list_files(level, **kw)
+        if self.stale_lists:
+            self.stale_lists -= 1
+            files = [f for f in files if f.min_txid not in self.hide]
+        return files
+
+    def write(self, level, lo, hi, data, ts, *, exclusive=False):
+        from ltxvfs.errors import StorageError
+
+        body = data if isinstance(data, bytes) else data.read()
+        self.puts.append(body)
+        if self.crash_on_write == len(self.puts):
+            os._exit(9)
+        info = self.real.write(level, lo, hi, body, ts, exclusive=exclusive)
+        if self.lose:
+            self.lose -= 1
+            raise StorageError(f"simulated: the answer to the upload of TXID {lo} was lost")
+        return info
+
+
+def test_retried_upload_is_byte_identical_to_the_lost_one(vfs, tmp_path, monkeypatch):
+    """The retry of an upload whose answer was lost re-encodes the same commits: it must be the
+    very same file (same timestamp, same checksum), so the conditional PUT that meets the first
+    one recognises it — even when a stale listing did not show it."""
+    import ltxvfs.writer as writer_mod
+
+    clock = iter(range(1_700_000_000, 1_800_000_000))  # every call a second later
+    monkeypatch.setattr(writer_mod, "time", type("Clock", (), {"time": lambda: next(clock)}))
+    url = (tmp_path / "replica").as_uri()
+    con = writer(url, tmp_path, sync_interval="-1s")
+    con.execute("CREATE TABLE t(x)")
+    assert rows(con, "PRAGMA litestream_sync") == [("0000000000000001",)]
+    w = _replica_of(vfs, tmp_path / "buf").writer
+    client = w.client = _LostAnswers(w.client)
+    try:
+        con.execute("INSERT INTO t VALUES (1)")
+        client.lose = 1
+        with pytest.raises(apsw.Error, match="simulated: the answer"):
+            con.execute("PRAGMA litestream_sync")
+        client.hide, client.stale_lists = {2}, 1  # the retry's first listing does not show it
+        assert rows(con, "PRAGMA litestream_sync") == [("0000000000000002",)]
+        assert len(client.puts) == 2 and client.puts[1] == client.puts[0], \
+            "the retry encoded a different file"
+    finally:
+        w.client = client.real
+    con.close()
+    with open_replica(url) as c:
+        assert [f.min_txid for f in c.list_files(0)] == [1, 2]
+        out = restore(c, tmp_path / "r.db").path
+    assert _rows_file(out, "SELECT x FROM t") == [(1,)]
+
+
+_LOSE_THEN_CRASH = """
+import sys, apsw, ltxvfs
+sys.path.insert(0, sys.argv[2])
+from test_write import _LostAnswers
+vfs = ltxvfs.register()
+c = apsw.Connection(sys.argv[1], flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
+                    | apsw.SQLITE_OPEN_URI)
+c.execute("CREATE TABLE t(x)")
+c.execute("PRAGMA litestream_sync")
+w = vfs.replicas()[0].writer
+client = w.client = _LostAnswers(w.client)
+c.execute("INSERT INTO t VALUES (1)")
+client.lose = 1
+try:
+    c.execute("PRAGMA litestream_sync")  # lands as TXID 2; the answer is lost
+except apsw.Error:
+    pass
+c.execute("INSERT INTO t VALUES (2)")
+client.hide, client.stale_lists = {2}, 1
+client.crash_on_write = 2
+c.execute("PRAGMA litestream_sync")  # a stale listing, then the process dies mid-upload
+"""
+
+
+def test_recovery_recognises_an_earlier_attempt_that_landed(tmp_path):
+    """The buffer holds two upload attempts of TXID 2 (the second covering one more commit); the
+    first one landed. Reopening must take it as ours and sync only the commit after it."""
+    url = (tmp_path / "replica").as_uri()
+    u = uri(url, tmp_path / "buf", sync_interval="-1s")
+    p = subprocess.run([sys.executable, "-c", _LOSE_THEN_CRASH, u, str(HERE)], timeout=60,
+                       capture_output=True, text=True)
+    assert p.returncode == 9, p.stderr
+    ltxvfs.register()
+    con = apsw.Connection(u, flags=RW)
+    assert rows(con, "SELECT x FROM t ORDER BY x") == [(1,), (2,)]
+    con.close()
+    with open_replica(url) as client:
+        assert [f.min_txid for f in client.list_files(0)] == [1, 2, 3]
+        out = restore(client, tmp_path / "r.db").path
+    assert _rows_file(out, "SELECT x FROM t ORDER BY x") == [(1,), (2,)]
+
+
+# --- recover() against the writer's own install (issue 12, item 10) ------------------------------
+
+
+def _race_at_install(replica, race) -> list[bool]:
+    """Run ``race()`` at the moment ``replica.recover`` installs the state it relocated — after
+    it decided to, before the state is set: the interleaving a preemption there produces."""
+    fired: list[bool] = []
+    for name in ("set_state", "replace_state"):
+        real = getattr(replica, name, None)
+        if real is None:
+            continue
+
+        def hooked(*args, _real=real):
+            if not fired and getattr(args[-1], "txid", None) == 1:
+                fired.append(True)
+                race()
+            return _real(*args)
+
+        setattr(replica, name, hooked)
+    return fired
+
+
+def test_recover_never_replaces_a_state_the_writer_just_installed(vfs, tmp_path):
+    from replicas import compact
+
+    url = (tmp_path / "replica").as_uri()
+    con = writer(url, tmp_path, sync_interval="-1s")
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, body BLOB)")
+    con.execute("INSERT INTO t(body) VALUES (zeroblob(100))")
+    assert rows(con, "PRAGMA litestream_sync") == [("0000000000000001",)]
+    replica = _replica_of(vfs, tmp_path / "buf")
+    old = replica.state
+    with open_replica(url) as client:  # retention: TXID 1 lives on in L1 only
+        compact(client, client.list_files(0), 1, delete_inputs=True)
+    with con:  # the database grows, in the buffer
+        con.execute(SERIES.format(n=200) + " INSERT INTO t(body) SELECT randomblob(3000) FROM s")
+    grown = rows(con, "PRAGMA page_count")[0][0]
+    assert grown > old.commit
+    fired = _race_at_install(replica, replica.writer.sync)  # the growth lands as TXID 2
+    fixed = replica.recover(old)  # a reader of TXID 1 relocates its pages into the L1 file
+    assert fired and fixed is not None and fixed.txid == 1
+    assert replica.state.txid == 2 and replica.state.commit == grown, \
+        f"recover replaced TXID 2 ({grown} pages) by TXID {replica.state.txid} " \
+        f"({replica.state.commit} pages)"
+    con.execute("UPDATE t SET body = zeroblob(100) WHERE id = 2")  # in place: no growth
+    expected = rows(con, "SELECT id, hex(body) FROM t ORDER BY id")
+    assert rows(con, "PRAGMA integrity_check") == [("ok",)]
+    con.close()
+    with open_replica(url) as client:
+        out = restore(client, tmp_path / "r.db")
+    assert out.txid == 3
+    assert integrity_check(out.path) == "ok"
+    assert _rows_file(out.path, "SELECT id, hex(body) FROM t ORDER BY id") == expected
+
+
+def test_upload_takes_the_database_size_from_the_buffer(vfs, tmp_path):
+    """However stale the replica's state is, an upload's header says the size the committed
+    transactions gave the database (a grown database must never be told it shrank)."""
+    from ltxvfs.ltx import Header
+
+    url = (tmp_path / "replica").as_uri()
+    con = writer(url, tmp_path, sync_interval="-1s")
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, body BLOB)")
+    con.execute("INSERT INTO t(body) VALUES (zeroblob(100))")
+    assert rows(con, "PRAGMA litestream_sync") == [("0000000000000001",)]
+    replica = _replica_of(vfs, tmp_path / "buf")
+    small = replica.state
+    with con:
+        con.execute(SERIES.format(n=200) + " INSERT INTO t(body) SELECT randomblob(3000) FROM s")
+    assert rows(con, "PRAGMA litestream_sync") == [("0000000000000002",)]
+    grown = replica.state.commit
+    assert grown > small.commit
+    con.execute("UPDATE t SET body = x'01' WHERE id = 1")  # in place: no growth
+    replica.set_state(small)  # stale, for whatever reason
+    assert rows(con, "PRAGMA litestream_sync") == [("0000000000000003",)]
+    with open_replica(url) as client:
+        header = Header.unpack(client.read(0, 3, 3, 0, 100))
+    assert header.commit == grown, f"TXID 3 says {header.commit} pages, the database has {grown}"
+    con.close()
+
+
+def test_a_poll_in_flight_never_replaces_the_writers_install(vfs, tmp_path):
+    """Every state computed from the current one is installed by compare-and-set: a poll that
+    read the replica before the writer's upload landed must not put the older state back."""
+    url = (tmp_path / "replica").as_uri()
+    con = writer(url, tmp_path, sync_interval="-1s")
+    con.execute("CREATE TABLE t(x)")
+    assert rows(con, "PRAGMA litestream_sync") == [("0000000000000001",)]
+    replica = _replica_of(vfs, tmp_path / "buf")
+    con.execute("INSERT INTO t VALUES (1)")
+    real = replica._advance
+
+    def advance(state):
+        out = real(state)  # listed: nothing new
+        replica.writer.sync()  # TXID 2 lands and is installed
+        return out
+
+    replica._advance = advance
+    replica.poll()
+    assert replica.state.txid == 2, f"the poll put TXID {replica.state.txid} back"
+    assert rows(con, "SELECT x FROM t") == [(1,)]
+    con.close()

@@ -19,15 +19,21 @@ Every record is appended with ``os.write`` before the SQLite call returns, so a 
 loses nothing committed; ``fsync`` happens when SQLite asks (``xSync``), so ``PRAGMA synchronous``
 keeps its meaning. After a successful upload the buffer is rewritten atomically (temp file, fsync,
 rename) with the new base TXID and only the records that came after the upload.
+
+Scans and rewrites read the file ``CHUNK`` bytes at a time (a buffer may be larger than memory, and
+one ``pread`` returns at most ~2 GiB on Linux); a rewrite switches to the new file as soon as it is
+renamed into place, so no append ever goes to an unlinked file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import struct
 import threading
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +52,8 @@ _SYNC = struct.Struct(">QQQ")
 _MAX_PAYLOAD = 65536 + 4
 #: Where records start (after the header and its CRC).
 RECORDS_START = _HEADER.size + 4
+#: Bytes read (or written) per system call when scanning or rewriting the buffer.
+CHUNK = 1 << 20
 
 
 class BufferError(LitestreamError):
@@ -83,10 +91,11 @@ class Scan:
     committed: Pages
     pending: Pages  # committed plus any records after the last COMMIT
     commits: int
-    sync: SyncMark | None
+    sync: SyncMark | None  # the last SYNC mark
     last_commit_end: int  # offset just past the last COMMIT (or the header)
     end: int  # offset just past the last valid record
     commit_ends: list[int]  # offset just past each COMMIT
+    marks: list[SyncMark] = field(default_factory=list)  # every SYNC mark, oldest first
 
     def commits_after(self, offset: int) -> int:
         return sum(1 for e in self.commit_ends if e > offset)
@@ -112,6 +121,8 @@ class WriteBuffer:
         self.committed = Pages()
         self.pending = Pages()  # committed + the open transaction's writes (what reads see)
         self.commits = 0  # COMMIT records since the base
+        #: SYNC marks written since the base (upload attempts of the next TXID), oldest first.
+        self.marks: list[SyncMark] = []
         #: Size in pages of the database at the base TXID (set by the writer from the remote).
         self.base_size = 0
         self._dirty_txn = False
@@ -231,7 +242,7 @@ class WriteBuffer:
             offset = self.pending.offsets.get(pgno)
             if offset is None:
                 return None
-            data = os.pread(self._fd, self.page_size, offset)
+            data = _pread(self._fd, self.page_size, offset)
         if len(data) != self.page_size:
             raise BufferError(f"{self.path}: short read of page {pgno}")
         return data
@@ -239,7 +250,7 @@ class WriteBuffer:
     def read_committed(self, pages: Pages, pgno: int) -> bytes:
         """A page of a :meth:`snapshot` (valid until the next :meth:`synced`)."""
         with self._lock:
-            data = os.pread(self._fd, self.page_size, pages.offsets[pgno])
+            data = _pread(self._fd, self.page_size, pages.offsets[pgno])
         if len(data) != self.page_size:
             raise BufferError(f"{self.path}: short read of page {pgno}")
         return data
@@ -247,15 +258,20 @@ class WriteBuffer:
     # --- syncing --------------------------------------------------------------------------------
 
     def snapshot(self) -> tuple[Pages, int]:
-        """The committed pages and the offset they end at, for an upload."""
+        """The committed pages and the offset they end at, for an upload. The size is always
+        set: the committed transactions' size, else the base's."""
         with self._lock:
-            return self.committed.copy(), self._last_commit_end
+            pages = self.committed.copy()
+            if pages.size is None:
+                pages.size = self.base_size
+            return pages, self._last_commit_end
 
     def mark_sync(self, txid: int, end: int, checksum: int) -> None:
         """Durably note that the records up to ``end`` are being uploaded as ``txid``."""
         with self._lock:
             self._append(SYNC, _SYNC.pack(txid, end, checksum))
             os.fsync(self._fd)
+            self.marks.append(SyncMark(txid, end, checksum))
 
     def synced(self, txid: int, end: int, size: int) -> None:
         """The upload of the records up to ``end`` succeeded as ``txid`` (a database of ``size``
@@ -273,49 +289,67 @@ class WriteBuffer:
     def _rewrite(self, base_txid: int, page_size: int, keep_from: int | None,
                  keep_to: int | None) -> None:
         """Atomically replace the file: new header, then the records in [keep_from, keep_to)
-        (to the end if ``keep_to`` is None) without SYNC marks."""
-        tail = b""
-        if keep_from is not None:
-            stop = self._end if keep_to is None else keep_to
-            if stop > keep_from:
-                tail = os.pread(self._fd, stop - keep_from, keep_from)
+        (to the end if ``keep_to`` is None) without SYNC marks. The new file is complete and
+        scanned before it is renamed into place; once it is, the buffer uses it — so a failure
+        leaves the buffer either wholly on the old file or wholly on the new one."""
         tmp = self.path.with_name(self.path.name + ".tmp")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.write(fd, self._header(base_txid, page_size) + _drop_sync_records(tail))
+            out = bytearray(self._header(base_txid, page_size))
+            if keep_from is not None:
+                stop = self._end if keep_to is None else keep_to
+                for _, rtype, rec in _records(self._fd, keep_from, stop):
+                    if rtype != SYNC:  # marks belonged to the old base
+                        out += rec
+                        if len(out) >= CHUNK:
+                            _write_all(fd, out)
+                            out.clear()
+            _write_all(fd, out)
             os.fsync(fd)
+            found = self._scan(fd)
             os.replace(tmp, self.path)
-            dfd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except BaseException:
+        except BaseException as err:
             os.close(fd)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if isinstance(err, OSError):
+                raise BufferError(f"rewriting write buffer {self.path} failed (it is unchanged): "
+                                  f"{err}") from err
             raise
-        if self._fd >= 0:
-            os.close(self._fd)
-        self._fd = fd
+        # The file at self.path is the new one from here on: use it before anything can fail.
         in_flight_size = self.pending.size if keep_to is None and keep_from is not None else None
-        found = self._scan()
+        old, self._fd = self._fd, fd
+        if old >= 0:
+            with contextlib.suppress(OSError):
+                os.close(old)
         self.base_txid = base_txid
         self.page_size = page_size or found.page_size
         self.committed = found.committed
         self.pending = found.pending
         self.commits = found.commits
+        self.marks = []
         self._dirty_txn = found.end > found.last_commit_end
         if self._dirty_txn and in_flight_size is not None:
             self.pending.size = in_flight_size  # growth of the open transaction is not in the file
         self._end = found.end
         self._last_commit_end = found.last_commit_end
+        try:
+            dfd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as err:
+            raise BufferError(f"write buffer {self.path} was rewritten and is in use, but its "
+                              f"directory could not be synced: {err}") from err
 
-    def _scan(self) -> Scan:
-        """Read the file: header, then records up to the first torn or corrupt one."""
-        size = os.fstat(self._fd).st_size
-        raw = os.pread(self._fd, size, 0)
-        hlen = _HEADER.size + 4
-        if len(raw) < hlen:
+    def _scan(self, fd: int | None = None) -> Scan:
+        """Read the file (``fd``, the buffer's own by default) a chunk at a time: header, then
+        records up to the first torn or corrupt one."""
+        fd = self._fd if fd is None else fd
+        raw = _pread(fd, RECORDS_START, 0)
+        if len(raw) < RECORDS_START:
             raise BufferError(f"{self.path} is too short to be an ltxvfs write buffer")
         magic, version, _, base, page_size, replica = _HEADER.unpack_from(raw, 0)
         if magic != MAGIC or version != VERSION or \
@@ -324,51 +358,96 @@ class WriteBuffer:
         if replica != self.replica:
             raise BufferError(f"{self.path} belongs to another replica; move it away or choose "
                               "another buffer path")
-        pending, committed = Pages(), Pages()
-        commits, sync = 0, None
+        committed = Pages()
+        txn: list[tuple[int, int, int]] = []  # records since the last COMMIT, applied at COMMIT
+        commits = 0
+        marks: list[SyncMark] = []
         commit_ends: list[int] = []
-        pos = last_commit_end = hlen
-        while pos + _REC.size <= len(raw):
-            rtype, length = _REC.unpack_from(raw, pos)
-            end = pos + _REC.size + length + 4
-            if length > _MAX_PAYLOAD or end > len(raw):
-                break
-            payload = raw[pos + _REC.size:end - 4]
-            if _CRC.unpack_from(raw, end - 4)[0] != zlib.crc32(payload, zlib.crc32(raw[pos:pos + _REC.size])):
-                break
+        end = last_commit_end = RECORDS_START
+        for pos, rtype, rec in _records(fd, RECORDS_START):
             if rtype == PAGE:
-                pgno = _U32.unpack_from(payload)[0]
-                page_size = page_size or length - 4
-                pending.offsets[pgno] = pos + _REC.size + 4
-                if pending.size is not None and pgno > pending.size:
-                    pending.size = pgno
+                pgno = _U32.unpack_from(rec, _REC.size)[0]
+                page_size = page_size or len(rec) - _REC.size - 8
+                txn.append((PAGE, pgno, pos + _REC.size + 4))
             elif rtype == TRUNCATE:
-                pending.truncate(_U32.unpack_from(payload)[0])
+                txn.append((TRUNCATE, _U32.unpack_from(rec, _REC.size)[0], 0))
             elif rtype == COMMIT:
-                pending.size = _COMMIT.unpack(payload)[0]
-                committed = pending.copy()
+                _apply(committed, txn)
+                txn.clear()
+                committed.size = _COMMIT.unpack_from(rec, _REC.size)[0]
                 commits += 1
-                commit_ends.append(end)
-                last_commit_end = end
+                commit_ends.append(pos + len(rec))
+                last_commit_end = pos + len(rec)
             elif rtype == SYNC:
-                sync = SyncMark(*_SYNC.unpack(payload))
+                marks.append(SyncMark(*_SYNC.unpack_from(rec, _REC.size)))
             else:
                 break
-            pos = end
-        return Scan(base, page_size, committed, pending, commits, sync, last_commit_end, pos,
-                    commit_ends)
+            end = pos + len(rec)
+        pending = committed.copy()
+        _apply(pending, txn)
+        return Scan(base, page_size, committed, pending, commits, marks[-1] if marks else None,
+                    last_commit_end, end, commit_ends, marks)
 
 
-def _drop_sync_records(data: bytes) -> bytes:
-    """Records carried into a rewritten buffer, minus SYNC marks (they belonged to the old base)."""
-    out = bytearray()
-    pos = 0
-    while pos + _REC.size <= len(data):
-        rtype, length = _REC.unpack_from(data, pos)
-        end = pos + _REC.size + length + 4
-        if end > len(data):
+def _apply(pages: Pages, records: list[tuple[int, int, int]]) -> None:
+    """Replay PAGE and TRUNCATE records (as the scan collected them) onto ``pages``."""
+    for rtype, n, offset in records:
+        if rtype == PAGE:
+            pages.offsets[n] = offset
+            if pages.size is not None and n > pages.size:
+                pages.size = n
+        else:
+            pages.truncate(n)
+
+
+def _records(fd: int, start: int, stop: int | None = None
+             ) -> Iterator[tuple[int, int, memoryview]]:
+    """(offset, type, whole record) of each record from ``start`` up to ``stop`` (or the end),
+    stopping at the first torn or corrupt one. Reads ``CHUNK`` bytes at a time; each record
+    view is valid until the next one is taken."""
+    data = memoryview(b"")
+    base = pos = start  # data holds the file's bytes [base, base + len(data))
+
+    def have(n: int) -> bool:
+        nonlocal data, base
+        if pos + n <= base + len(data):
+            return True
+        want = max(n, CHUNK) if stop is None else min(max(n, CHUNK), stop - pos)
+        if want < n:
+            return False
+        data, base = memoryview(_pread(fd, want, pos)), pos
+        return len(data) >= n
+
+    while have(_REC.size):
+        _, length = _REC.unpack_from(data, pos - base)
+        size = _REC.size + length + 4
+        if length > _MAX_PAYLOAD or not have(size):
+            return
+        rec = data[pos - base:pos - base + size]
+        if _CRC.unpack_from(rec, size - 4)[0] != zlib.crc32(rec[:size - 4]):
+            return
+        yield pos, rec[0], rec
+        pos += size
+
+
+def _pread(fd: int, n: int, offset: int) -> bytes:
+    """``n`` bytes at ``offset``, fewer only at the end of the file: ``pread`` may return less
+    than asked (at most 0x7ffff000 bytes per call on Linux)."""
+    data = os.pread(fd, n, offset)
+    if len(data) == n or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < n:
+        more = os.pread(fd, n - got, offset + got)
+        if not more:
             break
-        if rtype != SYNC:
-            out += data[pos:end]
-        pos = end
-    return bytes(out)
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

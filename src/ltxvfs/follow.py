@@ -76,13 +76,28 @@ class Replica:
         return self._state
 
     def set_state(self, state: DatabaseState) -> None:
-        """Install a new latest state (a poll, a rebuild, our own upload) and tell listeners."""
+        """Install a new latest state unconditionally and tell listeners. Whoever computed a
+        state from the current one installs it with :meth:`replace_state` instead."""
         with self._lock:
             changed = state is not self._state
             self._state = state
         if changed:
-            for listener in list(self.listeners):
-                listener()
+            self._changed()
+
+    def replace_state(self, expected: DatabaseState, state: DatabaseState) -> bool:
+        """Install ``state`` only if the latest state is still ``expected`` (one atomic compare
+        and set). False, and nothing changed, when another state was installed meanwhile."""
+        with self._lock:
+            if self._state is not expected:
+                return False
+            self._state = state
+        if state is not expected:
+            self._changed()
+        return True
+
+    def _changed(self) -> None:
+        for listener in list(self.listeners):
+            listener()
 
     def poll_job(self) -> None:
         """The scheduled poll. While no connection has started a read since the last poll, only
@@ -100,13 +115,15 @@ class Replica:
         ``last_error``; the previous state stays in force."""
         with self._poll_lock:
             self.polls += 1
+            start = self._state
             try:
-                state = self._advance(self._state)
+                state = self._advance(start)
             except LitestreamError as err:
                 self.last_error = str(err)
                 log.warning("poll of %s failed: %s", self.client.url, err)
                 return self._state
-            self.set_state(state)
+            if not self.replace_state(start, state):  # a writer installed its upload meanwhile
+                state = self._state
             self.last_poll_success = time.monotonic()
             self.last_error = None
             return state
@@ -151,13 +168,14 @@ class Replica:
         latest state is then rebuilt from a fresh plan, for the next transaction to use.
         """
         with self._poll_lock:
-            latest = self._state
+            latest = start = self._state
             if self.writer is None:
                 try:
                     latest = self._advance(latest)
                 except LitestreamError:
                     pass
-                self.set_state(latest)
+                if not self.replace_state(start, latest):
+                    latest = self._state
             for _ in range(3):  # files may vanish while we look: look again
                 listing = list_levels(self.client)
                 try:
@@ -165,8 +183,7 @@ class Replica:
                 except ObjectNotFoundError:
                     continue
                 if fixed is not None:
-                    if self._state is state:
-                        self.set_state(fixed)
+                    self.replace_state(state, fixed)  # never over a state installed meanwhile
                     return fixed
                 break
             log.info("pages of TXID %016x are in no remaining file; rebuilding", state.txid)
@@ -206,13 +223,14 @@ class Replica:
 
     def _rebuild(self) -> None:
         """Replace the latest state by one built from a fresh plan (no deleted files in it)."""
+        start = self._state
         try:
             state = state_at(self.client, self.pool, self.store)
         except LitestreamError as err:
             self.last_error = str(err)
             log.warning("rebuild of %s failed: %s", self.client.url, err)
             return
-        self.set_state(state)
+        self.replace_state(start, state)
 
     def lag_seconds(self) -> int:
         if self.last_poll_success is None:

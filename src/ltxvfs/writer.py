@@ -8,6 +8,10 @@
   new file (the writer's own reads stay correct after every sync) and the buffer is rebased.
 * A remote that moved on is a :class:`~ltxvfs.errors.ConflictError`: nothing is overwritten, the
   buffer is kept, and further writes are refused until someone resolves it.
+* An upload that may have landed although it failed (its answer lost) is recognised later by
+  the file checksum its SYNC mark recorded — at the next sync as after a crash — and taken as
+  ours. Its retry, while no commit was added, is the very same file (same timestamp), so a
+  conditional PUT that meets the first one knows it.
 * After a crash, reopening recovers the committed records of the buffer and syncs them if the
   remote is still where the buffer started (or at our own interrupted upload); otherwise it
   refuses with a ConflictError naming the buffer file, which stays where it is.
@@ -20,14 +24,15 @@ import os
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from .buffer import RECORDS_START, Scan, WriteBuffer, replica_id
+from .buffer import RECORDS_START, Scan, SyncMark, WriteBuffer, replica_id
 from .compact import Compactor
 from .errors import ConflictError, LitestreamError, ObjectExistsError
 from .follow import Replica
 from .ltx import Encoder, Header, lock_pgno
-from .pages import FileIndex
+from .pages import FileIndex, fetch_file_index
 from .storage.base import FileInfo, format_txid
 
 log = logging.getLogger("ltxvfs.writer")
@@ -61,6 +66,9 @@ class Writer:
         self.closed = False
         #: Compaction jobs run by the VFS's scheduler while writing (set by the VFS).
         self.compactor: Compactor | None = None
+        #: (TXID, buffer end, timestamp) of the last upload attempt: a retry of the same
+        #: commits reuses the timestamp, so it encodes the same file.
+        self._attempt: tuple[int, int, int] | None = None
 
     # --- opening and recovery -------------------------------------------------------------------
 
@@ -81,8 +89,10 @@ class Writer:
         state = self.replica.state
         remote = state.txid
         base, keep_from = found.base_txid, RECORDS_START
-        if found.sync is not None and remote >= found.sync.txid and self._is_our_upload(found):
-            base, keep_from = found.sync.txid, found.sync.end  # our upload landed before the crash
+        if found.marks and remote > base:
+            landed = self._landed(self.client.list_files(0, seek=base + 1), base + 1, found.marks)
+            if landed is not None:  # our upload landed before the crash
+                base, keep_from = landed[1].txid, landed[1].end
         left = found.commits_after(keep_from)
         if left == 0:
             self.buffer.reset(remote, state.commit, state.page_size)
@@ -96,19 +106,17 @@ class Writer:
                     self.buffer.path, format_txid(base))
         self.buffer.adopt(found, base, state.commit, keep_from)
 
-    def _is_our_upload(self, found: Scan) -> bool:
-        sync = found.sync
-        assert sync is not None
-        return self._our_upload(sync.txid, sync.checksum) is not None
-
-    def _our_upload(self, txid: int, checksum: int) -> FileInfo | None:
-        """The L0 file ``txid`` if it is the one we uploaded (same file checksum), else None."""
-        files = [f for f in self.client.list_files(0, seek=txid) if f.min_txid == txid]
-        if not files:
+    def _landed(self, files: list[FileInfo], txid: int, marks: list[SyncMark]
+                ) -> tuple[FileInfo, SyncMark] | None:
+        """Our own upload of ``txid``, if the listing ``files`` (L0 from ``txid`` on) starts with
+        it: the file whose checksum one of our SYNC marks for ``txid`` recorded."""
+        ours = {m.checksum: m for m in marks if m.txid == txid}
+        if not files or not ours or (files[0].min_txid, files[0].max_txid) != (txid, txid):
             return None
         f = files[0]
         trailer = self.client.read(0, f.min_txid, f.max_txid, f.size - 8, 8)
-        return f if int.from_bytes(trailer, "big") == checksum else None
+        mark = ours.get(int.from_bytes(trailer, "big"))
+        return None if mark is None else (f, mark)
 
     # --- what the VFS file calls ----------------------------------------------------------------
 
@@ -177,23 +185,50 @@ class Writer:
             pass
 
     def _sync(self) -> int:
+        while True:
+            txid = self.buffer.base_txid + 1
+            newer = self.client.list_files(0, seek=txid)
+            if newer:
+                self._take_landed(self._landed(newer, txid, self.buffer.marks), (
+                    f"remote has newer transactions than expected: expected TXID "
+                    f"{format_txid(txid - 1)} but remote has {format_txid(newer[-1].max_txid)}"))
+            elif self._upload(txid):
+                return txid
+            if not self.buffer.has_unsynced:
+                return txid
+            # Our earlier upload landed: the commits after it go up as the next TXID.
+
+    def _take_landed(self, landed: tuple[FileInfo, SyncMark] | None, conflict: str) -> None:
+        """Install ``landed``, our own earlier upload whose answer was lost, and rebase the
+        buffer after the commits it holds. None (the file is another writer's): ConflictError,
+        with ``conflict`` as the reason."""
+        if landed is None:
+            raise ConflictError(f"{conflict}; unsynced commits are kept in {self.buffer.path}")
+        info, mark = landed
+        log.warning("our upload of TXID %s had landed (its answer was lost); taking it",
+                    format_txid(mark.txid))
+        fi = fetch_file_index(self.client, info, want_header=True)
+        assert fi.header is not None
+        self._installed(fi, fi.header.commit)
+        self.buffer.synced(mark.txid, mark.end, fi.header.commit)
+        self._attempt = None
+
+    def _upload(self, txid: int) -> bool:
+        """Upload the committed pages as ``txid``. True when done; False when the conditional PUT
+        met an earlier attempt of ours instead (taken: the caller goes on from there)."""
         pages, end = self.buffer.snapshot()
-        state = self.replica.state
-        base = self.buffer.base_txid
-        txid = base + 1
-        newer = self.client.list_files(0, seek=txid)
-        if newer:
-            raise ConflictError(
-                f"remote has newer transactions than expected: expected TXID {format_txid(base)} "
-                f"but remote has {format_txid(newer[-1].max_txid)}; unsynced commits are kept "
-                f"in {self.buffer.path}")
         page_size = self.page_size
-        commit = pages.size if pages.size is not None else state.commit
+        commit = pages.size  # the buffer's own size: never a (possibly stale) replica state's
+        assert commit is not None
         lock = lock_pgno(page_size)
         pgnos = sorted(p for p in pages.offsets if p <= commit and p != lock)
         if txid == 1 and len(pgnos) != commit - (1 if commit >= lock else 0):
             raise LitestreamError("the first sync of a new database must hold every page")
-        now = int(time.time() * 1000)
+        if self._attempt is not None and self._attempt[:2] == (txid, end):
+            now = self._attempt[2]  # a retry of the same commits: the very same file
+        else:
+            now = int(time.time() * 1000)
+            self._attempt = (txid, end, now)
         header = Header(page_size=page_size, commit=commit, min_txid=txid, max_txid=txid,
                         timestamp=now)
         with tempfile.SpooledTemporaryFile(max_size=16 << 20) as spool:
@@ -205,38 +240,42 @@ class Writer:
                 enc.write_page(pgno, data)
                 if len(written) < room:
                     written[pgno] = data
-            trailer = enc.close()
-            index = enc.index
-            self.buffer.mark_sync(txid, end, trailer.file_checksum)
+            mark = SyncMark(txid, end, enc.close().file_checksum)
+            if mark not in self.buffer.marks:
+                self.buffer.mark_sync(mark.txid, mark.end, mark.checksum)
             spool.seek(0)
             try:
                 info = self.client.write(0, txid, txid, spool, now, exclusive=True)
-            except ObjectExistsError as err:
+            except ObjectExistsError:
                 # Our own PUT may have been applied with its answer lost (a 500 or a reset after
                 # the write, then botocore's retry meets the precondition): ours if the stored
-                # file carries our checksum.
-                info = self._our_upload(txid, trailer.file_checksum)
-                if info is None:
-                    raise ConflictError(
-                        f"another writer committed TXID {format_txid(txid)} first; unsynced "
-                        f"commits are kept in {self.buffer.path}") from err
-        self._installed(info, header, index, written, commit)
+                # file carries the checksum of one of our attempts.
+                landed = self._landed(self.client.list_files(0, seek=txid), txid,
+                                      self.buffer.marks)
+                if landed is None or landed[1] != mark:  # another's, or an earlier attempt
+                    self._take_landed(landed, f"another writer committed TXID "
+                                              f"{format_txid(txid)} first")
+                    return False
+                info = landed[0]
+        self._installed(FileIndex(info, enc.index, header, written), commit)
         self.buffer.synced(txid, end, commit)
+        self._attempt = None
         log.debug("synced %d page(s) as TXID %s", len(pgnos), format_txid(txid))
-        return txid
+        return True
 
-    def _installed(self, info: FileInfo, header: Header, index: dict[int, tuple[int, int]],
-                   written: dict[int, bytes], commit: int) -> None:
+    def _installed(self, fi: FileIndex, commit: int) -> None:
         """Point the page index at the file just uploaded and cache its pages, before the buffer
-        lets go of them — so no read ever falls back to an older version."""
-        state = self.replica.state
-        if not state.page_size:  # a new database: its first file defines the page size
-            from dataclasses import replace
-
-            state = replace(state, page_size=header.page_size)
-        fi = FileIndex(info, index, header, written)
+        lets go of them — so no read ever falls back to an older version. Applied onto whatever
+        state is current, atomically: a reader's recover() may relocate it meanwhile."""
+        assert fi.header is not None
         self.replica.store.seed([fi])
-        self.replica.set_state(state.applying([fi], commit))
+        while True:
+            current = self.replica.state
+            base = current
+            if not base.page_size:  # a new database: its first file defines the page size
+                base = replace(base, page_size=fi.header.page_size)
+            if self.replica.replace_state(current, base.applying([fi], commit)):
+                return
 
     # --- closing --------------------------------------------------------------------------------
 
