@@ -12,12 +12,12 @@ miss it at once.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
+from .cache import PageCache
 from .errors import LitestreamError, MalformedIndexError, ObjectNotFoundError, TruncatedError
 from .gcpause import paused_gc
 from .ltx import (
@@ -199,59 +199,6 @@ def state_at(client: ReplicaClient, pool: ThreadPoolExecutor, store: PageStore |
     raise AssertionError("unreachable")
 
 
-class PageCache:
-    """LRU of decompressed pages keyed by frame location, bounded in bytes. Thread-safe.
-
-    Keys name an immutable frame (file + offset), so entries never go stale: a newer version of
-    a page lives at another key, and old ones simply age out.
-    """
-
-    def __init__(self, capacity_bytes: int) -> None:
-        self.capacity = max(capacity_bytes, 1)
-        self._data: OrderedDict[tuple, bytes] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-        self.hits = self.misses = 0
-
-    def get(self, key: tuple) -> bytes | None:
-        with self._lock:
-            page = self._data.get(key)
-            if page is None:
-                self.misses += 1
-                return None
-            self._data.move_to_end(key)
-            self.hits += 1
-            return page
-
-    def peek(self, key: tuple) -> bytes | None:
-        """The page if cached, without counting a hit or miss or refreshing its age: for
-        background work (hydration) that must not skew what readers' statistics and LRU say."""
-        with self._lock:
-            return self._data.get(key)
-
-    def put(self, key: tuple, page: bytes) -> None:
-        with self._lock:
-            old = self._data.pop(key, None)
-            if old is not None:
-                self._bytes -= len(old)
-            self._data[key] = page
-            self._bytes += len(page)
-            while self._bytes > self.capacity and len(self._data) > 1:
-                _, evicted = self._data.popitem(last=False)
-                self._bytes -= len(evicted)
-
-    def __contains__(self, key: tuple) -> bool:
-        with self._lock:
-            return key in self._data
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    @property
-    def bytes(self) -> int:
-        return self._bytes
-
-
 def _key(ref: PageRef) -> tuple:
     info = ref[0]
     return (info.level, info.min_txid, info.max_txid, ref[1])
@@ -263,9 +210,6 @@ class PageStore:
     #: Readahead grows (doubling) up to this many pages per GET while reads are sequential.
     MAX_READAHEAD_PAGES = 256
     MAX_READAHEAD_BYTES = 4 * 1024 * 1024
-    #: What a miss that continues no stream reads: at 20 ms a request, 32 KiB more costs
-    #: nothing, and the neighbours of a b-tree page are often read next.
-    INITIAL_READ_BYTES = 32 * 1024
 
     def __init__(self, client: ReplicaClient, cache_bytes: int) -> None:
         self.client = client
@@ -291,7 +235,7 @@ class PageStore:
             fut = self._inflight.get(key)
             owner = fut is None
             if owner:
-                run = self._run(state, pgno, ref)
+                run, sequential = self._run(state, pgno, ref)
                 fut = Future()
                 futures = {}
                 for p, r in run:
@@ -303,27 +247,33 @@ class PageStore:
         if not owner:
             return fut.result()
         try:
-            self._fetch_run(state.page_size, [(p, r, f) for p, (r, f) in futures.items()])
+            self._fetch_run(state.page_size, [(p, r, f) for p, (r, f) in futures.items()],
+                            sequential)
         finally:
             with self._lock:
                 for r, _ in futures.values():
                     self._inflight.pop(_key(r), None)
         return fut.result()
 
-    def _run(self, state: DatabaseState, pgno: int, ref: PageRef) -> list[tuple[int, PageRef]]:
-        """Pages to fetch with ``pgno`` in one GET: the following pages whose frames come next in
-        the same file, as many as the readahead window allows. Called with the lock held.
+    def _run(self, state: DatabaseState, pgno: int, ref: PageRef
+             ) -> tuple[list[tuple[int, PageRef]], bool]:
+        """Pages to fetch with ``pgno`` in one GET, and whether they come from a sequential
+        stream. Called with the lock held.
 
-        Sequential reading is tracked per stream (the last few runs, by the page each ended at):
-        a miss shortly after one of them continues it and doubles its window, so the interior
-        b-tree pages SQLite reads between leaf runs do not reset a scan's readahead. A run reads
-        across pages that are cached or whose newest frame is in another file (their frames in
-        this file are read and dropped, up to ``_MAX_GAP`` bytes each) instead of stopping there.
+        A miss that continues no stream is random (a point lookup): it fetches its own frame
+        only — neighbours fetched "for free" in the same round trip would take cache room from
+        pages that are read again. Sequential reading is tracked per stream (the last few runs,
+        by the page each ended at): a miss shortly after one of them continues it and doubles its
+        window (1, 2, 4, … pages), so the interior b-tree pages SQLite reads between leaf runs do
+        not reset a scan's readahead. A run reads across pages that are cached or whose newest
+        frame is in another file (their frames in this file are read and dropped, up to
+        ``_MAX_GAP`` bytes each) instead of stopping there.
         """
-        window = max(1, self.INITIAL_READ_BYTES // state.page_size)
+        window, sequential = 1, False
         for last in self._streams:
             if last < pgno <= last + 1 + _SLACK:
                 window = min(self._streams.pop(last) * 2, self.MAX_READAHEAD_PAGES)
+                sequential = True
                 break
         run = [(pgno, ref)]
         budget = min(window, self.MAX_READAHEAD_BYTES // state.page_size)
@@ -345,9 +295,10 @@ class PageStore:
         self._streams[run[-1][0]] = window
         while len(self._streams) > _STREAMS:
             del self._streams[next(iter(self._streams))]
-        return run
+        return run, sequential
 
-    def _fetch_run(self, page_size: int, run: list[tuple[int, PageRef, Future[bytes]]]) -> None:
+    def _fetch_run(self, page_size: int, run: list[tuple[int, PageRef, Future[bytes]]],
+                   sequential: bool) -> None:
         info = run[0][1][0]
         start = run[0][1][1]
         end = run[-1][1][1] + run[-1][1][2]
@@ -360,7 +311,7 @@ class PageStore:
             view = memoryview(data)
             for pgno, (_, off, size), fut in run:
                 page = decode_page_frame(view[off - start:off - start + size], page_size, pgno)
-                self.cache.put((info.level, info.min_txid, info.max_txid, off), page)
+                self.cache.put((info.level, info.min_txid, info.max_txid, off), page, sequential)
                 fut.set_result(page)
         except BaseException as err:
             for _, _, fut in run:
@@ -374,7 +325,8 @@ class PageStore:
             if fi.decoded:
                 info = fi.info
                 for pgno, page in fi.decoded.items():
-                    self.cache.put((info.level, info.min_txid, info.max_txid, fi.pages[pgno][0]), page)
+                    self.cache.put((info.level, info.min_txid, info.max_txid, fi.pages[pgno][0]),
+                                   page, sequential=True)
 
     def seed_head(self, fi: FileIndex, head: bytes) -> None:
         """Cache the pages whose frames lie wholly inside ``head`` (the first bytes of a file)."""
@@ -388,5 +340,5 @@ class PageStore:
             if off + size > len(head) or budget < page_size:
                 break
             page = decode_page_frame(view[off:off + size], page_size, pgno)
-            self.cache.put((info.level, info.min_txid, info.max_txid, off), page)
+            self.cache.put((info.level, info.min_txid, info.max_txid, off), page, sequential=True)
             budget -= page_size

@@ -1,0 +1,161 @@
+"""The page cache's policy (cache.py): bounded in bytes, LRU for random reads, a probationary
+segment for scans and readahead, interior b-tree pages kept. And, through the VFS, what a user
+sees (issue 13): repeated random lookups whose pages fit are answered without a request, and a
+full scan does not push the hot set out."""
+
+from __future__ import annotations
+
+import json
+import random
+from urllib.parse import quote
+
+import apsw
+import pytest
+
+import ltxvfs
+from ltxvfs.cache import PageCache, is_interior
+from ltxvfs.storage import open_replica
+
+from replicas import FakePrimary
+
+PAGE = 4096
+
+
+def leaf(i: int) -> bytes:
+    return bytes([0x0D]) + i.to_bytes(4, "big") + bytes(PAGE - 5)
+
+
+def interior(i: int) -> bytes:
+    return bytes([0x05]) + i.to_bytes(4, "big") + bytes(PAGE - 5)
+
+
+def key(i: int) -> tuple:
+    return (0, 1, 1, i * PAGE)
+
+
+def test_bounded_in_bytes_and_lru_for_random_reads():
+    cache = PageCache(10 * PAGE)
+    for i in range(100):
+        cache.put(key(i), leaf(i))
+    assert cache.bytes <= 10 * PAGE and len(cache) == 10
+    assert cache.get(key(99)) == leaf(99) and cache.get(key(0)) is None
+    cache.get(key(90))  # touched: now the youngest
+    cache.put(key(200), leaf(200))
+    assert key(90) in cache and key(91) not in cache
+
+
+def test_a_working_set_that_fits_is_kept_whatever_segment_it_came_in():
+    cache = PageCache(100 * PAGE)
+    for i in range(60):
+        cache.put(key(i), leaf(i), sequential=i % 2 == 0)
+    assert all(cache.get(key(i)) == leaf(i) for i in range(60))
+    assert cache.misses == 0
+
+
+def test_a_scan_does_not_evict_the_hot_set():
+    cache = PageCache(100 * PAGE)
+    hot = range(1000, 1040)
+    for i in hot:
+        cache.put(key(i), leaf(i))
+    for i in range(2000):  # a scan 20x the cache
+        cache.get(key(i)) or cache.put(key(i), leaf(i), sequential=True)
+    assert all(cache.get(key(i)) is not None for i in hot)
+    assert cache.bytes <= 100 * PAGE
+
+
+def test_a_page_read_again_in_the_scan_segment_is_promoted():
+    cache = PageCache(20 * PAGE)
+    cache.put(key(1), leaf(1), sequential=True)
+    assert cache.get(key(1)) is not None  # the scan reading its readahead: stays on probation
+    assert cache.promotions == 0
+    assert cache.get(key(1)) is not None  # a second reference
+    assert cache.promotions == 1
+    for i in range(100, 200):  # another scan
+        cache.put(key(i), leaf(i), sequential=True)
+    assert key(1) in cache
+
+
+def test_interior_pages_stay_under_leaf_pressure():
+    cache = PageCache(64 * PAGE)  # interior share: 8 pages
+    for i in range(6):
+        cache.put(key(i), interior(i))
+    for i in range(100, 1000):
+        cache.put(key(i), leaf(i))
+    assert all(key(i) in cache for i in range(6))
+    assert is_interior(interior(1)) and not is_interior(leaf(1))
+    page1 = b"SQLite format 3\x00" + bytes(84) + b"\x05" + bytes(PAGE - 101)
+    assert is_interior(page1)
+
+
+def test_peek_changes_nothing():
+    cache = PageCache(10 * PAGE)
+    cache.put(key(1), leaf(1), sequential=True)
+    for _ in range(3):
+        assert cache.peek(key(1)) == leaf(1)
+    assert (cache.hits, cache.misses, cache.promotions) == (0, 0, 0)
+    assert cache.peek(key(2)) is None
+
+
+# --- through the VFS ---------------------------------------------------------------------------
+
+ROWS = 6000  # ~1,500 leaf pages of 4 KiB: about 6 MB
+
+
+@pytest.fixture(scope="module")
+def vfs():
+    return ltxvfs.register()
+
+
+@pytest.fixture(scope="module")
+def replica(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cache")
+    url = (tmp / "replica").as_uri()
+    with open_replica(url) as client:
+        p = FakePrimary(tmp / "primary.db", client)
+        p.commit("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT, pad BLOB)",
+                 f"INSERT INTO t SELECT value, 'v' || value, randomblob(900) "
+                 f"FROM generate_series(1, {ROWS})")
+    return url
+
+
+def connect(url: str, cache_size: str) -> apsw.Connection:
+    con = apsw.Connection(f"file:db?vfs=litestream&replica_url={quote(url, safe='')}"
+                          f"&cache_size={cache_size}&poll_interval=1h",
+                          flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+    con.execute("PRAGMA cache_size = 10")  # SQLite's own cache: every read reaches ours
+    return con
+
+
+def stats(con) -> dict:
+    return json.loads(con.execute("PRAGMA litestream_stats").fetchall()[0][0])
+
+
+def lookups(con, keys) -> None:
+    for k in keys:
+        assert con.execute("SELECT v FROM t WHERE id = ?", (k,)).fetchall() == [(f"v{k}",)]
+
+
+def test_repeated_random_lookups_that_fit_the_cache_make_no_request(vfs, replica):
+    """The second pass of the same random lookups is answered from the cache: the old code's
+    readahead (32 KiB per random miss) filled a cache twice the working set and evicted it."""
+    con = connect(replica, "2MiB")  # ~500 pages; the database is ~1,500
+    keys = random.Random(7).sample(range(1, ROWS + 1), 250)
+    lookups(con, keys)
+    first = stats(con)
+    assert first["bytes_fetched"] < 2 * 1024 * 1024, "random misses fetched more than they needed"
+    lookups(con, keys)
+    second = stats(con)
+    assert second["page_gets"] == first["page_gets"], "the repeated pass went to storage"
+    con.close()
+
+
+def test_the_hot_set_survives_a_full_scan(vfs, replica):
+    con = connect(replica, "2MiB")
+    hot = random.Random(8).sample(range(1, ROWS + 1), 100)
+    lookups(con, hot)
+    lookups(con, hot)
+    assert con.execute("SELECT sum(length(pad)) FROM t").fetchall() == [(900 * ROWS,)]
+    before = stats(con)["page_gets"]
+    lookups(con, hot)
+    assert stats(con)["page_gets"] - before <= 10, "the scan pushed the hot set out"
+    con.close()
