@@ -76,6 +76,10 @@ class DatabaseState:
     txid: int
     created_at: datetime
     index: dict[int, PageRef] = field(repr=False)
+    #: The newest file applied (it ends at ``txid``) and its header timestamp (0 if unknown):
+    #: what the follower checks to tell that the replica still holds the same history.
+    tip: FileInfo | None = None
+    tip_timestamp: int = 0
 
     @property
     def size(self) -> int:
@@ -98,9 +102,13 @@ class DatabaseState:
                     index[pgno] = (info, off, size)
         if index and max(index) > commit:
             index = {p: r for p, r in index.items() if p <= commit}
-        last = max(files, key=lambda f: f.info.max_txid).info if files else None
+        newest = max(files, key=lambda f: f.info.max_txid) if files else None
+        last = newest.info if newest else None
+        tip, stamp = self.tip, self.tip_timestamp
+        if newest is not None and last is not None and last.max_txid >= self.txid:
+            tip, stamp = last, newest.header.timestamp if newest.header else 0
         return DatabaseState(self.page_size, commit, max(self.txid, last.max_txid if last else 0),
-                             last.created_at if last else self.created_at, index)
+                             last.created_at if last else self.created_at, index, tip, stamp)
 
 
 def tail_size(file_size: int) -> int:
@@ -240,6 +248,12 @@ class PageCache:
                 _, evicted = self._data.popitem(last=False)
                 self._bytes -= len(evicted)
 
+    def clear(self) -> None:
+        """Drop every entry (the replica's history was replaced)."""
+        with self._lock:
+            self._data.clear()
+            self._bytes = 0
+
     def __contains__(self, key: tuple) -> bool:
         with self._lock:
             return key in self._data
@@ -252,9 +266,16 @@ class PageCache:
         return self._bytes
 
 
+def frame_key(info: FileInfo, offset: int) -> tuple:
+    """The cache key of the frame at ``offset`` of ``info``: the file's name, its identity
+    (ETag / inode, else size and time) and the offset. A replaced history reuses file names;
+    the identity keeps its frames from ever sharing an entry with the old history's."""
+    return (info.level, info.min_txid, info.max_txid, info.size, info.etag or info.created_at,
+            offset)
+
+
 def _key(ref: PageRef) -> tuple:
-    info = ref[0]
-    return (info.level, info.min_txid, info.max_txid, ref[1])
+    return frame_key(ref[0], ref[1])
 
 
 class PageStore:
@@ -360,7 +381,7 @@ class PageStore:
             view = memoryview(data)
             for pgno, (_, off, size), fut in run:
                 page = decode_page_frame(view[off - start:off - start + size], page_size, pgno)
-                self.cache.put((info.level, info.min_txid, info.max_txid, off), page)
+                self.cache.put(frame_key(info, off), page)
                 fut.set_result(page)
         except BaseException as err:
             for _, _, fut in run:
@@ -374,7 +395,7 @@ class PageStore:
             if fi.decoded:
                 info = fi.info
                 for pgno, page in fi.decoded.items():
-                    self.cache.put((info.level, info.min_txid, info.max_txid, fi.pages[pgno][0]), page)
+                    self.cache.put(frame_key(info, fi.pages[pgno][0]), page)
 
     def seed_head(self, fi: FileIndex, head: bytes) -> None:
         """Cache the pages whose frames lie wholly inside ``head`` (the first bytes of a file)."""
@@ -388,5 +409,5 @@ class PageStore:
             if off + size > len(head) or budget < page_size:
                 break
             page = decode_page_frame(view[off:off + size], page_size, pgno)
-            self.cache.put((info.level, info.min_txid, info.max_txid, off), page)
+            self.cache.put(frame_key(info, off), page)
             budget -= page_size
