@@ -232,3 +232,25 @@ def test_snapshot_that_lost_a_file_retries_from_compacted_levels(history):
     assert fired
     assert (info.min_txid, info.max_txid) == (1, 9)
     assert decode_file(client.read(9, 1, 9)).pages == page_bytes(p.path)
+
+
+def test_compaction_continues_past_what_snapshot_retention_removed(history):
+    """Snapshot retention deletes L1 files below the oldest kept snapshot, also ones L2 never
+    merged. L2 then starts at a later TXID: the snapshot holds the TXIDs in between, so L2
+    must go on from there instead of waiting forever (the writer test's "L2 compaction
+    waits: L1 starts at 000000000000000a, expected 0000000000000001").."""
+    p, client, url = history
+    compact_level(client, 1)  # L1 1-5
+    for i in range(4):
+        p.commit(f"INSERT INTO t(b) VALUES ({i})")  # TXIDs 6-9
+    compact_level(client, 1)  # L1 6-9
+    assert snapshot(client).max_txid == 9
+    p.commit("INSERT INTO t(b) VALUES (10)")
+    compact_level(client, 1)  # L1 10-10
+    deleted = enforce_snapshot_retention(client, 3600, [1])
+    assert [(f.level, f.min_txid, f.max_txid) for f in deleted] == [(1, 1, 5)]
+    info = compact_level(client, 2)
+    assert info is not None and (info.min_txid, info.max_txid) == (6, 10)
+    assert compute_plan(client).txid == 10
+    assert restore(client, p.path.parent / "out.db").txid == 10
+    assert page_bytes(p.path.parent / "out.db") == page_bytes(p.path)

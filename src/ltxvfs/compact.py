@@ -93,10 +93,11 @@ def compact_level(client: ReplicaClient, dst: int) -> FileInfo | None:
     if not inputs:
         return None
     first = inputs[0].min_txid
-    if existing and first != after + 1 or not existing and first != 1 and not _covered_below(
-            client, dst, first - 1):
+    if first != after + 1 and not _covered_above(client, dst, after + 1, first - 1):
         # A listing can lag behind an upload (eventual consistency, a stale LIST): merging
         # past a TXID we cannot see would leave a hole that retention then makes permanent.
+        # A hole that a higher level holds (snapshot retention removed files of dst-1 that
+        # dst never merged) is no hole: waiting for it would stop dst for good.
         log.info("L%d compaction waits: L%d starts at %s, expected %s", dst, dst - 1,
                  format_txid(first), format_txid(after + 1))
         return None
@@ -105,9 +106,9 @@ def compact_level(client: ReplicaClient, dst: int) -> FileInfo | None:
     return info
 
 
-def _covered_below(client: ReplicaClient, dst: int, txid: int) -> bool:
-    """Some file of a level above ``dst`` (a snapshot, say) ends exactly at ``txid``."""
-    return any(f.max_txid == txid for level in range(dst + 1, SNAPSHOT_LEVEL + 1)
+def _covered_above(client: ReplicaClient, dst: int, lo: int, hi: int) -> bool:
+    """Some file of a level above ``dst`` (a snapshot, say) holds TXIDs ``lo``..``hi``."""
+    return any(f.min_txid <= lo and f.max_txid >= hi for level in range(dst + 1, SNAPSHOT_LEVEL + 1)
                for f in client.list_files(level))
 
 
