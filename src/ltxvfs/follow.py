@@ -183,13 +183,13 @@ class Replica:
             if (f.level, f.min_txid, f.max_txid) == (tip.level, tip.min_txid, tip.max_txid):
                 return _same_object(f, tip)
         ends = sorted((f for f in files if f.max_txid == state.txid), key=lambda f: f.level)
-        if ends and state.tip_timestamp:
+        if ends and state.tip_timestamp and tip.level < SNAPSHOT_LEVEL:
             f = ends[0]
             header = Header.unpack(self.client.read(f.level, f.min_txid, f.max_txid, 0,
                                                     HEADER_SIZE))
             if header.timestamp == state.tip_timestamp:
                 return True
-            if f.level < SNAPSHOT_LEVEL:  # Litestream's snapshots carry their own time
+            if f.level < SNAPSHOT_LEVEL:  # Litestream's snapshots carry the time they were made
                 log.info("%s ends at TXID %016x with timestamp %d, ours was %d", f,
                          state.txid, header.timestamp, state.tip_timestamp)
                 return False
