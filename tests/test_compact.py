@@ -11,6 +11,7 @@ import pytest
 
 import ltxvfs
 from ltxvfs.compact import (
+    Compactor,
     compact_level,
     enforce_l0_retention,
     enforce_snapshot_retention,
@@ -128,13 +129,18 @@ def test_writer_compacts_snapshots_and_prunes_while_writing(request, tmp_path, b
             assert con.execute("SELECT count(*) FROM t").fetchall() == [(i,)]
     _wait(lambda: all(list_levels(client)[lvl] for lvl in (1, 2, 9)))
     con.execute("PRAGMA litestream_sync")
+    newest = client.list_files(0)[-1]
+    # Once L1 covers every TXID, L0 retention leaves exactly the newest L0 file.
+    _wait(lambda: client.list_files(0) == [newest]
+          and client.list_files(1)[-1].max_txid == newest.max_txid)
     assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
     expected = con.execute("SELECT * FROM t ORDER BY id").fetchall()
     _wait(lambda: con.execute("PRAGMA litestream_hydration_progress").fetchall()[0][0] == "100.0")
     assert con.execute("SELECT * FROM t ORDER BY id").fetchall() == expected  # from the copy
     con.close()
     levels = list_levels(client)
-    assert len(levels[0]) < i / 2, "L0 retention pruned the level"
+    assert levels[0] == [newest], "L0 retention keeps only the newest L0 file"
+    assert levels[9], "snapshots landed"
     plan = compute_plan(client)
     assert len(plan) <= 12, f"a cold open needs few files, not {len(plan)}"
     out = litestream_restore(url, tmp_path / "ls.db")
@@ -167,3 +173,84 @@ def test_compaction_waits_for_a_txid_the_listing_does_not_show(history):
         client.list_files = real
     assert compact_level(client, 1).min_txid == 6  # once visible, all of it
     assert compute_plan(client).txid == 8
+
+
+def _newer_than_l1(p, client, n=4):
+    """Commits only L0 holds (their files old enough for any retention), then L1 covering them
+    written *after* a snapshot has planned from L0 — the interleaving the writer's jobs hit."""
+    compact_level(client, 1)  # L1 1-5
+    old = int(time.time() * 1000) - 60_000
+    for i in range(n):
+        p.commit(f"INSERT INTO t(b) VALUES (x'{i + 16:02x}')", timestamp_ms=old)  # TXIDs 6..9
+
+
+def _reading_hook(client, hook):
+    """Run ``hook`` once, at the first read of an L0 file (a snapshot's merge under way)."""
+    real = client.read
+    fired = []
+
+    def read(level, lo, hi, offset=0, size=None):
+        if level == 0 and not fired:
+            fired.append(True)
+            hook()
+        return real(level, lo, hi, offset, size)
+
+    client.read = read
+    return fired
+
+
+def test_retention_waits_for_a_running_snapshot(history):
+    """L0 retention must not delete files a running snapshot reads ("snapshot failed ...
+    NoSuchKey" over and over): one compactor job at a time owns the replica's levels."""
+    p, client, _ = history
+    _newer_than_l1(p, client)
+    compactor = Compactor(client, [3600], 3600, 0, 1e-6)
+    jobs = {name: fn for name, fn, _ in compactor.jobs()}
+    fired = _reading_hook(client, lambda: (compact_level(client, 1), jobs["l0-retention"]()))
+    jobs["snapshot"]()
+    assert fired
+    assert compactor.last_error is None
+    [snap] = client.list_files(9)
+    assert (snap.min_txid, snap.max_txid) == (1, 9)
+    assert decode_file(client.read(9, 1, 9)).pages == page_bytes(p.path)
+    jobs["l0-retention"]()  # once the snapshot is done, retention does its work
+    assert [f.max_txid for f in client.list_files(0)] == [9]
+
+
+def test_snapshot_that_lost_a_file_retries_from_compacted_levels(history):
+    """Files can still vanish under a snapshot (another process's retention, a stale LIST): it
+    plans again, from the compacted levels, instead of failing."""
+    p, client, _ = history
+    _newer_than_l1(p, client)
+
+    def retention_elsewhere():
+        compact_level(client, 1)  # L1 6-9
+        enforce_l0_retention(client, 0, now=datetime.now(UTC) + timedelta(hours=1))
+
+    fired = _reading_hook(client, retention_elsewhere)
+    info = snapshot(client)
+    assert fired
+    assert (info.min_txid, info.max_txid) == (1, 9)
+    assert decode_file(client.read(9, 1, 9)).pages == page_bytes(p.path)
+
+
+def test_compaction_continues_past_what_snapshot_retention_removed(history):
+    """Snapshot retention deletes L1 files below the oldest kept snapshot, also ones L2 never
+    merged. L2 then starts at a later TXID: the snapshot holds the TXIDs in between, so L2
+    must go on from there instead of waiting forever (the writer test's "L2 compaction
+    waits: L1 starts at 000000000000000a, expected 0000000000000001").."""
+    p, client, url = history
+    compact_level(client, 1)  # L1 1-5
+    for i in range(4):
+        p.commit(f"INSERT INTO t(b) VALUES ({i})")  # TXIDs 6-9
+    compact_level(client, 1)  # L1 6-9
+    assert snapshot(client).max_txid == 9
+    p.commit("INSERT INTO t(b) VALUES (10)")
+    compact_level(client, 1)  # L1 10-10
+    deleted = enforce_snapshot_retention(client, 3600, [1])
+    assert [(f.level, f.min_txid, f.max_txid) for f in deleted] == [(1, 1, 5)]
+    info = compact_level(client, 2)
+    assert info is not None and (info.min_txid, info.max_txid) == (6, 10)
+    assert compute_plan(client).txid == 10
+    assert restore(client, p.path.parent / "out.db").txid == 10
+    assert page_bytes(p.path.parent / "out.db") == page_bytes(p.path)

@@ -138,6 +138,16 @@ class PageCache:
             self._remove(key, seg)
             self.evictions += 1
 
+    def clear(self) -> None:
+        """Drop every entry (the replica's history was replaced)."""
+        with self._lock:
+            for seg in self._segs:
+                seg.clear()
+            self._seg_bytes = [0, 0, 0]
+            self._where.clear()
+            self._referenced.clear()
+            self._bytes = 0
+
     def __contains__(self, key: tuple) -> bool:
         with self._lock:
             return key in self._where

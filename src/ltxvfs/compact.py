@@ -9,6 +9,11 @@ same merge over the whole restore plan, written to level 9 as ``1-<TXID>``.
 Retention follows Litestream: L0 files already covered by L1 and older than ``l0_retention`` are
 deleted (never the newest L0 file); snapshots older than ``snapshot_retention`` are deleted
 except the newest, and then compacted files wholly below the oldest kept snapshot.
+
+In write mode the :class:`Compactor`'s jobs take turns: a job that finds another one of the same
+replica at work skips its run (the next interval comes soon), so retention never deletes a file
+that a snapshot or a compaction is reading. A file can still vanish under a snapshot (another
+process, a listing that lagged): the snapshot then plans again, from the compacted levels.
 """
 
 from __future__ import annotations
@@ -17,11 +22,12 @@ import heapq
 import io
 import logging
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 
-from .errors import LitestreamError
+from .errors import LitestreamError, ObjectNotFoundError
 from .ltx import Decoder, Encoder, Header
 from .plan import compute_plan
 from .storage.base import SNAPSHOT_LEVEL, FileInfo, RemoteFileReader, ReplicaClient, format_txid
@@ -87,10 +93,11 @@ def compact_level(client: ReplicaClient, dst: int) -> FileInfo | None:
     if not inputs:
         return None
     first = inputs[0].min_txid
-    if existing and first != after + 1 or not existing and first != 1 and not _covered_below(
-            client, dst, first - 1):
+    if first != after + 1 and not _covered_above(client, dst, after + 1, first - 1):
         # A listing can lag behind an upload (eventual consistency, a stale LIST): merging
         # past a TXID we cannot see would leave a hole that retention then makes permanent.
+        # A hole that a higher level holds (snapshot retention removed files of dst-1 that
+        # dst never merged) is no hole: waiting for it would stop dst for good.
         log.info("L%d compaction waits: L%d starts at %s, expected %s", dst, dst - 1,
                  format_txid(first), format_txid(after + 1))
         return None
@@ -99,20 +106,31 @@ def compact_level(client: ReplicaClient, dst: int) -> FileInfo | None:
     return info
 
 
-def _covered_below(client: ReplicaClient, dst: int, txid: int) -> bool:
-    """Some file of a level above ``dst`` (a snapshot, say) ends exactly at ``txid``."""
-    return any(f.max_txid == txid for level in range(dst + 1, SNAPSHOT_LEVEL + 1)
+def _covered_above(client: ReplicaClient, dst: int, lo: int, hi: int) -> bool:
+    """Some file of a level above ``dst`` (a snapshot, say) holds TXIDs ``lo``..``hi``."""
+    return any(f.min_txid <= lo and f.max_txid >= hi for level in range(dst + 1, SNAPSHOT_LEVEL + 1)
                for f in client.list_files(level))
 
 
-def snapshot(client: ReplicaClient) -> FileInfo | None:
-    """Write the latest state as an L9 snapshot, unless the newest one already covers it."""
-    plan = compute_plan(client)
-    if plan.files[-1].level == SNAPSHOT_LEVEL:
-        return None  # the newest snapshot already is the latest state
-    info = merge_files(client, plan.files, SNAPSHOT_LEVEL)
-    log.info("snapshot %s (TXID %s)", info, format_txid(info.max_txid))
-    return info
+def snapshot(client: ReplicaClient, attempts: int = 3) -> FileInfo | None:
+    """Write the latest state as an L9 snapshot, unless the newest one already covers it.
+
+    If a file of the plan disappears while it is read (retention after compaction), the plan is
+    made again: it then takes the compacted file that replaced the lost ones."""
+    for attempt in range(attempts):
+        plan = compute_plan(client)
+        if plan.files[-1].level == SNAPSHOT_LEVEL:
+            return None  # the newest snapshot already is the latest state
+        try:
+            info = merge_files(client, plan.files, SNAPSHOT_LEVEL)
+        except ObjectNotFoundError as err:
+            if attempt == attempts - 1:
+                raise
+            log.info("snapshot lost an input (%s); planning again", err)
+            continue
+        log.info("snapshot %s (TXID %s)", info, format_txid(info.max_txid))
+        return info
+    raise AssertionError("unreachable")
 
 
 def enforce_l0_retention(client: ReplicaClient, retention: float,
@@ -166,20 +184,38 @@ class Compactor:
         self.l0_retention = l0_retention
         self.last_error: str | None = None
         self.runs = 0
+        #: Runs skipped because another job of this replica held the levels.
+        self.skipped = 0
+        self._levels = threading.Lock()
 
     def jobs(self) -> list[tuple[str, object, float]]:
         """(name, callable, interval) for the scheduler."""
         out: list[tuple[str, object, float]] = []
         for i, interval in enumerate(self.intervals, start=1):
-            out.append((f"compact-L{i}", lambda lvl=i: self._run(compact_level, self.client, lvl),
+            out.append((f"compact-L{i}",
+                        self._exclusive(lambda lvl=i: self._run(compact_level, self.client, lvl)),
                         interval))
         if self.snapshot_interval > 0:
-            out.append(("snapshot", self._snapshot, self.snapshot_interval))
+            out.append(("snapshot", self._exclusive(self._snapshot), self.snapshot_interval))
         if self.l0_retention > 0 and self.intervals:
-            out.append(("l0-retention",
-                        lambda: self._run(enforce_l0_retention, self.client, self.l0_retention),
-                        max(min(self.l0_retention / 4, 15.0), 0.05)))
+            out.append(("l0-retention", self._exclusive(
+                lambda: self._run(enforce_l0_retention, self.client, self.l0_retention)),
+                max(min(self.l0_retention / 4, 15.0), 0.05)))
         return out
+
+    def _exclusive(self, job):
+        """``job`` run only while no other job of this replica runs (else skipped): deleting
+        and reading the same levels never overlap. Skipping, not waiting, keeps the shared
+        job threads free for other databases' polls and syncs."""
+        def run() -> None:
+            if not self._levels.acquire(blocking=False):
+                self.skipped += 1
+                return
+            try:
+                job()
+            finally:
+                self._levels.release()
+        return run
 
     def _snapshot(self) -> None:
         self._run(snapshot, self.client)

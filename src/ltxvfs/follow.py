@@ -1,11 +1,14 @@
 """Following a primary: one :class:`Replica` per replica URL, and a shared poll scheduler.
 
-A poll makes one LIST (L0, from the next TXID). New contiguous L0 files are applied directly. If
-L0 has a gap (files removed by retention after compaction) the whole replica is listed and the gap
-bridged with compacted files that overlap what we have as little as possible (plan.choose_bridge;
-per page the newest TXID wins), or with the latest plan's files beyond our TXID. A replica that
-went backwards (restored or replaced) is rebuilt. Nothing here can freeze the follower: every
-poll starts again from the TXID we have.
+A poll makes one LIST (L0, from our TXID). Its first entry is normally the file our state ends
+with: if that is another object now (ETag / inode), or gone while nothing newer is listed, the
+replica's history was replaced (a restored primary, a wiped bucket and a new primary) and the
+state is rebuilt from a fresh plan, with the page cache dropped (see ``_same_history``). New
+contiguous L0 files are applied directly. If L0 has a gap (files removed by retention after
+compaction) the whole replica is listed and the gap bridged with compacted files that overlap what
+we have as little as possible (plan.choose_bridge; per page the newest TXID wins), or with the
+latest plan's files beyond our TXID. Nothing here can freeze the follower: every poll starts again
+from the TXID we have.
 
 Polls run as jobs on the shared scheduler (jobs.py).
 """
@@ -23,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from .errors import LitestreamError, ObjectNotFoundError
 from .locks import LockTable
+from .ltx import HEADER_SIZE, Header
 from .pages import (
     DatabaseState,
     PageStore,
@@ -32,7 +36,7 @@ from .pages import (
     state_at,
 )
 from .plan import choose_bridge, choose_plan, list_levels
-from .storage.base import FileInfo, ReplicaClient
+from .storage.base import SNAPSHOT_LEVEL, FileInfo, ReplicaClient
 
 if TYPE_CHECKING:
     from .hydrate import Hydrator
@@ -70,6 +74,11 @@ class Replica:
         self.hydrator: Hydrator | None = None
         #: Called (with no arguments) after the latest state changed.
         self.listeners: list[Callable[[], None]] = []
+        #: (state, L0 file at its TXID or None) proven to be one history by a full listing, so
+        #: that the next polls need not prove it again.
+        self._proven: tuple[DatabaseState, FileInfo | None] | None = None
+        #: How many times a replaced history was detected (and the state rebuilt).
+        self.replacements = 0
 
     @property
     def state(self) -> DatabaseState:
@@ -129,7 +138,12 @@ class Replica:
             return state
 
     def _advance(self, state: DatabaseState) -> DatabaseState:
-        files = self.client.list_files(0, seek=state.txid + 1)
+        # From our own TXID: the file our state ends with comes back in the same LIST.
+        files = self.client.list_files(0, seek=max(state.txid, 1))
+        at = files[0] if files and files[0].min_txid == state.txid else None
+        if state.txid and not self._same_history(state, at):
+            return self._replaced(state)
+        files = [f for f in files if f.min_txid > state.txid]
         chain = []
         nxt = state.txid + 1
         for f in files:
@@ -153,6 +167,67 @@ class Replica:
                 return state
         indexes = fetch_indexes(self.client, chain, self.pool, self.store)
         return state.applying(indexes, indexes[-1].header.commit)  # type: ignore[union-attr]
+
+    def _same_history(self, state: DatabaseState, at: FileInfo | None) -> bool:
+        """Does the replica still hold the history ``state`` was built from?
+
+        ``at`` is the L0 file listed at our TXID. The common case costs nothing more than the
+        poll's LIST: ``at`` is our tip itself (same name, same ETag / inode). Otherwise (the tip
+        is a compacted file or snapshot, or retention removed it from L0, or it was replaced) the
+        whole replica is listed once for this state: the tip still there unchanged proves the
+        history; a tip gone is judged by a file that ends at our TXID (its header timestamp is
+        the tip's: compaction copies it — one 100-byte GET) or by the plan ending before our
+        TXID. LTX checksums cannot help: Litestream 0.5 and we write them as zero. What stays
+        undecidable (no file ends at our TXID any more, the plan reaches past it) is trusted."""
+        tip = state.tip
+        if tip is None:
+            return True  # a new database we write, nothing to compare
+        if at is not None and (at.level, at.min_txid, at.max_txid) == (
+                tip.level, tip.min_txid, tip.max_txid):
+            return _same_object(at, tip)
+        proven = self._proven
+        if proven is not None and proven[0] is state and (
+                proven[1] is None and at is None or proven[1] is not None and at is not None
+                and _same_object(proven[1], at)):
+            return True
+        listing = list_levels(self.client)
+        same = self._judge(state, listing)
+        if same:
+            self._proven = (state, at)
+        return same
+
+    def _judge(self, state: DatabaseState, listing: dict[int, list[FileInfo]]) -> bool:
+        tip = state.tip
+        assert tip is not None
+        files = [f for fs in listing.values() for f in fs]
+        for f in files:
+            if (f.level, f.min_txid, f.max_txid) == (tip.level, tip.min_txid, tip.max_txid):
+                return _same_object(f, tip)
+        ends = sorted((f for f in files if f.max_txid == state.txid), key=lambda f: f.level)
+        if ends and state.tip_timestamp and tip.level < SNAPSHOT_LEVEL:
+            f = ends[0]
+            header = Header.unpack(self.client.read(f.level, f.min_txid, f.max_txid, 0,
+                                                    HEADER_SIZE))
+            if header.timestamp == state.tip_timestamp:
+                return True
+            if f.level < SNAPSHOT_LEVEL:  # Litestream's snapshots carry the time they were made
+                log.info("%s ends at TXID %016x with timestamp %d, ours was %d", f,
+                         state.txid, header.timestamp, state.tip_timestamp)
+                return False
+        try:
+            plan = choose_plan(listing)
+        except LitestreamError:
+            return True  # let the usual paths report what is wrong with the replica
+        return plan.txid >= state.txid
+
+    def _replaced(self, state: DatabaseState) -> DatabaseState:
+        """The history changed under us: a fresh state from a fresh plan, an empty cache."""
+        log.warning("replica %s no longer holds the history of TXID %016x (restored or "
+                    "replaced); rebuilding from scratch", self.client.url, state.txid)
+        self.replacements += 1
+        self._proven = None
+        self.store.cache.clear()
+        return state_at(self.client, self.pool, self.store)
 
     def recover(self, state: DatabaseState) -> DatabaseState | None:
         """``state`` with its frames in deleted files (retention after compaction) moved into
@@ -241,6 +316,17 @@ class Replica:
                  ) -> DatabaseState:
         """A state in the past (time travel). Raises TxNotAvailableError."""
         return state_at(self.client, self.pool, self.store, txid=txid, timestamp=timestamp)
+
+
+def _same_object(a: FileInfo, b: FileInfo) -> bool:
+    """The same version of the same-named object: by ETag / inode when both listings give one
+    (our own upload's FileInfo carries the time we wrote, not S3's LastModified), else by size
+    and time."""
+    if a.size != b.size:
+        return False
+    if a.etag and b.etag:
+        return a.etag == b.etag
+    return a.created_at == b.created_at
 
 
 def _unchanged(latest: DatabaseState, pgno: int, state: DatabaseState) -> bool:

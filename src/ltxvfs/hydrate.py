@@ -26,7 +26,7 @@ from .errors import LitestreamError, ObjectNotFoundError
 from .follow import Replica
 from .gcpause import paused_gc
 from .ltx import decode_page_frame, lock_pgno
-from .pages import DatabaseState, PageRef, state_at
+from .pages import DatabaseState, PageRef, frame_key, state_at
 
 log = logging.getLogger("ltxvfs.hydrate")
 
@@ -154,7 +154,7 @@ class Hydrator:
         if old is not None and old.page_size not in (0, target.page_size):
             old = None
         todo = sorted(p for p, ref in target.index.items()
-                      if old is None or old.index.get(p) is not ref and old.index.get(p) != ref)
+                      if old is None or old.index.get(p) is not ref and _moved(old.index.get(p), ref))
         self.total_pages = len(todo) if old is None else self.total_pages
         self.done_pages = 0 if old is None else self.done_pages
         runs = _runs(target, todo)
@@ -177,7 +177,7 @@ class Hydrator:
         info, start = run[0][1][0], run[0][1][1]
         end = run[-1][1][1] + run[-1][1][2]
         cache = self.replica.store.cache
-        cached = [cache.peek((info.level, info.min_txid, info.max_txid, r[1])) for _, r in run]
+        cached = [cache.peek(frame_key(info, r[1])) for _, r in run]
         if all(c is not None for c in cached):  # e.g. our own sync seeded them
             pages = list(cached)
         else:
@@ -253,6 +253,12 @@ def _write_pages(fd: int, page_size: int, pgnos: list[int], pages: list[bytes]) 
                 n = os.pwrite(fd, data, offset + done)
                 data, done = data[n:], done + n
         i = j
+
+
+def _moved(old: PageRef | None, new: PageRef) -> bool:
+    """The page's newest frame is another one (names alone do not say: a replaced history
+    reuses them)."""
+    return old is None or frame_key(old[0], old[1]) != frame_key(new[0], new[1])
 
 
 def _runs(state: DatabaseState, pgnos: list[int]) -> list[list[tuple[int, PageRef]]]:

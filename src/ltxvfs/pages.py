@@ -76,6 +76,10 @@ class DatabaseState:
     txid: int
     created_at: datetime
     index: dict[int, PageRef] = field(repr=False)
+    #: The newest file applied (it ends at ``txid``) and its header timestamp (0 if unknown):
+    #: what the follower checks to tell that the replica still holds the same history.
+    tip: FileInfo | None = None
+    tip_timestamp: int = 0
 
     @property
     def size(self) -> int:
@@ -98,9 +102,13 @@ class DatabaseState:
                     index[pgno] = (info, off, size)
         if index and max(index) > commit:
             index = {p: r for p, r in index.items() if p <= commit}
-        last = max(files, key=lambda f: f.info.max_txid).info if files else None
+        newest = max(files, key=lambda f: f.info.max_txid) if files else None
+        last = newest.info if newest else None
+        tip, stamp = self.tip, self.tip_timestamp
+        if newest is not None and last is not None and last.max_txid >= self.txid:
+            tip, stamp = last, newest.header.timestamp if newest.header else 0
         return DatabaseState(self.page_size, commit, max(self.txid, last.max_txid if last else 0),
-                             last.created_at if last else self.created_at, index)
+                             last.created_at if last else self.created_at, index, tip, stamp)
 
 
 def tail_size(file_size: int) -> int:
@@ -199,9 +207,16 @@ def state_at(client: ReplicaClient, pool: ThreadPoolExecutor, store: PageStore |
     raise AssertionError("unreachable")
 
 
+def frame_key(info: FileInfo, offset: int) -> tuple:
+    """The cache key of the frame at ``offset`` of ``info``: the file's name, its identity
+    (ETag / inode, else size and time) and the offset. A replaced history reuses file names;
+    the identity keeps its frames from ever sharing an entry with the old history's."""
+    return (info.level, info.min_txid, info.max_txid, info.size, info.etag or info.created_at,
+            offset)
+
+
 def _key(ref: PageRef) -> tuple:
-    info = ref[0]
-    return (info.level, info.min_txid, info.max_txid, ref[1])
+    return frame_key(ref[0], ref[1])
 
 
 class PageStore:
@@ -311,7 +326,7 @@ class PageStore:
             view = memoryview(data)
             for pgno, (_, off, size), fut in run:
                 page = decode_page_frame(view[off - start:off - start + size], page_size, pgno)
-                self.cache.put((info.level, info.min_txid, info.max_txid, off), page, sequential)
+                self.cache.put(frame_key(info, off), page, sequential)
                 fut.set_result(page)
         except BaseException as err:
             for _, _, fut in run:
@@ -325,8 +340,7 @@ class PageStore:
             if fi.decoded:
                 info = fi.info
                 for pgno, page in fi.decoded.items():
-                    self.cache.put((info.level, info.min_txid, info.max_txid, fi.pages[pgno][0]),
-                                   page, sequential=True)
+                    self.cache.put(frame_key(info, fi.pages[pgno][0]), page, sequential=True)
 
     def seed_head(self, fi: FileIndex, head: bytes) -> None:
         """Cache the pages whose frames lie wholly inside ``head`` (the first bytes of a file)."""
@@ -340,5 +354,5 @@ class PageStore:
             if off + size > len(head) or budget < page_size:
                 break
             page = decode_page_frame(view[off:off + size], page_size, pgno)
-            self.cache.put((info.level, info.min_txid, info.max_txid, off), page, sequential=True)
+            self.cache.put(frame_key(info, off), page, sequential=True)
             budget -= page_size

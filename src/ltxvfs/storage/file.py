@@ -43,6 +43,12 @@ _DIR_MODE = 0o755
 _NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+def _etag(st: os.stat_result) -> str:
+    """Which file this is (FileInfo.etag): every write is a new inode (temp file + rename), and
+    the mtime (the LTX timestamp) tells apart a new file that reuses a freed inode number."""
+    return f"{st.st_ino:x}.{st.st_mtime_ns:x}"
+
+
 def _ns_to_datetime(ns: int) -> datetime:
     """Exact (to the microsecond) UTC datetime of a nanosecond Unix time; no float rounding."""
     return _EPOCH + timedelta(microseconds=ns // 1000)
@@ -103,7 +109,7 @@ class FileReplicaClient(ReplicaClient):
                         continue  # deleted by retention while we listed
                     if stat.S_ISREG(st.st_mode):  # links and other non-files are skipped
                         infos.append(FileInfo(level, txids[0], txids[1], st.st_size,
-                                              _ns_to_datetime(st.st_mtime_ns)))
+                                              _ns_to_datetime(st.st_mtime_ns), _etag(st)))
         except FileNotFoundError:
             return []
         except OSError as exc:
@@ -153,6 +159,7 @@ class FileReplicaClient(ReplicaClient):
                         size = f.tell()
                         os.utime(f.fileno(), ns=(ns, ns))
                         os.fsync(f.fileno())
+                        etag = _etag(os.fstat(f.fileno()))
                     if exclusive:
                         self._link_exclusive(dfd, tmp, final)
                     else:
@@ -168,7 +175,7 @@ class FileReplicaClient(ReplicaClient):
                 os.fsync(dfd)  # make the rename/link durable
         except OSError as exc:
             raise self._error(exc, "write", final) from exc
-        return FileInfo(level, min_txid, max_txid, size, _ns_to_datetime(ns))
+        return FileInfo(level, min_txid, max_txid, size, _ns_to_datetime(ns), etag)
 
     def _link_exclusive(self, dfd: int, tmp: str, final: Path) -> None:
         """Hard-link the finished temp file into place: atomic, and fails if the name exists."""

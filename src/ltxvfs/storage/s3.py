@@ -266,7 +266,7 @@ class S3ReplicaClient(ReplicaClient):
                     if txids is None or txids[0] < seek:
                         continue
                     infos.append(FileInfo(level, txids[0], txids[1], obj["Size"],
-                                          obj["LastModified"].astimezone(UTC)))
+                                          obj["LastModified"].astimezone(UTC), obj.get("ETag", "")))
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, "list", prefix) from exc
         if use_metadata and infos:
@@ -305,7 +305,8 @@ class S3ReplicaClient(ReplicaClient):
                     if level > MAX_LEVEL or txids is None:
                         continue
                     levels[level].append(FileInfo(level, txids[0], txids[1], obj["Size"],
-                                                  obj["LastModified"].astimezone(UTC)))
+                                                  obj["LastModified"].astimezone(UTC),
+                                                  obj.get("ETag", "")))
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, "list", prefix) from exc
         for lvl, infos in levels.items():
@@ -382,15 +383,15 @@ class S3ReplicaClient(ReplicaClient):
         try:
             if size < self._part_size:
                 body = data if isinstance(data, bytes) else data.read(size)
-                self._s3.put_object(Body=body, **args, **condition)
+                resp = self._s3.put_object(Body=body, **args, **condition)
             else:
-                self._multipart_upload(args, condition, data, start, size)
+                resp = self._multipart_upload(args, condition, data, start, size)
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, "write", key) from exc
-        return FileInfo(level, min_txid, max_txid, size, created_at)
+        return FileInfo(level, min_txid, max_txid, size, created_at, resp.get("ETag", ""))
 
     def _multipart_upload(self, args: dict[str, Any], condition: dict[str, str],
-                          data: bytes | BinaryIO, start: int, size: int) -> None:
+                          data: bytes | BinaryIO, start: int, size: int) -> dict[str, Any]:
         part_size = max(self._part_size, -(-size // MAX_PARTS))
         n_parts = -(-size // part_size)
         upload_id = self._s3.create_multipart_upload(**args)["UploadId"]
@@ -416,8 +417,8 @@ class S3ReplicaClient(ReplicaClient):
                     futures = [pool.submit(upload, i, chunk(i))
                                for i in range(first, min(first + wave, n_parts))]
                     parts.extend(f.result() for f in futures)
-            self._s3.complete_multipart_upload(MultipartUpload={"Parts": parts}, **target,
-                                               **condition)
+            return self._s3.complete_multipart_upload(MultipartUpload={"Parts": parts}, **target,
+                                                      **condition)
         except BaseException:
             try:
                 self._s3.abort_multipart_upload(**target)

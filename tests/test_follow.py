@@ -1,0 +1,172 @@
+"""Following a replica whose history was replaced (issue 12, item 7).
+
+A replica's history is replaced when its primary is restored from a backup or the bucket is
+wiped and a new primary starts. The follower must notice and rebuild from the new history:
+never apply the new history's L0 files on top of the old state (phantom rows), never keep
+serving the old database, and never serve a page cached from the old history's file of the
+same name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from urllib.parse import quote
+
+import apsw
+import pytest
+
+import ltxvfs
+from ltxvfs.pages import frame_key
+from ltxvfs.plan import list_levels
+from ltxvfs.storage import open_replica
+
+from replicas import FakePrimary, compact
+
+
+@pytest.fixture(scope="module")
+def vfs():
+    return ltxvfs.register()
+
+
+@pytest.fixture(params=["file", "s3"])
+def replica_url(request, tmp_path):
+    if request.param == "s3":
+        return request.getfixturevalue("s3_url")
+    return (tmp_path / "replica").as_uri()
+
+
+def connect(url: str) -> apsw.Connection:
+    # The scheduler's poll interval is an hour: the tests drive polls by hand.
+    uri = f"file:db?vfs=litestream&replica_url={quote(url, safe='')}&poll_interval=1h"
+    return apsw.Connection(uri, flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+
+
+def rows(con, sql="SELECT * FROM t ORDER BY 1"):
+    return con.execute(sql).fetchall()
+
+
+def history(client, path, tag: str, commits: int) -> FakePrimary:
+    """A primary whose TXIDs 1..commits hold rows tagged ``tag`` (the same shapes and sizes
+    in every history, so only the content tells two histories apart)."""
+    p = FakePrimary(path, client)
+    p.commit("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT, b BLOB)",
+             f"INSERT INTO t(v, b) SELECT '{tag}' || value, zeroblob(300) "
+             "FROM generate_series(1, 200)")
+    for i in range(2, commits + 1):
+        p.commit(f"INSERT INTO t(v, b) VALUES ('{tag}-commit{i}', zeroblob(300))",
+                 f"UPDATE t SET v = '{tag}-upd{i}' WHERE id = {i}")
+    return p
+
+
+def wipe(client) -> None:
+    client.delete([f for fs in list_levels(client).values() for f in fs])
+
+
+def follower(vfs, url):
+    con = connect(url)
+    [replica] = [r for r in vfs.replicas() if r.client.url == open_replica(url).url]
+    return con, replica
+
+
+@pytest.mark.parametrize("new_commits", [7, 3, 5], ids=["longer", "shorter", "same-length"])
+def test_replaced_history_is_followed_not_mixed(vfs, tmp_path, replica_url, new_commits):
+    with open_replica(replica_url) as client:
+        old = history(client, tmp_path / "old.db", "old", 5)
+        con, replica = follower(vfs, replica_url)
+        assert rows(con) == old.rows()
+        rows(con, "SELECT sum(length(b)) FROM t")  # every page of the old history is cached
+        wipe(client)
+        new = history(client, tmp_path / "new.db", "new", new_commits)
+        replica.poll()
+        assert rows(con, "PRAGMA litestream_txid") == [(f"{new_commits:016x}",)], \
+            "the follower must move to the new history"
+        assert rows(con) == new.rows(), "only the new history's rows, no phantom ones"
+        assert rows(con, "PRAGMA integrity_check") == [("ok",)]
+        # and it keeps following the new history
+        new.commit("INSERT INTO t(v) VALUES ('after')")
+        replica.poll()
+        assert rows(con) == new.rows()
+        con.close()
+
+
+def test_restored_primary_overwrites_the_tail(vfs, tmp_path, replica_url):
+    """No wipe: a primary restored from TXID 3 writes TXIDs 4.. again, over the old files of
+    the same names, and goes on past where the follower is."""
+    with open_replica(replica_url) as client:
+        old = history(client, tmp_path / "old.db", "old", 5)
+        con, replica = follower(vfs, replica_url)
+        assert rows(con) == old.rows()
+        rows(con, "SELECT sum(length(b)) FROM t")
+        restored = FakePrimary(tmp_path / "restored.db", client)
+        restored.path.write_bytes(b"".join(old.history[2][2][n] for n in sorted(old.history[2][2])))
+        restored.txid, restored.published = 3, dict(old.history[2][2])
+        for i in range(4, 8):
+            restored.commit(f"INSERT INTO t(v, b) VALUES ('restored{i}', zeroblob(300))",
+                            f"UPDATE t SET v = 'restored-upd{i}' WHERE id = {i + 10}")
+        replica.poll()
+        assert rows(con, "PRAGMA litestream_txid") == [("0000000000000007",)]
+        assert rows(con) == restored.rows()
+        assert rows(con, "PRAGMA integrity_check") == [("ok",)]
+        con.close()
+
+
+def test_an_unchanged_history_costs_one_list_per_poll(vfs, tmp_path, s3_url):
+    """The continuity check rides on the poll's LIST: no HEAD or GET when nothing changed,
+    and one LIST per poll while new files arrive."""
+    with open_replica(s3_url) as client:
+        p = history(client, tmp_path / "p.db", "p", 3)
+        con, replica = follower(vfs, s3_url)
+        assert rows(con) == p.rows()
+        stats = replica.client.requests
+        before = stats.snapshot()
+        for _ in range(5):
+            replica.poll()
+        after = stats.snapshot()
+        assert {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)} \
+            == {"LIST": 5}
+        p.commit("INSERT INTO t(v) VALUES ('x')")
+        before = stats.snapshot()
+        replica.poll()
+        after = stats.snapshot()
+        assert after["LIST"] - before["LIST"] == 1
+        assert rows(con) == p.rows()
+        con.close()
+
+
+def test_same_history_is_never_rebuilt(vfs, tmp_path, replica_url):
+    """No false alarm when the state ends in a compacted file, or retention removes the L0 file
+    our state ends with: proven once by a full listing, then polls cost one LIST again."""
+    with open_replica(replica_url) as client:
+        p = history(client, tmp_path / "p.db", "p", 5)
+        compact(client, client.list_files(0), level=1)  # L1 1-5 wins the plan over L0 5-5
+        con, replica = follower(vfs, replica_url)
+        assert replica.state.tip.level == 1
+        assert rows(con) == p.rows()
+        replica.poll()  # L0 5-5 is not our tip: the full listing shows the tip unchanged
+        replica.poll()
+        p.commit("INSERT INTO t(v) VALUES ('six')")
+        replica.poll()
+        assert replica.state.tip.level == 0 and replica.state.txid == 6
+        p.commit("INSERT INTO t(v) VALUES ('seven')")
+        l0 = client.list_files(0)
+        compact(client, [f for f in l0 if f.min_txid >= 6], level=1)
+        client.delete([f for f in l0 if f.min_txid < 7])  # retention removes our tip, L0 6
+        replica.poll()
+        assert replica.state.txid == 7
+        assert rows(con) == p.rows()
+        assert replica.replacements == 0
+        con.close()
+
+
+def test_cache_keys_tell_replaced_files_apart(tmp_path, replica_url):
+    """Two histories' files of the same name never share a cache entry."""
+    with open_replica(replica_url) as client:
+        history(client, tmp_path / "a.db", "a", 1)
+        [a] = client.list_files(0)
+        wipe(client)
+        history(client, tmp_path / "b.db", "b", 1)
+        [b] = client.list_files(0)
+    assert (a.level, a.min_txid, a.max_txid) == (b.level, b.min_txid, b.max_txid)
+    assert a.etag and b.etag and a.etag != b.etag
+    assert frame_key(a, 100) != frame_key(b, 100)
+    assert frame_key(a, 100) == frame_key(replace(a, created_at=b.created_at), 100)
