@@ -159,3 +159,24 @@ def test_the_hot_set_survives_a_full_scan(vfs, replica):
     lookups(con, hot)
     assert stats(con)["page_gets"] - before <= 10, "the scan pushed the hot set out"
     con.close()
+
+
+def test_compressible_pages_are_cached_compressed_and_read_back_exactly(vfs, tmp_path):
+    """Pages that compress to at most 3/4 are kept as their LZ4 block: the same budget holds
+    more of them, and every read still returns the exact page."""
+    url = (tmp_path / "replica").as_uri()
+    with open_replica(url) as client:
+        p = FakePrimary(tmp_path / "primary.db", client)
+        p.commit("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)",
+                 "INSERT INTO t SELECT value, printf('%0400d', value) FROM generate_series(1, 3000)")
+    con = connect(url, "1MiB")  # ~300 pages if decoded; the database has ~330 leaf pages
+    keys = list(range(1, 3001, 7))
+    for k in keys:
+        assert con.execute("SELECT v FROM t WHERE id = ?", (k,)).fetchall() == [(f"{k:0400d}",)]
+    first = stats(con)
+    assert first["cache_bytes"] < 1024 * 1024 / 2, "compressible pages took their full size"
+    for k in keys:
+        assert con.execute("SELECT v FROM t WHERE id = ?", (k,)).fetchall() == [(f"{k:0400d}",)]
+    assert stats(con)["page_gets"] == first["page_gets"]
+    assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    con.close()

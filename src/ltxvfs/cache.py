@@ -1,8 +1,10 @@
 """The page cache and its policy: what stays when the budget (``cache_size``) is full.
 
 Keys name an immutable frame (file identity + offset), so entries never go stale: a newer version
-of a page lives at another key and old ones age out. Values are decoded pages (see
-docs/design.md, "Page cache": decoding on every hit would cost more than the room it saves).
+of a page lives at another key and old ones age out. A value is the decoded page, or — when the
+page compresses to at most 3/4 of its size — its LZ4 block, decoded again on each hit by the page
+store (~1 µs): the byte budget then holds up to ~2x the pages of typical application data
+(measured: docs/benchmarks.md, "Decoded or compressed"). The cache only counts bytes.
 
 SQLite's own page cache sits above this one, so what reaches us is SQLite's misses. Three
 segments share the byte budget:
@@ -93,10 +95,14 @@ class PageCache:
             seg = self._where.get(key)
             return None if seg is None else self._segs[seg][key]
 
-    def put(self, key: tuple, page: bytes, sequential: bool = False) -> None:
-        """Add a page fetched by a random miss (``sequential=False``) or by a sequential stream or
-        readahead (``True``: the scan segment). Interior pages always go to their segment."""
-        seg = INTERIOR if is_interior(page) else SCAN if sequential else MAIN
+    def put(self, key: tuple, page: bytes, sequential: bool = False,
+            interior: bool | None = None) -> None:
+        """Add a page (or its compressed form: then say whether it is ``interior``) fetched by a
+        random miss (``sequential=False``) or by a sequential stream or readahead (``True``: the
+        scan segment). Interior pages always go to their segment."""
+        if interior is None:
+            interior = is_interior(page)
+        seg = INTERIOR if interior else SCAN if sequential else MAIN
         with self._lock:
             old = self._where.get(key)
             if old is not None:

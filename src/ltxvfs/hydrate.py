@@ -176,8 +176,8 @@ class Hydrator:
     def _fetch_run(self, state: DatabaseState, run: list[tuple[int, PageRef]]) -> None:
         info, start = run[0][1][0], run[0][1][1]
         end = run[-1][1][1] + run[-1][1][2]
-        cache = self.replica.store.cache
-        cached = [cache.peek(frame_key(info, r[1])) for _, r in run]
+        store = self.replica.store
+        cached = [store.peek_page(frame_key(info, r[1]), state.page_size) for _, r in run]
         if all(c is not None for c in cached):  # e.g. our own sync seeded them
             pages = list(cached)
         else:

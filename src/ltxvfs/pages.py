@@ -17,13 +17,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
-from .cache import PageCache
+import lz4.block
+
+from .cache import PageCache, is_interior
 from .errors import LitestreamError, MalformedIndexError, ObjectNotFoundError, TruncatedError
 from .gcpause import paused_gc
 from .ltx import (
     ESTIMATED_INDEX_TAIL,
     HEADER_SIZE,
     Header,
+    block_payload,
     decode_file,
     decode_page_frame,
     page_index_start,
@@ -65,6 +68,8 @@ class FileIndex:
     pages: dict[int, tuple[int, int]]
     header: Header | None
     decoded: dict[int, bytes] | None = None
+    #: The whole file's bytes when it arrived whole (its frames can be cached compressed).
+    raw: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -140,7 +145,7 @@ def fetch_file_index(client: ReplicaClient, info: FileInfo, want_header: bool = 
         whole = decode_file(tail, name=str(info))
         if whole.index != pages:
             raise MalformedIndexError(f"{info}: page index does not match the page frames")
-        return FileIndex(info, pages, whole.header, whole.pages)
+        return FileIndex(info, pages, whole.header, whole.pages, bytes(tail))
     if want_header:
         header = Header.unpack(client.read(info.level, info.min_txid, info.max_txid, 0, HEADER_SIZE))
     return FileIndex(info, pages, header)
@@ -241,8 +246,16 @@ class PageStore:
             raise PageNotFoundError(f"page not found: {pgno} (TXID {state.txid:016x})")
         page = self.cache.get(_key(ref))
         if page is not None:
-            return page
+            return page if len(page) == state.page_size else \
+                lz4.block.decompress(page, uncompressed_size=state.page_size)
         return self._miss(state, pgno, ref)
+
+    def peek_page(self, key: tuple, page_size: int) -> bytes | None:
+        """A cached page without counting or reordering (background work: hydration)."""
+        page = self.cache.peek(key)
+        if page is None or len(page) == page_size:
+            return page
+        return lz4.block.decompress(page, uncompressed_size=page_size)
 
     def _miss(self, state: DatabaseState, pgno: int, ref: PageRef) -> bytes:
         key = _key(ref)
@@ -325,8 +338,9 @@ class PageStore:
                 raise TruncatedError(f"{info}: short read {len(data)} of {end - start} bytes")
             view = memoryview(data)
             for pgno, (_, off, size), fut in run:
-                page = decode_page_frame(view[off - start:off - start + size], page_size, pgno)
-                self.cache.put(frame_key(info, off), page, sequential)
+                frame = view[off - start:off - start + size]
+                page = decode_page_frame(frame, page_size, pgno)
+                self._put(frame_key(info, off), page, frame, sequential)
                 fut.set_result(page)
         except BaseException as err:
             for _, _, fut in run:
@@ -339,8 +353,21 @@ class PageStore:
         for fi in files:
             if fi.decoded:
                 info = fi.info
+                raw = memoryview(fi.raw) if fi.raw is not None else None
                 for pgno, page in fi.decoded.items():
-                    self.cache.put(frame_key(info, fi.pages[pgno][0]), page, sequential=True)
+                    off, size = fi.pages[pgno]
+                    self._put(frame_key(info, off), page,
+                              raw[off:off + size] if raw is not None else None, True)
+
+    def _put(self, key: tuple, page: bytes, frame: bytes | memoryview | None,
+             sequential: bool) -> None:
+        """Cache a decoded page, as its LZ4 block when that is at most 3/4 of the page."""
+        block = block_payload(frame) if frame is not None and \
+            len(frame) <= len(page) * 3 // 4 else None
+        if block is None:
+            self.cache.put(key, page, sequential)
+        else:
+            self.cache.put(key, block, sequential, is_interior(page))
 
     def seed_head(self, fi: FileIndex, head: bytes) -> None:
         """Cache the pages whose frames lie wholly inside ``head`` (the first bytes of a file)."""

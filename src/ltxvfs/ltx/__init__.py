@@ -31,6 +31,7 @@ from .format import (
     Header,
     PageIndex,
     Trailer,
+    block_payload,
     crc64,
     decode_page_frame,
     encode_page_frame,
@@ -46,6 +47,7 @@ __all__ = [
     "CHECKSUM_FLAG", "ESTIMATED_INDEX_TAIL", "HEADER_FLAG_NO_CHECKSUM", "HEADER_SIZE", "MAGIC",
     "MAX_PAGE_SIZE", "MIN_PAGE_SIZE", "PAGE_FLAG_SIZE", "PAGE_HEADER_SIZE", "PENDING_BYTE",
     "TRAILER_SIZE", "Decoder", "Encoder", "Header", "LTXFile", "PageIndex", "Trailer", "crc64",
-    "decode_file", "decode_page_frame", "encode_file", "encode_page_frame", "encode_page_index",
+    "block_payload", "decode_file", "decode_page_frame", "encode_file", "encode_page_frame",
+    "encode_page_index",
     "is_valid_page_size", "lock_pgno", "page_index_start", "parse_page_index", "read_header",
 ]

@@ -268,6 +268,15 @@ def decode_page_frame(frame: bytes | memoryview, page_size: int,
     return data
 
 
+def block_payload(frame: bytes | memoryview) -> bytes | None:
+    """The LZ4 block of a block-encoded frame (already checked by :func:`decode_page_frame`),
+    or None for an LZ4-frame-encoded one."""
+    if not PAGE_HEADER.unpack_from(frame, 0)[1] & PAGE_FLAG_SIZE:
+        return None
+    (n,) = U32.unpack_from(frame, PAGE_HEADER_SIZE)
+    return bytes(frame[PAGE_HEADER_SIZE + 4:PAGE_HEADER_SIZE + 4 + n])
+
+
 def decompress_block(payload: bytes | memoryview, page_size: int, pgno: int) -> bytes:
     if len(payload) > page_size + MAX_BLOCK_OVERHEAD:
         raise PageFrameError(f"page {pgno}: compressed size {len(payload)} is implausible")
