@@ -7,6 +7,7 @@ import json
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import quote
 
 import apsw
@@ -245,3 +246,321 @@ def test_write_mode_syncs_reach_the_hydrated_file(vfs, tmp_path):
     assert copy.execute("SELECT v FROM t ORDER BY id").fetchall() == [("v0",), ("v1",), ("v2",)]
     copy.close()
     con.close()
+
+
+# --- who writes the file, and when (a Hydrator driven directly) ----------------------------------
+#
+# These tests run a Hydrator on a Replica of their own, with a one-worker pool (its tasks run in
+# submission order) and a client whose reads from that pool can be held or failed, so that each
+# interleaving is forced rather than hoped for.
+
+HOLD = 60.0  # fail-safe bound of every gate: a test that goes wrong fails instead of hanging
+
+
+def _in_pool() -> bool:
+    return threading.current_thread().name.startswith("test-hydrate")
+
+
+class GatedClient:
+    """A replica client whose reads made by hydration's fetch tasks first call ``hook``."""
+
+    def __init__(self, inner):
+        self.inner, self.url, self.hook = inner, inner.url, None
+
+    def read(self, level, lo, hi, offset=0, size=None):
+        hook = self.hook
+        if hook is not None and _in_pool():
+            hook()
+        return self.inner.read(level, lo, hi, offset, size)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+class GatedPool(ThreadPoolExecutor):
+    """One worker; ``before``/``after`` run around each submit (e.g. to queue a blocker)."""
+
+    def __init__(self):
+        super().__init__(1, thread_name_prefix="test-hydrate")
+        self.before = self.after = None
+        self.tag = None  # set on each task's thread while it runs: which attempt submitted it
+        self.submitted = 0
+
+    def submit(self, fn, /, *args, **kwargs):
+        if self.before is not None:
+            self.before()
+        self.submitted += 1
+        tag = self.tag
+
+        def tagged():
+            _tls.tag = tag
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _tls.tag = None
+
+        future = super().submit(tagged)
+        if self.after is not None:
+            self.after()
+        return future
+
+    def block(self, gate: threading.Event, running: threading.Event | None = None):
+        """Queue a task that holds the worker until ``gate`` is set."""
+        def blocker():
+            if running is not None:
+                running.set()
+            gate.wait(HOLD)
+        ThreadPoolExecutor.submit(self, blocker)
+
+
+_tls = threading.local()
+
+
+class HookLock:
+    """A lock that calls ``after_release`` (once) when the hydration thread next releases it."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.after_release = None
+
+    def acquire(self, *args, **kwargs):
+        return self._lock.acquire(*args, **kwargs)
+
+    def release(self):
+        self._lock.release()
+        hook = self.after_release
+        if hook is not None and threading.current_thread().name == "ltxvfs-hydrate":
+            self.after_release = None
+            hook()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+class SeenWaiting(threading.Condition):
+    """A condition that says when the hydration thread waits on it."""
+
+    def __init__(self):
+        super().__init__()
+        self.waiting = threading.Event()
+
+    def wait(self, timeout=None):
+        self.waiting.set()
+        return super().wait(timeout)
+
+
+class Rig:
+    def __init__(self, primary, path):
+        from ltxvfs.follow import Replica
+        from ltxvfs.pages import PageStore, state_at
+
+        self.primary = primary
+        self.inner = open_replica(primary.url)
+        self.client = GatedClient(self.inner)
+        self.io = ThreadPoolExecutor(4)
+        self.pool = GatedPool()
+        store = PageStore(self.client, 64 << 20)
+        self.replica = Replica(self.client, store, self.io, state_at(self.client, self.io, store),
+                               3600.0)
+        self.path = path
+        self.hydrator = hydrate.Hydrator(self.replica, path, False, self.pool)
+        self.gates: list[threading.Event] = []
+
+    def gate(self) -> threading.Event:
+        g = threading.Event()
+        self.gates.append(g)
+        return g
+
+    def close(self):
+        for g in self.gates:
+            g.set()
+        self.hydrator.close()
+        self.pool.shutdown(wait=True)
+        self.io.shutdown(wait=True)
+        self.inner.close()
+
+
+@pytest.fixture
+def rig(replica, tmp_path, monkeypatch):
+    # Small GETs: the ~400 pages make ~100 fetch tasks, and a catch-up of ~150 pages dozens.
+    monkeypatch.setattr(hydrate, "RUN_BYTES", 16 * 1024)
+    r = Rig(replica, tmp_path / "copy.db")
+    yield r
+    r.close()
+
+
+def test_a_read_of_the_marked_state_never_gets_the_next_states_pages(rig):
+    """The replica moves on right after the hydrator found its file current: the catch-up's
+    writes must not be read as the old state (issue 12, item 6)."""
+    h, primary = rig.hydrator, rig.primary
+    h._lock, h._wake = HookLock(), SeenWaiting()
+    h.start()
+    t1 = rig.replica.state
+    wait_for(lambda: h.state is t1)
+    assert h._wake.waiting.wait(HOLD)  # the thread waits for news, the file marked as TXID 1
+    old = page_bytes(primary.path)
+
+    paused, go = threading.Event(), rig.gate()
+    h._lock.after_release = lambda: (paused.set(), go.wait(HOLD))
+    h._changed()  # wake it with nothing new (as its periodic timer does) ...
+    assert paused.wait(HOLD)  # ... and hold it right after it looked: the poll lands here
+    primary.commit("UPDATE t SET b = randomblob(2500) WHERE id <= 150")
+    new = page_bytes(primary.path)
+    changed = sorted(p for p in new if old.get(p) != new[p])
+    second, gate, reads = threading.Event(), rig.gate(), []
+
+    def hold_second_get():  # the first GET's pages are written; the second waits
+        reads.append(1)
+        if len(reads) == 2:
+            second.set()
+            gate.wait(HOLD)
+
+    rig.client.hook = hold_second_get
+    rig.replica.poll()
+    t2 = rig.replica.state
+    assert t2.txid == 2
+    go.set()
+    assert second.wait(HOLD), "the catch-up never made a second GET"
+    wrong = [p for p in changed if h.read_page(t1, p) not in (None, old[p])]
+    gate.set()
+    assert not wrong, f"reads of TXID 1 got TXID 2's bytes from the file for pages {wrong}"
+    wait_for(lambda: h.state is t2)
+    assert {p: h.read_page(t2, p) for p in new} == new
+
+
+def test_a_failed_catch_up_leaves_no_task_writing_after_the_retry_started(rig, monkeypatch):
+    """A fetch task fails (a file removed by retention): the tasks of that attempt still queued
+    must not write once the retry started (issue 12, item 6)."""
+    from ltxvfs.errors import ObjectNotFoundError
+
+    h, primary = rig.hydrator, rig.primary
+    events: list[tuple] = []
+    attempts = [0]
+    real_hydrate, real_pwritev = hydrate.Hydrator._hydrate, os.pwritev
+    unblock = rig.gate()
+
+    def counted_hydrate(self, target):
+        attempts[0] += 1
+        rig.pool.tag = attempts[0]
+        events.append(("attempt", attempts[0]))
+        if attempts[0] == 3:  # the retry of the catch-up
+            unblock.set()
+        return real_hydrate(self, target)
+
+    def recorded_pwritev(fd, buffers, offset):
+        events.append(("write", getattr(_tls, "tag", None), offset))
+        return real_pwritev(fd, buffers, offset)
+
+    monkeypatch.setattr(hydrate.Hydrator, "_hydrate", counted_hydrate)
+    monkeypatch.setattr(hydrate.os, "pwritev", recorded_pwritev)
+    h.start()
+    wait_for(lambda: h.state is rig.replica.state)
+    assert attempts[0] == 1
+
+    def fail_once():
+        rig.client.hook = None
+        raise ObjectNotFoundError("injected: the file went away (retention)")
+
+    def queue_blocker_after_first_submit():  # the worker: failing task, blocker, the rest
+        rig.pool.after = None
+        rig.pool.block(unblock)
+
+    rig.pool.after = queue_blocker_after_first_submit
+    rig.client.hook = fail_once
+    primary.commit("UPDATE t SET b = randomblob(2500) WHERE id <= 150")
+    rig.replica.poll()
+    wait_for(lambda: h.state is rig.replica.state)
+    rig.pool.shutdown(wait=True)  # every task submitted has run (or was cancelled)
+    assert attempts[0] == 3
+    retry = events.index(("attempt", 3))
+    late = [e for e in events[retry:] if e[0] == "write" and e[1] != 3]
+    assert not late, f"tasks of the failed attempt wrote after the retry started: {late[:5]}"
+    assert page_bytes(rig.path) == page_bytes(primary.path)
+
+
+def test_close_returns_only_when_no_task_can_write_to_the_file(rig, monkeypatch):
+    """After close() returns, nothing writes to the descriptor it closed (a reused descriptor
+    number would receive pages meant for the copy) (issue 12, item 6)."""
+    h = rig.hydrator
+    closed, running, gate, later = threading.Event(), threading.Event(), rig.gate(), rig.gate()
+    writes: list[tuple] = []
+    real_pwritev, real_pwrite = os.pwritev, os.pwrite
+
+    def record(fd, offset):
+        # The first write once close() began goes through; any other waits until close()
+        # has returned (the fetch task is held there, as a slow GET would hold it).
+        if h._stop:
+            writes.append(("after stop", fd, offset))
+            if sum(w[0] == "after stop" for w in writes) > 1:
+                later.wait(HOLD)
+        writes.append((closed.is_set(), fd, offset))
+
+    def pwritev(fd, buffers, offset):
+        record(fd, offset)
+        return real_pwritev(fd, buffers, offset)
+
+    def pwrite(fd, data, offset):
+        record(fd, offset)
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(hydrate.os, "pwritev", pwritev)
+    monkeypatch.setattr(hydrate.os, "pwrite", pwrite)
+
+    def block_first():  # the worker holds until the test says so; every task queues behind
+        rig.pool.before = None
+        rig.pool.block(gate, running)
+
+    rig.pool.before = block_first
+    h.start()
+    assert running.wait(HOLD)
+    wait_for(lambda: rig.pool.submitted >= hydrate.PARALLEL)  # tasks are queued behind it
+    fd = h._fd
+    closer = threading.Thread(target=lambda: (h.close(), closed.set()))
+    closer.start()
+    wait_for(lambda: h._stop)
+    gate.set()
+    closer.join(HOLD)
+    assert closed.is_set(), "close() did not return"
+    later.set()
+    rig.pool.shutdown(wait=True)  # whatever was still queued or running has finished now
+    late = [(f, off) for after, f, off in writes if after is True]
+    assert not late, f"writes to descriptor {fd} after close() returned: {late[:5]} ({len(late)})"
+    assert not rig.path.exists()
+
+
+def test_close_that_gives_up_waiting_leaves_the_descriptor_to_the_last_writer(rig, monkeypatch):
+    """A fetch that hangs past close()'s wait: the descriptor is not closed under it; the
+    thread closes it (and removes the file) once its last task finished (issue 12, item 6)."""
+    monkeypatch.setattr(hydrate, "CLOSE_WAIT", 0.05, raising=False)
+    h = rig.hydrator
+    events: list[tuple] = []
+    real_pwritev, real_close = os.pwritev, os.close
+    entered, gate = threading.Event(), rig.gate()
+
+    def hang_first_get():
+        rig.client.hook = None
+        entered.set()
+        gate.wait(HOLD)
+
+    def pwritev(fd, buffers, offset):
+        events.append(("write", fd))
+        return real_pwritev(fd, buffers, offset)
+
+    def close(fd):
+        events.append(("close", fd))
+        return real_close(fd)
+
+    monkeypatch.setattr(hydrate.os, "pwritev", pwritev)
+    monkeypatch.setattr(hydrate.os, "close", close)
+    rig.client.hook = hang_first_get
+    h.start()
+    fd = h._fd
+    assert entered.wait(HOLD)
+    h.close()  # gives up waiting after CLOSE_WAIT: the GET still hangs
+    assert ("close", fd) not in events, "the descriptor was closed under a running task"
+    gate.set()
+    wait_for(lambda: ("close", fd) in events and not rig.path.exists())
+    rig.pool.shutdown(wait=True)
+    assert ("write", fd) not in events[events.index(("close", fd)):], events
