@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from urllib.parse import quote
 
 import apsw
@@ -564,3 +568,147 @@ def test_close_that_gives_up_waiting_leaves_the_descriptor_to_the_last_writer(ri
     wait_for(lambda: ("close", fd) in events and not rig.path.exists())
     rig.pool.shutdown(wait=True)
     assert ("write", fd) not in events[events.index(("close", fd)):], events
+
+
+# --- one hydration file, one process ---------------------------------------------------------------
+
+
+class Child:
+    """A hydrate_proc.py process; every answer is awaited with a bound."""
+
+    def __init__(self, uri: str, log_path):
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        self.p = subprocess.Popen([sys.executable, str(Path(__file__).with_name("hydrate_proc.py")),
+                                   uri], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=self._log, text=True)
+
+    def ask(self, cmd: str, timeout: float = 60.0) -> dict:
+        self.p.stdin.write(cmd + "\n")
+        self.p.stdin.flush()
+        said: list[str] = []
+        reader = threading.Thread(target=lambda: said.append(self.p.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        assert said and said[0], f"no answer to {cmd!r}: {self.log_path.read_text()[-2000:]}"
+        return json.loads(said[0])
+
+    def close(self, timeout: float = 60.0) -> None:
+        assert self.ask("close") == {"closed": True}
+        assert self.p.wait(timeout) == 0, self.log_path.read_text()[-2000:]
+        self._log.close()
+
+    def kill(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait(30)
+        self._log.close()
+
+
+def _digest(rows) -> str:
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(repr(tuple(row)).encode())
+    return h.hexdigest()
+
+
+def _shared_path_uri(replica, target, poll: str) -> str:
+    return (f"file:db?vfs=litestream&replica_url={quote(replica.url, safe='')}"
+            f"&poll_interval={poll}&hydration_path={quote(str(target), safe='')}")
+
+
+def _settled(child) -> bool:
+    progress = child.ask("read").get("progress", "")
+    return progress == "100.0" or progress.startswith("failed")
+
+
+def test_a_second_process_given_the_same_path_reads_remotely_and_leaves_the_file_alone(
+        replica, tmp_path):
+    """Web workers all given LITESTREAM_HYDRATION_PATH: the file belongs to the first; the
+    second says so, reads remotely (rows and TXIDs its own) and never deletes the file
+    (issue 12, item 16)."""
+    target = tmp_path / "copies" / "copy.db"
+
+    def uri(poll: str) -> str:
+        return _shared_path_uri(replica, target, poll)
+
+    sql = "SELECT id, b FROM t ORDER BY id"
+    t1 = ("0000000000000001", 400, _digest(replica.rows(sql)))
+    a = Child(uri("50ms"), tmp_path / "a.log")
+    b = None
+    try:
+        wait_for(lambda: a.ask("read")["progress"] == "100.0", timeout=60)
+        b = Child(uri("1h"), tmp_path / "b.log")  # polls only when told to
+        wait_for(lambda: _settled(b), timeout=60)
+        replica.commit("DELETE FROM t WHERE id > 300", "UPDATE t SET b = x'02' WHERE id <= 50")
+        t2 = ("0000000000000002", 300, _digest(replica.rows(sql)))
+        wait_for(lambda: (lambda r: (r["txid"], r["progress"]) == (t2[0], "100.0"))(a.ask("read")),
+                 timeout=60)
+        r = b.ask("read")  # B has not polled: TXID 1, and TXID 1's rows
+        assert (r.get("txid"), r.get("rows"), r.get("digest")) == t1, \
+            f"B, at TXID 1, read {r} while A's copy holds TXID 2"
+        assert r["progress"] == (f"failed: hydration file {target} is in use by another "
+                                 "process; reads stay remote"), r
+        assert b.ask("poll") == {"txid": t2[0]}
+        r = b.ask("read")
+        assert (r["txid"], r["rows"], r["digest"]) == t2, r
+        b.close()
+        assert target.exists(), "B closing deleted A's hydration file"
+        log = (tmp_path / "b.log").read_text()
+        assert f"WARNING ltxvfs.hydrate hydration file {target} is in use by another process" \
+            in log, log
+        r = a.ask("read")
+        assert (r["txid"], r["rows"], r["digest"], r["progress"]) == (*t2, "100.0"), r
+        assert page_bytes(target) == page_bytes(replica.path)
+        a.close()
+        assert not target.exists()
+    finally:
+        a.kill()
+        if b is not None:
+            b.kill()
+
+
+def test_a_second_process_closing_leaves_the_first_ones_file(replica, tmp_path):
+    """The first process to close used to delete the file under the others (issue 12, item 16)."""
+    target = tmp_path / "copy.db"
+    a = Child(_shared_path_uri(replica, target, "50ms"), tmp_path / "a.log")
+    b = None
+    try:
+        wait_for(lambda: a.ask("read")["progress"] == "100.0", timeout=60)
+        b = Child(_shared_path_uri(replica, target, "50ms"), tmp_path / "b.log")
+        wait_for(lambda: _settled(b), timeout=60)
+        b.close()
+        assert target.exists(), "B closing deleted A's hydration file"
+        assert page_bytes(target) == page_bytes(replica.path)
+        assert a.ask("read")["progress"] == "100.0"
+        a.close()
+        assert not target.exists()
+    finally:
+        a.kill()
+        if b is not None:
+            b.kill()
+
+
+def test_a_file_removed_between_our_open_and_our_lock_is_opened_again(tmp_path, monkeypatch):
+    """Its previous owner removed the file (and then let go of the lock) after we opened it: a
+    lock on that removed file would guard nothing, so the path is opened again."""
+    import fcntl
+
+    path = tmp_path / "copy.db"
+    path.write_bytes(b"the previous owner's copy")
+    real, calls = fcntl.flock, []
+
+    def flock(fd, op):
+        calls.append(fd)
+        if len(calls) == 1:
+            path.unlink()
+        return real(fd, op)
+
+    monkeypatch.setattr(hydrate.fcntl, "flock", flock)
+    fd = hydrate._open_owned(path)
+    try:
+        assert len(calls) == 2
+        assert os.fstat(fd).st_ino == os.stat(path).st_ino
+        assert hydrate._open_owned(path) is None  # and we hold it now
+    finally:
+        os.close(fd)

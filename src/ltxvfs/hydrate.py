@@ -15,6 +15,11 @@ waited for (queued ones cancelled) on every way out of ``_hydrate``: success, fa
 descriptor is closed only when no task can write to it any more: ``close()`` waits for the
 thread (which waits for its tasks); if that wait runs out, the thread closes it when it ends.
 
+A hydration file belongs to one process: an exclusive ``flock`` on the file itself, taken before
+anything is written. A second process (or a second VFS in this one) given the same path logs a
+WARNING, reads remotely and never writes or deletes the file; its progress says ``failed: ...
+in use by another process``. (One copy shared by a host's processes is a later design.)
+
 On close the file is deleted, unless ``persistent``: then it stays with ``<file>.meta`` (TXID and
 the checksum of the LTX file that ended at it), and the next open resumes from it if the replica
 still holds that very file, else starts over.
@@ -22,6 +27,8 @@ still holds that very file, else starts over.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -75,8 +82,16 @@ class Hydrator:
     # --- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Open and lock the file, then hydrate in the background. A file another process
+        holds is left alone: reads stay remote and ``progress()`` says why."""
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = _open_owned(self.path)
+        if fd is None:
+            self.error = f"hydration file {self.path} is in use by another process; reads stay remote"
+            log.warning("%s (each process needs a hydration path of its own for a local copy)",
+                        self.error)
+            return
+        self._fd = fd
         self.replica.listeners.append(self._changed)
         self._thread.start()
 
@@ -300,6 +315,32 @@ class Hydrator:
         log.info("resuming hydration file %s at TXID %016x", self.path, state.txid)
         self.total_pages = self.done_pages = state.commit
         return state
+
+
+def _open_owned(path: Path) -> int | None:
+    """The file at ``path`` (created if missing), opened and exclusively locked, or None if
+    another open of it holds the lock. A file its previous owner removed between our open and
+    our lock is not at ``path`` any more (the lock would guard nothing): open again. An owner
+    removes the file before it lets go of the lock, so the file at ``path`` has one owner."""
+    for _ in range(8):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                here = os.stat(path)
+            except FileNotFoundError:
+                here = None
+            mine = os.fstat(fd)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        if here is not None and (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino):
+            return fd
+        os.close(fd)
+    raise OSError(errno.EAGAIN, "the file keeps being replaced while we lock it", str(path))
 
 
 def _first_done(futures: set[Future[None]]) -> tuple[set[Future[None]], set[Future[None]]]:
