@@ -484,6 +484,35 @@ def test_a_failed_catch_up_leaves_no_task_writing_after_the_retry_started(rig, m
     assert page_bytes(rig.path) == page_bytes(primary.path)
 
 
+def test_pages_a_failed_attempt_wrote_are_rewritten_when_the_replica_goes_back(rig):
+    """A catch-up to TXID 2 wrote some pages, then failed: TXID 2's file is gone (the replica
+    was restored to TXID 1). The file, marked as TXID 1 again, must not keep TXID 2's pages
+    (issue 12, item 6)."""
+    from ltxvfs.errors import ObjectNotFoundError
+
+    h, primary = rig.hydrator, rig.primary
+    h.start()
+    wait_for(lambda: h.state is rig.replica.state)
+    old = page_bytes(primary.path)
+    reads: list[int] = []
+    gone: list = []
+
+    def second_get_finds_the_file_gone():
+        reads.append(1)
+        if len(reads) == 2:
+            rig.client.hook = None
+            rig.inner.delete(gone)
+            raise ObjectNotFoundError("injected: TXID 2's file is gone")
+
+    rig.client.hook = second_get_finds_the_file_gone
+    gone.append(primary.commit("UPDATE t SET b = randomblob(2500) WHERE id <= 150"))
+    rig.replica.poll()
+    wait_for(lambda: rig.replica.state.txid == 1 and h.state is rig.replica.state)
+    assert len(reads) >= 2
+    wrong = [p for p in old if h.read_page(h.state, p) != old[p]]
+    assert not wrong, f"the file, marked as TXID 1, holds other bytes for pages {wrong}"
+
+
 def test_close_returns_only_when_no_task_can_write_to_the_file(rig, monkeypatch):
     """After close() returns, nothing writes to the descriptor it closed (a reused descriptor
     number would receive pages meant for the copy) (issue 12, item 6)."""

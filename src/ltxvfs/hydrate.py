@@ -224,7 +224,8 @@ class Hydrator:
         self.total_pages = len(todo) if old is None else self.total_pages
         self.done_pages = 0 if old is None else self.done_pages
         runs = _runs(target, todo)
-        unsure.update(todo)  # until this attempt completes, these pages may hold anything
+        if old is not None:  # (with no base, a failed attempt is redone whole anyway)
+            unsure.update(todo)  # until this attempt completes, these pages may hold anything
         inflight: set[Future[None]] = set()
         try:
             for run in runs:
