@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from urllib.parse import quote
 
 import apsw
 import pytest
+from hydration_rig import HOLD, Child, HookLock, Rig, SeenWaiting, digest, tls
 
 import ltxvfs
 from ltxvfs import hydrate
@@ -254,137 +250,9 @@ def test_write_mode_syncs_reach_the_hydrated_file(vfs, tmp_path):
 
 # --- who writes the file, and when (a Hydrator driven directly) ----------------------------------
 #
-# These tests run a Hydrator on a Replica of their own, with a one-worker pool (its tasks run in
-# submission order) and a client whose reads from that pool can be held or failed, so that each
-# interleaving is forced rather than hoped for.
-
-HOLD = 60.0  # fail-safe bound of every gate: a test that goes wrong fails instead of hanging
-
-
-def _in_pool() -> bool:
-    return threading.current_thread().name.startswith("test-hydrate")
-
-
-class GatedClient:
-    """A replica client whose reads made by hydration's fetch tasks first call ``hook``."""
-
-    def __init__(self, inner):
-        self.inner, self.url, self.hook = inner, inner.url, None
-
-    def read(self, level, lo, hi, offset=0, size=None):
-        hook = self.hook
-        if hook is not None and _in_pool():
-            hook()
-        return self.inner.read(level, lo, hi, offset, size)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
-class GatedPool(ThreadPoolExecutor):
-    """One worker; ``before``/``after`` run around each submit (e.g. to queue a blocker)."""
-
-    def __init__(self):
-        super().__init__(1, thread_name_prefix="test-hydrate")
-        self.before = self.after = None
-        self.tag = None  # set on each task's thread while it runs: which attempt submitted it
-        self.submitted = 0
-
-    def submit(self, fn, /, *args, **kwargs):
-        if self.before is not None:
-            self.before()
-        self.submitted += 1
-        tag = self.tag
-
-        def tagged():
-            _tls.tag = tag
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                _tls.tag = None
-
-        future = super().submit(tagged)
-        if self.after is not None:
-            self.after()
-        return future
-
-    def block(self, gate: threading.Event, running: threading.Event | None = None):
-        """Queue a task that holds the worker until ``gate`` is set."""
-        def blocker():
-            if running is not None:
-                running.set()
-            gate.wait(HOLD)
-        ThreadPoolExecutor.submit(self, blocker)
-
-
-_tls = threading.local()
-
-
-class HookLock:
-    """A lock that calls ``after_release`` (once) when the hydration thread next releases it."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.after_release = None
-
-    def acquire(self, *args, **kwargs):
-        return self._lock.acquire(*args, **kwargs)
-
-    def release(self):
-        self._lock.release()
-        hook = self.after_release
-        if hook is not None and threading.current_thread().name == "ltxvfs-hydrate":
-            self.after_release = None
-            hook()
-
-    __enter__ = acquire
-
-    def __exit__(self, *exc):
-        self.release()
-
-
-class SeenWaiting(threading.Condition):
-    """A condition that says when the hydration thread waits on it."""
-
-    def __init__(self):
-        super().__init__()
-        self.waiting = threading.Event()
-
-    def wait(self, timeout=None):
-        self.waiting.set()
-        return super().wait(timeout)
-
-
-class Rig:
-    def __init__(self, primary, path):
-        from ltxvfs.follow import Replica
-        from ltxvfs.pages import PageStore, state_at
-
-        self.primary = primary
-        self.inner = open_replica(primary.url)
-        self.client = GatedClient(self.inner)
-        self.io = ThreadPoolExecutor(4)
-        self.pool = GatedPool()
-        store = PageStore(self.client, 64 << 20)
-        self.replica = Replica(self.client, store, self.io, state_at(self.client, self.io, store),
-                               3600.0)
-        self.path = path
-        self.hydrator = hydrate.Hydrator(self.replica, path, False, self.pool)
-        self.gates: list[threading.Event] = []
-
-    def gate(self) -> threading.Event:
-        g = threading.Event()
-        self.gates.append(g)
-        return g
-
-    def close(self):
-        for g in self.gates:
-            g.set()
-        self.hydrator.close()
-        self.pool.shutdown(wait=True)
-        self.io.shutdown(wait=True)
-        self.inner.close()
-
+# These tests run a Hydrator on a Replica of their own (hydration_rig.Rig), with a one-worker
+# pool (its tasks run in submission order) and a client whose reads from that pool can be held
+# or failed, so that each interleaving is forced rather than hoped for.
 
 @pytest.fixture
 def rig(replica, tmp_path, monkeypatch):
@@ -454,7 +322,7 @@ def test_a_failed_catch_up_leaves_no_task_writing_after_the_retry_started(rig, m
         return real_hydrate(self, target)
 
     def recorded_pwritev(fd, buffers, offset):
-        events.append(("write", getattr(_tls, "tag", None), offset))
+        events.append(("write", getattr(tls, "tag", None), offset))
         return real_pwritev(fd, buffers, offset)
 
     monkeypatch.setattr(hydrate.Hydrator, "_hydrate", counted_hydrate)
@@ -602,45 +470,6 @@ def test_close_that_gives_up_waiting_leaves_the_descriptor_to_the_last_writer(ri
 # --- one hydration file, one process ---------------------------------------------------------------
 
 
-class Child:
-    """A hydrate_proc.py process; every answer is awaited with a bound."""
-
-    def __init__(self, uri: str, log_path):
-        self.log_path = log_path
-        self._log = open(log_path, "w")
-        self.p = subprocess.Popen([sys.executable, str(Path(__file__).with_name("hydrate_proc.py")),
-                                   uri], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=self._log, text=True)
-
-    def ask(self, cmd: str, timeout: float = 60.0) -> dict:
-        self.p.stdin.write(cmd + "\n")
-        self.p.stdin.flush()
-        said: list[str] = []
-        reader = threading.Thread(target=lambda: said.append(self.p.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(timeout)
-        assert said and said[0], f"no answer to {cmd!r}: {self.log_path.read_text()[-2000:]}"
-        return json.loads(said[0])
-
-    def close(self, timeout: float = 60.0) -> None:
-        assert self.ask("close") == {"closed": True}
-        assert self.p.wait(timeout) == 0, self.log_path.read_text()[-2000:]
-        self._log.close()
-
-    def kill(self) -> None:
-        if self.p.poll() is None:
-            self.p.kill()
-            self.p.wait(30)
-        self._log.close()
-
-
-def _digest(rows) -> str:
-    h = hashlib.sha256()
-    for row in rows:
-        h.update(repr(tuple(row)).encode())
-    return h.hexdigest()
-
-
 def _shared_path_uri(replica, target, poll: str) -> str:
     return (f"file:db?vfs=litestream&replica_url={quote(replica.url, safe='')}"
             f"&poll_interval={poll}&hydration_path={quote(str(target), safe='')}")
@@ -662,7 +491,7 @@ def test_a_second_process_given_the_same_path_reads_remotely_and_leaves_the_file
         return _shared_path_uri(replica, target, poll)
 
     sql = "SELECT id, b FROM t ORDER BY id"
-    t1 = ("0000000000000001", 400, _digest(replica.rows(sql)))
+    t1 = ("0000000000000001", 400, digest(replica.rows(sql)))
     a = Child(uri("50ms"), tmp_path / "a.log")
     b = None
     try:
@@ -670,7 +499,7 @@ def test_a_second_process_given_the_same_path_reads_remotely_and_leaves_the_file
         b = Child(uri("1h"), tmp_path / "b.log")  # polls only when told to
         wait_for(lambda: _settled(b), timeout=60)
         replica.commit("DELETE FROM t WHERE id > 300", "UPDATE t SET b = x'02' WHERE id <= 50")
-        t2 = ("0000000000000002", 300, _digest(replica.rows(sql)))
+        t2 = ("0000000000000002", 300, digest(replica.rows(sql)))
         wait_for(lambda: (lambda r: (r["txid"], r["progress"]) == (t2[0], "100.0"))(a.ask("read")),
                  timeout=60)
         r = b.ask("read")  # B has not polled: TXID 1, and TXID 1's rows
