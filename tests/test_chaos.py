@@ -33,14 +33,14 @@ from pathlib import Path
 from urllib.parse import quote
 
 import apsw
-import faults
 import pytest
-from faults import FaultProxy, Faults, View, apply_commit, check_view, open_reader, run_reader
 
 import ltxvfs
 from ltxvfs.restore import restore
 from ltxvfs.storage import open_replica
 
+import faults
+from faults import FaultProxy, Faults, View, apply_commit, check_view, open_reader, run_reader
 from litestream_rig import integrity_check, litestream_restore
 
 HERE = Path(__file__).parent

@@ -16,6 +16,7 @@ import ltxvfs
 from ltxvfs import hydrate
 from ltxvfs.storage import open_replica
 
+from hydration_rig import HOLD, Child, HookLock, Rig, SeenWaiting, digest, tls
 from litestream_rig import Workload, litestream_restore
 from replicas import FakePrimary, page_bytes
 
@@ -245,3 +246,327 @@ def test_write_mode_syncs_reach_the_hydrated_file(vfs, tmp_path):
     assert copy.execute("SELECT v FROM t ORDER BY id").fetchall() == [("v0",), ("v1",), ("v2",)]
     copy.close()
     con.close()
+
+
+# --- who writes the file, and when (a Hydrator driven directly) ----------------------------------
+#
+# These tests run a Hydrator on a Replica of their own (hydration_rig.Rig), with a one-worker
+# pool (its tasks run in submission order) and a client whose reads from that pool can be held
+# or failed, so that each interleaving is forced rather than hoped for.
+
+@pytest.fixture
+def rig(replica, tmp_path, monkeypatch):
+    # Small GETs: the ~400 pages make ~100 fetch tasks, and a catch-up of ~150 pages dozens.
+    monkeypatch.setattr(hydrate, "RUN_BYTES", 16 * 1024)
+    r = Rig(replica, tmp_path / "copy.db")
+    yield r
+    r.close()
+
+
+def test_a_read_of_the_marked_state_never_gets_the_next_states_pages(rig):
+    """The replica moves on right after the hydrator found its file current: the catch-up's
+    writes must not be read as the old state (issue 12, item 6)."""
+    h, primary = rig.hydrator, rig.primary
+    h._lock, h._wake = HookLock(), SeenWaiting()
+    h.start()
+    t1 = rig.replica.state
+    wait_for(lambda: h.state is t1)
+    assert h._wake.waiting.wait(HOLD)  # the thread waits for news, the file marked as TXID 1
+    old = page_bytes(primary.path)
+
+    paused, go = threading.Event(), rig.gate()
+    h._lock.after_release = lambda: (paused.set(), go.wait(HOLD))
+    h._changed()  # wake it with nothing new (as its periodic timer does) ...
+    assert paused.wait(HOLD)  # ... and hold it right after it looked: the poll lands here
+    primary.commit("UPDATE t SET b = randomblob(2500) WHERE id <= 150")
+    new = page_bytes(primary.path)
+    changed = sorted(p for p in new if old.get(p) != new[p])
+    second, gate, reads = threading.Event(), rig.gate(), []
+
+    def hold_second_get():  # the first GET's pages are written; the second waits
+        reads.append(1)
+        if len(reads) == 2:
+            second.set()
+            gate.wait(HOLD)
+
+    rig.client.hook = hold_second_get
+    rig.replica.poll()
+    t2 = rig.replica.state
+    assert t2.txid == 2
+    go.set()
+    assert second.wait(HOLD), "the catch-up never made a second GET"
+    wrong = [p for p in changed if h.read_page(t1, p) not in (None, old[p])]
+    gate.set()
+    assert not wrong, f"reads of TXID 1 got TXID 2's bytes from the file for pages {wrong}"
+    wait_for(lambda: h.state is t2)
+    assert {p: h.read_page(t2, p) for p in new} == new
+
+
+def test_a_failed_catch_up_leaves_no_task_writing_after_the_retry_started(rig, monkeypatch):
+    """A fetch task fails (a file removed by retention): the tasks of that attempt still queued
+    must not write once the retry started (issue 12, item 6)."""
+    from ltxvfs.errors import ObjectNotFoundError
+
+    h, primary = rig.hydrator, rig.primary
+    events: list[tuple] = []
+    attempts = [0]
+    real_hydrate, real_pwritev = hydrate.Hydrator._hydrate, os.pwritev
+    unblock = rig.gate()
+
+    def counted_hydrate(self, target):
+        attempts[0] += 1
+        rig.pool.tag = attempts[0]
+        events.append(("attempt", attempts[0]))
+        if attempts[0] == 3:  # the retry of the catch-up
+            unblock.set()
+        return real_hydrate(self, target)
+
+    def recorded_pwritev(fd, buffers, offset):
+        events.append(("write", getattr(tls, "tag", None), offset))
+        return real_pwritev(fd, buffers, offset)
+
+    monkeypatch.setattr(hydrate.Hydrator, "_hydrate", counted_hydrate)
+    monkeypatch.setattr(hydrate.os, "pwritev", recorded_pwritev)
+    h.start()
+    wait_for(lambda: h.state is rig.replica.state)
+    assert attempts[0] == 1
+
+    def fail_once():
+        rig.client.hook = None
+        raise ObjectNotFoundError("injected: the file went away (retention)")
+
+    def queue_blocker_after_first_submit():  # the worker: failing task, blocker, the rest
+        rig.pool.after = None
+        rig.pool.block(unblock)
+
+    rig.pool.after = queue_blocker_after_first_submit
+    rig.client.hook = fail_once
+    primary.commit("UPDATE t SET b = randomblob(2500) WHERE id <= 150")
+    rig.replica.poll()
+    wait_for(lambda: h.state is rig.replica.state)
+    rig.pool.shutdown(wait=True)  # every task submitted has run (or was cancelled)
+    assert attempts[0] == 3
+    retry = events.index(("attempt", 3))
+    late = [e for e in events[retry:] if e[0] == "write" and e[1] != 3]
+    assert not late, f"tasks of the failed attempt wrote after the retry started: {late[:5]}"
+    assert page_bytes(rig.path) == page_bytes(primary.path)
+
+
+def test_pages_a_failed_attempt_wrote_are_rewritten_when_the_replica_goes_back(rig):
+    """A catch-up to TXID 2 wrote some pages, then failed: TXID 2's file is gone (the replica
+    was restored to TXID 1). The file, marked as TXID 1 again, must not keep TXID 2's pages
+    (issue 12, item 6)."""
+    from ltxvfs.errors import ObjectNotFoundError
+
+    h, primary = rig.hydrator, rig.primary
+    h.start()
+    wait_for(lambda: h.state is rig.replica.state)
+    old = page_bytes(primary.path)
+    reads: list[int] = []
+    gone: list = []
+
+    def second_get_finds_the_file_gone():
+        reads.append(1)
+        if len(reads) == 2:
+            rig.client.hook = None
+            rig.inner.delete(gone)
+            raise ObjectNotFoundError("injected: TXID 2's file is gone")
+
+    rig.client.hook = second_get_finds_the_file_gone
+    gone.append(primary.commit("UPDATE t SET b = randomblob(2500) WHERE id <= 150"))
+    rig.replica.poll()
+    wait_for(lambda: rig.replica.state.txid == 1 and h.state is rig.replica.state)
+    assert len(reads) >= 2
+    wrong = [p for p in old if h.read_page(h.state, p) != old[p]]
+    assert not wrong, f"the file, marked as TXID 1, holds other bytes for pages {wrong}"
+
+
+def test_close_returns_only_when_no_task_can_write_to_the_file(rig, monkeypatch):
+    """After close() returns, nothing writes to the descriptor it closed (a reused descriptor
+    number would receive pages meant for the copy) (issue 12, item 6)."""
+    h = rig.hydrator
+    closed, running, gate, later = threading.Event(), threading.Event(), rig.gate(), rig.gate()
+    writes: list[tuple] = []
+    real_pwritev, real_pwrite = os.pwritev, os.pwrite
+
+    def record(fd, offset):
+        # The first write once close() began goes through; any other waits until close()
+        # has returned (the fetch task is held there, as a slow GET would hold it).
+        if h._stop:
+            writes.append(("after stop", fd, offset))
+            if sum(w[0] == "after stop" for w in writes) > 1:
+                later.wait(HOLD)
+        writes.append((closed.is_set(), fd, offset))
+
+    def pwritev(fd, buffers, offset):
+        record(fd, offset)
+        return real_pwritev(fd, buffers, offset)
+
+    def pwrite(fd, data, offset):
+        record(fd, offset)
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(hydrate.os, "pwritev", pwritev)
+    monkeypatch.setattr(hydrate.os, "pwrite", pwrite)
+
+    def block_first():  # the worker holds until the test says so; every task queues behind
+        rig.pool.before = None
+        rig.pool.block(gate, running)
+
+    rig.pool.before = block_first
+    h.start()
+    assert running.wait(HOLD)
+    wait_for(lambda: rig.pool.submitted >= hydrate.PARALLEL)  # tasks are queued behind it
+    fd = h._fd
+    closer = threading.Thread(target=lambda: (h.close(), closed.set()))
+    closer.start()
+    wait_for(lambda: h._stop)
+    gate.set()
+    closer.join(HOLD)
+    assert closed.is_set(), "close() did not return"
+    later.set()
+    rig.pool.shutdown(wait=True)  # whatever was still queued or running has finished now
+    late = [(f, off) for after, f, off in writes if after is True]
+    assert not late, f"writes to descriptor {fd} after close() returned: {late[:5]} ({len(late)})"
+    assert not rig.path.exists()
+
+
+def test_close_that_gives_up_waiting_leaves_the_descriptor_to_the_last_writer(rig, monkeypatch):
+    """A fetch that hangs past close()'s wait: the descriptor is not closed under it; the
+    thread closes it (and removes the file) once its last task finished (issue 12, item 6)."""
+    monkeypatch.setattr(hydrate, "CLOSE_WAIT", 0.05, raising=False)
+    h = rig.hydrator
+    events: list[tuple] = []
+    real_pwritev, real_close = os.pwritev, os.close
+    entered, gate = threading.Event(), rig.gate()
+
+    def hang_first_get():
+        rig.client.hook = None
+        entered.set()
+        gate.wait(HOLD)
+
+    def pwritev(fd, buffers, offset):
+        events.append(("write", fd))
+        return real_pwritev(fd, buffers, offset)
+
+    def close(fd):
+        events.append(("close", fd))
+        return real_close(fd)
+
+    monkeypatch.setattr(hydrate.os, "pwritev", pwritev)
+    monkeypatch.setattr(hydrate.os, "close", close)
+    rig.client.hook = hang_first_get
+    h.start()
+    fd = h._fd
+    assert entered.wait(HOLD)
+    h.close()  # gives up waiting after CLOSE_WAIT: the GET still hangs
+    assert ("close", fd) not in events, "the descriptor was closed under a running task"
+    gate.set()
+    wait_for(lambda: ("close", fd) in events and not rig.path.exists())
+    rig.pool.shutdown(wait=True)
+    assert ("write", fd) not in events[events.index(("close", fd)):], events
+
+
+# --- one hydration file, one process ---------------------------------------------------------------
+
+
+def _shared_path_uri(replica, target, poll: str) -> str:
+    return (f"file:db?vfs=litestream&replica_url={quote(replica.url, safe='')}"
+            f"&poll_interval={poll}&hydration_path={quote(str(target), safe='')}")
+
+
+def _settled(child) -> bool:
+    progress = child.ask("read").get("progress", "")
+    return progress == "100.0" or progress.startswith("failed")
+
+
+def test_a_second_process_given_the_same_path_reads_remotely_and_leaves_the_file_alone(
+        replica, tmp_path):
+    """Web workers all given LITESTREAM_HYDRATION_PATH: the file belongs to the first; the
+    second says so, reads remotely (rows and TXIDs its own) and never deletes the file
+    (issue 12, item 16)."""
+    target = tmp_path / "copies" / "copy.db"
+
+    def uri(poll: str) -> str:
+        return _shared_path_uri(replica, target, poll)
+
+    sql = "SELECT id, b FROM t ORDER BY id"
+    t1 = ("0000000000000001", 400, digest(replica.rows(sql)))
+    a = Child(uri("50ms"), tmp_path / "a.log")
+    b = None
+    try:
+        wait_for(lambda: a.ask("read")["progress"] == "100.0", timeout=60)
+        b = Child(uri("1h"), tmp_path / "b.log")  # polls only when told to
+        wait_for(lambda: _settled(b), timeout=60)
+        replica.commit("DELETE FROM t WHERE id > 300", "UPDATE t SET b = x'02' WHERE id <= 50")
+        t2 = ("0000000000000002", 300, digest(replica.rows(sql)))
+        wait_for(lambda: (lambda r: (r["txid"], r["progress"]) == (t2[0], "100.0"))(a.ask("read")),
+                 timeout=60)
+        r = b.ask("read")  # B has not polled: TXID 1, and TXID 1's rows
+        assert (r.get("txid"), r.get("rows"), r.get("digest")) == t1, \
+            f"B, at TXID 1, read {r} while A's copy holds TXID 2"
+        assert r["progress"] == (f"failed: hydration file {target} is in use by another "
+                                 "process; reads stay remote"), r
+        assert b.ask("poll") == {"txid": t2[0]}
+        r = b.ask("read")
+        assert (r["txid"], r["rows"], r["digest"]) == t2, r
+        b.close()
+        assert target.exists(), "B closing deleted A's hydration file"
+        log = (tmp_path / "b.log").read_text()
+        assert f"WARNING ltxvfs.hydrate hydration file {target} is in use by another process" \
+            in log, log
+        r = a.ask("read")
+        assert (r["txid"], r["rows"], r["digest"], r["progress"]) == (*t2, "100.0"), r
+        assert page_bytes(target) == page_bytes(replica.path)
+        a.close()
+        assert not target.exists()
+    finally:
+        a.kill()
+        if b is not None:
+            b.kill()
+
+
+def test_a_second_process_closing_leaves_the_first_ones_file(replica, tmp_path):
+    """The first process to close used to delete the file under the others (issue 12, item 16)."""
+    target = tmp_path / "copy.db"
+    a = Child(_shared_path_uri(replica, target, "50ms"), tmp_path / "a.log")
+    b = None
+    try:
+        wait_for(lambda: a.ask("read")["progress"] == "100.0", timeout=60)
+        b = Child(_shared_path_uri(replica, target, "50ms"), tmp_path / "b.log")
+        wait_for(lambda: _settled(b), timeout=60)
+        b.close()
+        assert target.exists(), "B closing deleted A's hydration file"
+        assert page_bytes(target) == page_bytes(replica.path)
+        assert a.ask("read")["progress"] == "100.0"
+        a.close()
+        assert not target.exists()
+    finally:
+        a.kill()
+        if b is not None:
+            b.kill()
+
+
+def test_a_file_removed_between_our_open_and_our_lock_is_opened_again(tmp_path, monkeypatch):
+    """Its previous owner removed the file (and then let go of the lock) after we opened it: a
+    lock on that removed file would guard nothing, so the path is opened again."""
+    import fcntl
+
+    path = tmp_path / "copy.db"
+    path.write_bytes(b"the previous owner's copy")
+    real, calls = fcntl.flock, []
+
+    def flock(fd, op):
+        calls.append(fd)
+        if len(calls) == 1:
+            path.unlink()
+        return real(fd, op)
+
+    monkeypatch.setattr(hydrate.fcntl, "flock", flock)
+    fd = hydrate._open_owned(path)
+    try:
+        assert len(calls) == 2
+        assert os.fstat(fd).st_ino == os.stat(path).st_ino
+        assert hydrate._open_owned(path) is None  # and we hold it now
+    finally:
+        os.close(fd)

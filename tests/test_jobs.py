@@ -7,11 +7,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from test_write import writer
-
 import ltxvfs
 import ltxvfs.compact
 from ltxvfs.jobs import Scheduler
+
+from test_write import writer
 
 
 def test_remove_waits_for_a_run_in_progress_and_is_bounded():

@@ -28,7 +28,6 @@ from urllib.parse import quote
 
 import apsw
 import pytest
-from faults import SCHEMA, FaultProxy, Faults, apply_commit, check_view, read_view, release_together
 from test_chaos import restored_view, s3_urls, vfs_uri
 
 import ltxvfs
@@ -37,6 +36,7 @@ from ltxvfs.plan import list_levels
 from ltxvfs.restore import restore
 from ltxvfs.storage import open_replica
 
+from faults import SCHEMA, FaultProxy, Faults, apply_commit, check_view, read_view, release_together
 from litestream_rig import integrity_check, litestream_restore
 
 HERE = Path(__file__).parent

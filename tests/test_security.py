@@ -22,7 +22,6 @@ from urllib.parse import quote
 
 import apsw
 import pytest
-from faults import FaultProxy, Faults
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_chaos import vfs_uri
@@ -31,6 +30,8 @@ import ltxvfs
 from ltxvfs.errors import ReplicaURLError, StorageError
 from ltxvfs.storage import FileInfo, FileReplicaClient, open_replica, parse_replica_url
 from ltxvfs.storage.base import check_level, ltx_filename, parse_ltx_filename
+
+from faults import FaultProxy, Faults
 
 SECRET = "CANARY-aws-secret-51c0ffee"
 LS_SECRET = "CANARY-litestream-secret-77"

@@ -21,12 +21,13 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from faults import FaultProxy, Faults
 from test_chaos import _report, s3_urls, vfs_uri
 
 from ltxvfs.hydrate import PARALLEL as HYDRATION_PARALLEL
 from ltxvfs.jobs import JOB_THREADS, POOL_THREADS
 from ltxvfs.storage.s3 import DEFAULT_MAX_POOL_CONNECTIONS, DEFAULT_METADATA_CONCURRENCY
+
+from faults import FaultProxy, Faults
 
 HERE = Path(__file__).parent
 SOAK_SECONDS = float(os.environ.get("LTXVFS_SOAK_SECONDS", "20"))

@@ -13,7 +13,6 @@ from urllib.parse import quote
 
 import apsw
 import pytest
-from faults import release_together
 
 import ltxvfs
 from ltxvfs.errors import ConflictError
@@ -21,6 +20,7 @@ from ltxvfs.plan import list_levels
 from ltxvfs.restore import restore
 from ltxvfs.storage import open_replica
 
+from faults import release_together
 from litestream_rig import integrity_check, litestream_restore
 
 HERE = Path(__file__).parent
@@ -420,9 +420,9 @@ def test_upload_whose_every_answer_was_lost_is_ours_at_the_next_sync(vfs, s3_ser
     """S3 stored the PUT, but every attempt's answer was lost (botocore's retries included): the
     next sync finds our own file at the next TXID. It must take it as our success, not as
     another writer's commit (which would refuse every write until a restart)."""
-    from faults import FaultProxy, Faults
-
     from ltxvfs.storage.s3 import S3ReplicaClient
+
+    from faults import FaultProxy, Faults
 
     with FaultProxy(s3_server, Faults(), paused=True) as proxy:
         url = f"s3://{bucket}/db?endpoint={proxy.endpoint}&region=us-east-1"

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import apsw
 import pytest
-from test_write import RW, rows, uri, writer
 
 import ltxvfs
 from ltxvfs.restore import restore
 from ltxvfs.storage import open_replica
+
+from test_write import RW, rows, uri, writer
 
 HERE = Path(__file__).parent
 MODES = [(sync, lock) for sync in ("OFF", "NORMAL", "FULL", "EXTRA")

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import apsw
 import pytest
-from test_write import RW, rows, uri
-from test_write_sqlite_modes import restored_rows
 
 import ltxvfs
 from ltxvfs.errors import StorageError
 from ltxvfs.vfs import LitestreamVFS
 from ltxvfs.writer import Writer
+
+from test_write import RW, rows, uri
+from test_write_sqlite_modes import restored_rows
 
 #: How long a hook waits for the racing thread to reach the same point. On the old code the
 #: racer arrives at once; with the fix it never comes and the hook goes on after this.

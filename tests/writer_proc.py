@@ -13,10 +13,11 @@ import os
 import sys
 
 import apsw
-from faults import wait_at_barrier
 
 import ltxvfs
 from ltxvfs.errors import ConflictError
+
+from faults import wait_at_barrier
 
 
 def main() -> int:
