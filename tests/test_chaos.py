@@ -80,6 +80,14 @@ def s3_urls(bucket: str, endpoint: str) -> str:
     return f"s3://{bucket}/db?endpoint={endpoint}&region=us-east-1"
 
 
+def by_another_name(url: str) -> str:
+    """The same replica reached as ``localhost`` instead of ``127.0.0.1``: another location to
+    ltxvfs (it keys replicas by endpoint as written), so another Replica object in the process —
+    a follower of what a writer in the same process writes, as a second process would be."""
+    assert "//127.0.0.1:" in url, url
+    return url.replace("//127.0.0.1:", "//localhost:")
+
+
 def vfs_uri(url: str, **params) -> str:
     out = f"file:db?vfs=litestream&replica_url={quote(url, safe='')}"
     return out + "".join(f"&{k}={v}" for k, v in params.items())
@@ -232,7 +240,7 @@ def assert_faults_injected(proxy: FaultProxy, kinds=("reset", "throttle", "error
 @pytest.mark.interop
 def test_chaos_our_writer_and_16_readers(proxy, s3_server, bucket, tmp_path, vfs):
     url = s3_urls(bucket, proxy.endpoint)
-    url2 = url + "&forcePathStyle=true"  # same replica, another Replica object in this process
+    url2 = by_another_name(url)  # same replica, another Replica object in this process
     direct = s3_urls(bucket, s3_server)
     stop = tmp_path / "stop"
     writer = start_child(
@@ -283,7 +291,7 @@ def test_chaos_our_writer_and_16_readers(proxy, s3_server, bucket, tmp_path, vfs
 def test_chaos_litestream_writer_and_16_readers(proxy, s3_server, bucket, tmp_path,
                                                 replicator_factory, vfs):
     url = s3_urls(bucket, proxy.endpoint)
-    url2 = url + "&forcePathStyle=true"
+    url2 = by_another_name(url)
     direct = s3_urls(bucket, s3_server)
     db = tmp_path / "primary.db"
     con = sqlite3.connect(db, isolation_level=None, timeout=10)

@@ -21,7 +21,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from test_chaos import _report, s3_urls, vfs_uri
+from test_chaos import _report, by_another_name, s3_urls, vfs_uri
 
 from ltxvfs.hydrate import PARALLEL as HYDRATION_PARALLEL
 from ltxvfs.jobs import JOB_THREADS, POOL_THREADS
@@ -48,7 +48,8 @@ def test_soak_memory_and_descriptors_stay_flat(s3_server, bucket, tmp_path):
         write = vfs_uri(url, write_enabled="true", buffer_path=quote(str(tmp_path / "buf")),
                         sync_interval="100ms", compaction_levels="1s,3s",
                         snapshot_interval="2s", l0_retention="1s", cache_size="1MiB")
-        read = vfs_uri(url + "&forcePathStyle=true", poll_interval="100ms", cache_size="1MiB")
+        # Readers follow the replica as another location: their own Replica, polling.
+        read = vfs_uri(by_another_name(url), poll_interval="100ms", cache_size="1MiB")
         p = subprocess.run([sys.executable, str(HERE / "faults.py"), "soak", write, read,
                             "--duration", str(SOAK_SECONDS), "--readers", "4", "--every", "0.5"],
                            capture_output=True, text=True, timeout=SOAK_SECONDS + 180,

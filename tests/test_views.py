@@ -91,16 +91,22 @@ def test_read_transaction_keeps_its_state_when_another_connection_turns_write_mo
     r.close()
 
 
-def test_time_travel_asked_inside_a_transaction_starts_with_the_next_one(vfs, primary, tmp_path):
+def test_time_travel_inside_a_transaction_is_refused_and_changes_nothing(vfs, primary, tmp_path):
+    """The old code switched the open transaction to the past state at the next read (a mix of
+    TXIDs); a deferred change could also never apply under locking_mode=EXCLUSIVE. It is refused:
+    the transaction keeps its view, and the time travel works once it ended."""
     w = open_writer(primary.url, tmp_path / "buf", sync_interval="-1s")  # syncs only when told
     w.execute("UPDATE t SET v = 'new'")  # committed in the buffer, not synced
     r = open_writer(primary.url, tmp_path / "buf")  # the same replica: reads the buffer
     r.execute("BEGIN")
     assert v_of(r, 1) == "new"
     when = (primary.t1 + timedelta(seconds=1)).isoformat()
-    r.execute(f"PRAGMA litestream_time = '{when}'")
+    with pytest.raises(apsw.SQLError, match="cannot time-travel inside a read transaction"):
+        r.execute(f"PRAGMA litestream_time = '{when}'")
     assert v_of(r, ROWS) == "new", "the time travel changed the open transaction's view"
+    assert one(r, "PRAGMA litestream_time") != when
     r.execute("COMMIT")
+    r.execute(f"PRAGMA litestream_time = '{when}'")
     assert v_of(r, ROWS) == "old" and v_of(r, 1) == "old"
     r.execute("PRAGMA litestream_time = 'latest'")
     assert v_of(r, ROWS) == "new"
@@ -196,3 +202,52 @@ def test_each_connection_sees_the_other_ones_commits_and_keeps_its_cache_for_its
     del replica.writer.read_page, replica.store.read_page
     a.close()
     b.close()
+
+
+def _rows(con, sql):
+    return [tuple(r) for r in con.execute(sql).fetchall()]
+
+
+def test_time_travel_on_an_attached_database_under_exclusive_locking_is_not_silently_ignored(
+        vfs, tmp_path):
+    """A user attaches a replica to a connection that uses ``PRAGMA locking_mode = EXCLUSIVE``
+    (set before the ATTACH, so it applies to every database), reads it, then asks for the past
+    with ``PRAGMA b.litestream_time``. The PRAGMA succeeds, ``PRAGMA b.litestream_time`` reports
+    the past time — and every query goes on returning the latest data ('new', TXID 2), for the
+    life of the connection. Wrong data, with a label saying it is the past.
+
+    docs: time travel under EXCLUSIVE is refused once the database was read ("set
+    litestream_time before the first query, or use locking_mode=NORMAL"), because the view never
+    changes while SQLite keeps its lock. Why it is not refused here: dbfile.travel_to only knows
+    EXCLUSIVE from a ``locking_mode`` FCNTL_PRAGMA sent to *this* file (dbfile.xFileControl,
+    ``self._exclusive_mode``); SQLite sends ``PRAGMA locking_mode`` (no schema) to main only and
+    applies it to attached databases itself, so the attached file never hears of it.
+    """
+    from datetime import UTC, datetime, timedelta
+
+    url = (tmp_path / "replica").as_uri()
+    client = open_replica(url)
+    p = FakePrimary(tmp_path / "primary.db", client)
+    hour_ago = int((datetime.now(UTC) - timedelta(hours=1)).timestamp() * 1000)
+    p.commit("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)", "INSERT INTO t VALUES (1, 'old')",
+             timestamp_ms=hour_ago)
+    p.commit("UPDATE t SET v = 'new'")
+    past = datetime.fromtimestamp(hour_ago / 1000, UTC) + timedelta(seconds=1)
+
+    con = apsw.Connection("file::memory:", flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_URI)
+    con.execute("PRAGMA locking_mode = EXCLUSIVE")
+    con.execute(f"ATTACH '{_uri(url, poll_interval='1h')}' AS b")
+    assert _rows(con, "PRAGMA b.locking_mode") == [("exclusive",)]
+    assert _rows(con, "SELECT v FROM b.t") == [("new",)]
+    try:
+        con.execute(f"PRAGMA b.litestream_time = '{past.isoformat()}'")
+    except apsw.SQLError as err:  # refused, as documented for EXCLUSIVE: fine
+        assert "EXCLUSIVE" in str(err)
+        assert _rows(con, "SELECT v FROM b.t") == [("new",)]
+    else:
+        txid = _rows(con, "PRAGMA b.litestream_txid")[0][0]
+        assert _rows(con, "SELECT v FROM b.t") == [("old",)], (
+            f"PRAGMA b.litestream_time accepted, but reads still show TXID {txid}")
+    finally:
+        con.close()
+        client.close()

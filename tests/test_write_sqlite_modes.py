@@ -178,3 +178,62 @@ def test_journals_and_their_stand_ins_go_when_the_database_closes(vfs, tmp_path)
         assert set(os.listdir(vfs._private_dir())) - scratch_before, "the journal lives there"
         con.close()
         assert set(os.listdir(vfs._private_dir())) == scratch_before
+
+
+def test_changing_the_page_size_is_refused_not_accepted_and_then_every_write_fails(vfs, tmp_path):
+    """docs/write-mode.md lists "changing the page size of an existing database (PRAGMA page_size
+    + VACUUM)" under *not supported*. A user who tries it sees it *succeed*: VACUUM returns, the
+    connection says page_size 8192, the change is synced (page 1 now says 8192 inside LTX files of
+    page size 4096). From then on every write to the database fails with a bare
+    ``disk I/O error`` ("page 53: 8192 bytes, not 4096") — in this connection, in new ones, and
+    after reopening: the replica is wedged for writing, with nothing that says why.
+
+    Why: nothing refuses it. dbfile.xFileControl refuses journal_mode=WAL up front but not a
+    page_size change; VACUUM copies the new image in 4096-byte writes, which dbfile.xWrite takes
+    as whole pages (the buffer checks only the length, never page 1's page-size field, offset 16),
+    so the commit goes through; later transactions write 8192-byte pages, which the buffer
+    (buffer.write_page) refuses as BufferError -> apsw.IOError.
+    """
+    url = (tmp_path / "replica").as_uri()
+    con = writer(url, tmp_path, sync_interval="-1s", poll_interval="1h")
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v)")
+    con.execute("WITH RECURSIVE s(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM s WHERE x < 100) "
+                "INSERT INTO t(v) SELECT randomblob(2000) FROM s")
+    refused = False
+    try:
+        con.execute("PRAGMA page_size = 8192; VACUUM")
+    except apsw.Error:
+        refused = True
+    # Refused (as documented) or done properly: either way the database must stay writable.
+    try:
+        con.execute("INSERT INTO t(v) VALUES ('after')")
+    except apsw.IOError as err:
+        pytest.fail(f"after PRAGMA page_size + VACUUM ({'refused' if refused else 'accepted'}) "
+                    f"every write fails: {type(err).__name__}: {err}")
+    assert rows(con, "SELECT count(*) FROM t") == [(101,)]
+    con.close()
+
+
+def test_a_new_replica_may_choose_its_page_size(vfs, tmp_path):
+    url = (tmp_path / "replica").as_uri()
+    con = writer(url, tmp_path)
+    con.execute("PRAGMA page_size = 8192")
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY)")
+    con.execute("INSERT INTO t DEFAULT VALUES")
+    assert con.execute("PRAGMA page_size").fetchall() == [(8192,)]
+    con.close()
+    assert restored_rows(url, tmp_path / "out.db") == [(1,)]
+
+
+def test_each_open_has_its_own_name_and_journal(vfs, tmp_path):
+    """Documented (docs/configuration.md): a database's name as SQLite reports it carries a
+    per-open mark, so that each connection's rollback journal is its own."""
+    import re
+
+    url = (tmp_path / "replica").as_uri()
+    a, b = writer(url, tmp_path), writer(url, tmp_path)
+    assert re.fullmatch(r"db#ltxvfs\d+", a.filename) and re.fullmatch(r"db#ltxvfs\d+", b.filename)
+    assert a.filename != b.filename
+    assert a.execute("PRAGMA database_list").fetchall()[0][2] == a.filename
+    a.close()
+    b.close()

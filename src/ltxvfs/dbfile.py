@@ -54,7 +54,6 @@ class LitestreamFile:
         self._pinned: DatabaseState | None = None  # the pin for the next views
         self._pinned_time: datetime | None = None
         self._pinned_txid: int | None = None
-        self._exclusive_mode = False  # PRAGMA locking_mode=EXCLUSIVE seen
         self._lock_level = NONE
         self._counter = Counter()
         self._page1: tuple[bytes | None, int, bytes] = (None, 0, b"")
@@ -266,9 +265,8 @@ class LitestreamFile:
             # (read-only connections get SQLite's own answer: the mode stays 'delete').
             raise apsw.SQLError("litestream: journal_mode=WAL is not supported (rollback journal "
                                 "only: DELETE, TRUNCATE, PERSIST, MEMORY or OFF)")
-        if name == "locking_mode" and value in ("exclusive", "normal"):
-            self._exclusive_mode = value == "exclusive"
-            return False
+        if name == "page_size" and value and self._may_write:
+            self._check_page_size(value)
         try:
             result = handle_pragma(self, name, pragma.value, self._pinned_txid)
         except ConflictError:
@@ -279,6 +277,21 @@ class LitestreamFile:
             return False
         pragma.result = result
         return True
+
+    def _check_page_size(self, value: str) -> None:
+        """A replica's LTX files share one page size: changing it (PRAGMA page_size + VACUUM)
+        is refused before anything is written, unless the database is still empty."""
+        try:
+            wanted = int(value)
+        except ValueError:
+            return  # SQLite ignores it
+        writer = self.replica.writer
+        page_size, size = self._current().geometry() if writer is None else \
+            (writer.page_size, writer.size_pages())
+        if size and page_size and wanted != page_size:
+            raise apsw.SQLError(f"litestream: cannot change the page size of a replica "
+                                f"({page_size} bytes) to {wanted}: its LTX files share one page "
+                                "size; restore it, change it locally, and start a new replica")
 
     def txid(self) -> int:
         return self._current().txid
@@ -293,13 +306,16 @@ class LitestreamFile:
 
     def travel_to(self, when: datetime | None = None, txid: int | None = None) -> None:
         """Read the database as of ``when`` or ``txid`` (both None: follow the latest again),
-        from the next transaction on (at once outside a transaction)."""
+        from the next transaction on. Refused inside a transaction: its view is fixed, and
+        under ``locking_mode=EXCLUSIVE`` (which SQLite may apply to this file without telling
+        it, e.g. when attached) the transaction never ends — a deferred change would never
+        apply while the PRAGMA said it had."""
         if self._lock_level >= RESERVED:
             raise PragmaError("cannot time-travel inside a write transaction")
-        if self._view is not None and self._exclusive_mode:
-            raise PragmaError("cannot time-travel under locking_mode=EXCLUSIVE once the database "
-                              "was read: the connection never ends its read transaction; set "
-                              "litestream_time before the first query, or use locking_mode=NORMAL")
+        if self._view is not None:
+            raise PragmaError("cannot time-travel inside a read transaction: end it first (with "
+                              "locking_mode=EXCLUSIVE it never ends: time-travel before the "
+                              "first query, or use locking_mode=NORMAL)")
         if when is None and txid is None:
             self._pinned, self._pinned_time, self._pinned_txid = None, None, None
         else:
@@ -324,7 +340,7 @@ class LitestreamFile:
         else:
             if self._lock_level >= RESERVED:
                 raise PragmaError("cannot turn write mode off inside a write transaction")
-            self._vfs.disable_writes(self.replica)
+            self._vfs.disable_writes(self.replica, id(self))
 
     def sync_now(self) -> str:
         writer = self.replica.writer

@@ -10,6 +10,7 @@ Across processes and hosts there is no lock: the conditional upload of each TXID
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -29,6 +30,8 @@ class LockTable:
         self._levels: dict[int, int] = {}
         self._buffer_readers: set[int] = set()
         self._mutex = threading.RLock()
+        self._changed = threading.Condition(self._mutex)
+        self._draining = 0  # write mode is being turned off: no new transaction may start
 
     @property
     def mutex(self) -> threading.RLock:
@@ -48,6 +51,8 @@ class LockTable:
             if level <= mine:
                 return
             others = [lvl for o, lvl in self._levels.items() if o != owner]
+            if self._draining and mine == NONE:
+                raise apsw.BusyError("database is locked (write mode is being turned off)")
             if level == SHARED:
                 if any(lvl >= PENDING for lvl in others):
                     raise apsw.BusyError("database is locked (a writer is committing)")
@@ -73,26 +78,42 @@ class LockTable:
             else:
                 self._buffer_readers.discard(owner)
 
-    def when_idle(self, fn: Callable[[], T]) -> T:
-        """``fn()`` under the mutex, provided no connection holds RESERVED or more and none is
-        inside a transaction that reads the write buffer; else BusyError. Turning write mode
-        off uses it, so that no connection can start writing or reading the buffer meanwhile."""
-        with self._mutex:
-            if any(lvl >= RESERVED for lvl in self._levels.values()):
-                raise apsw.BusyError("a write transaction is open; try again when it ends")
-            if self._buffer_readers:
-                raise apsw.BusyError(f"{len(self._buffer_readers)} connection(s) are inside a "
-                                     "transaction that reads the write buffer; try again when "
-                                     "they end")
-            return fn()
+    def when_idle(self, fn: Callable[[], T], owner: int, timeout: float) -> T:
+        """``fn()`` under the mutex once no connection holds RESERVED or more and none is inside
+        a transaction that reads the write buffer. Meanwhile no new transaction may start (as
+        SQLite's PENDING lock keeps new readers out for a waiting writer), so overlapping
+        readers cannot starve it; BusyError after ``timeout`` seconds, or at once if ``owner``
+        itself is inside such a transaction. Turning write mode off uses it."""
+        with self._changed:
+            if owner in self._buffer_readers or self._levels.get(owner, NONE) >= RESERVED:
+                raise apsw.BusyError("this connection is inside a transaction that reads the "
+                                     "write buffer; end it first")
+            self._draining += 1
+            try:
+                deadline = time.monotonic() + timeout
+                while True:
+                    writing = any(lvl >= RESERVED for lvl in self._levels.values())
+                    if not writing and not self._buffer_readers:
+                        return fn()
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        what = "a write transaction is open" if writing else \
+                            f"{len(self._buffer_readers)} connection(s) are inside a " \
+                            "transaction that reads the write buffer"
+                        raise apsw.BusyError(f"{what} after waiting {timeout:g}s; try again")
+                    self._changed.wait(left)
+            finally:
+                self._draining -= 1
 
     def unlock(self, owner: int, level: int) -> None:
         with self._mutex:
             if level == NONE:
                 self._levels.pop(owner, None)
                 self._buffer_readers.discard(owner)
+                self._changed.notify_all()
             else:
                 self._levels[owner] = min(level, self._levels.get(owner, NONE))
+                self._changed.notify_all()
 
     def reserved_by_other(self, owner: int) -> bool:
         with self._mutex:

@@ -46,6 +46,9 @@ log = logging.getLogger("ltxvfs")
 #: only worth a short wait (its result would be dropped anyway).
 JOB_STOP_WAIT = 30.0
 POLL_STOP_WAIT = 2.0
+#: How long turning write mode off waits for transactions that write or read the buffer to end
+#: (new ones are held back meanwhile, as SQLite's PENDING lock does).
+DISABLE_WAIT = 5.0
 
 _MAIN_DB = apsw.SQLITE_OPEN_MAIN_DB
 
@@ -119,6 +122,12 @@ class LitestreamVFS(apsw.VFS):
         if name is not None:
             name = self._local_path(str(name))
         return _LocalFile("", name, flags)
+
+    def xSleep(self, microseconds: int) -> int:  # noqa: N802
+        """SQLite's busy handler sleeps here. apsw's inherited xSleep holds the GIL while it
+        sleeps, freezing every other thread — including the one whose lock we wait for."""
+        time.sleep(microseconds / 1e6)
+        return microseconds
 
     def xAccess(self, pathname, flags):  # noqa: N802
         if pathname.endswith(("-wal", "-journal", "-shm")):
@@ -290,17 +299,19 @@ class LitestreamVFS(apsw.VFS):
                 self.scheduler.add((name, id(replica)), fn, interval)
         log.info("write mode on for %s (buffer %s)", replica.client.url, path)
 
-    def disable_writes(self, replica: Replica) -> None:
-        """Sync what is buffered, then go back to read mode (polling). Refused (BusyError)
-        while a connection writes or is inside a transaction that reads the buffer; on a failed
-        sync write mode stays on, whole, and the error is raised."""
+    def disable_writes(self, replica: Replica, owner: int = 0) -> None:
+        """Sync what is buffered, then go back to read mode (polling). Waits (up to
+        ``DISABLE_WAIT``, holding new transactions back) for transactions that write or read the
+        buffer to end, then BusyError; at once if ``owner`` (the asking connection) is inside
+        one. On a failed sync write mode stays on, whole, and the error is raised."""
         with replica.mode_lock:
             writer = replica.writer
             if writer is None:
                 return
             for _ in range(3):
                 writer.sync()  # raises: nothing changed, write mode stays on
-                if replica.locks.when_idle(lambda: self._detach_writer(replica, writer)):
+                if replica.locks.when_idle(lambda: self._detach_writer(replica, writer), owner,
+                                           DISABLE_WAIT):
                     break
             else:
                 raise apsw.BusyError("commits keep arriving; write mode stays on, try again")
