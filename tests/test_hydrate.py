@@ -7,6 +7,7 @@ import json
 import os
 import threading
 import time
+from pathlib import Path
 from urllib.parse import quote
 
 import apsw
@@ -191,12 +192,19 @@ def test_failure_is_reported_and_reads_go_on(vfs, replica, tmp_path, monkeypatch
     con.close()
 
 
-def test_unusable_path_serves_remotely(vfs, replica, tmp_path):
+@pytest.mark.parametrize("where", ["under-a-file", "in-proc"])
+def test_unusable_path_serves_remotely_and_says_why(vfs, replica, tmp_path, where):
+    """The old code only logged it: progress read '0' and stats said 'hydration: off'."""
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    con = connect(replica.url, blocker / "copy.db")
+    path = blocker / "copy.db" if where == "under-a-file" else Path("/proc/nope/copy.db")
+    con = connect(replica.url, path)
     assert one(con, "SELECT count(*) FROM t") == 400
-    assert one(con, "PRAGMA litestream_hydration_file") == ""
+    assert one(con, "PRAGMA litestream_hydration_file") == str(path)
+    progress = one(con, "PRAGMA litestream_hydration_progress")
+    assert progress.startswith(f"failed: cannot hydrate into {path}: ") and \
+        progress.endswith("reads stay remote"), progress
+    assert json.loads(one(con, "PRAGMA litestream_stats"))["hydration"] == progress
     con.close()
 
 

@@ -130,7 +130,7 @@ def test_no_secret_in_logs_exceptions_or_pragmas(vfs, canary_env, captured, s3_s
     for i in range(20):
         w.execute("INSERT INTO t VALUES (?)", (i,))
     texts += [str(r) for r in w.execute("PRAGMA litestream_sync")]
-    r = apsw.Connection(vfs_uri(url, hydration_enabled="true", poll_interval="50ms"), flags=RO)
+    r = apsw.Connection(vfs_uri(url, hydration_enabled="true"), flags=RO)
     assert r.execute("SELECT count(*) FROM t").fetchall() == [(20,)]
     for pragma in ("litestream_stats", "litestream_txid", "litestream_time", "litestream_lag",
                    "litestream_hydration_file", "litestream_hydration_progress",

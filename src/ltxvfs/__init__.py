@@ -25,12 +25,12 @@ def stats(connection) -> dict:
 
 def register(name: str = "litestream", config=None, makedefault: bool = False,
              warm_up: bool = True):
-    """Register the ``litestream`` VFS (see :func:`ltxvfs.vfs.register`) and return it.
+    """Register the ``litestream`` VFS (see :func:`ltxvfs.registry.register`) and return it.
 
     ``warm_up`` loads boto3 and the S3 model now (~0.4 s) rather than at the first open of an
     S3 replica; pass False for file:// replicas only, or to defer it.
     """
-    from .vfs import register as _register
+    from .registry import register as _register
 
     return _register(name, config, makedefault, warm_up)
 

@@ -181,7 +181,7 @@ def cmd_shell(args: argparse.Namespace) -> int:
     import apsw.shell
 
     from .config import VFSConfig
-    from .vfs import register
+    from .registry import register
 
     config = VFSConfig.from_env()
     if args.url:

@@ -22,6 +22,9 @@ _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
 
 _LOG_LEVELS = frozenset({"DEBUG", "INFO", "WARN", "WARNING", "ERROR"})
 
+#: The smallest page cache (it always keeps at least the page last read, whatever its size).
+MIN_CACHE_SIZE = 4096
+
 
 class ConfigError(ValueError):
     """A configuration value (environment variable or URI parameter) is invalid."""
@@ -142,11 +145,18 @@ class VFSConfig:
             elif f.name in ("poll_interval", "sync_interval", "open_timeout"):
                 value: object = parse_duration(raw, label)
                 if f.name == "sync_interval" and value == 0:
-                    value = 1.0
+                    raise ConfigError(f"invalid {label} {raw!r}: must not be 0 (a negative "
+                                      "interval syncs only on close and on PRAGMA litestream_sync)")
                 if f.name == "poll_interval" and value <= 0:  # type: ignore[operator]
                     raise ConfigError(f"invalid {label} {raw!r}: must be positive")
+                if f.name == "open_timeout" and value < 0:  # type: ignore[operator]
+                    raise ConfigError(f"invalid {label} {raw!r}: must not be negative (0: do "
+                                      "not wait for an empty replica)")
             elif f.name == "cache_size":
                 value = parse_size(raw, label)
+                if value < MIN_CACHE_SIZE:  # type: ignore[operator]
+                    raise ConfigError(f"invalid {label} {raw!r}: at least {MIN_CACHE_SIZE} "
+                                      "bytes (4KiB)")
             elif f.name in ("write_enabled", "hydration_enabled", "hydration_persistent"):
                 value = parse_bool(raw, label)
             elif f.name == "log_level":
@@ -165,5 +175,74 @@ class VFSConfig:
         return self.hydration_enabled or bool(self.hydration_path)
 
 
-#: URI parameter names we read (SQLite reserves cache, mode, vfs, immutable, nolock, psow).
-URI_PARAMETERS = tuple(f.name for f in fields(VFSConfig))
+#: URI parameter names we read. ``log_level`` is process-wide (one ``ltxvfs`` logger), so only
+#: its environment variable sets it.
+URI_PARAMETERS = tuple(f.name for f in fields(VFSConfig) if f.name != "log_level")
+#: URI parameters SQLite itself reads: they pass through.
+SQLITE_URI_PARAMETERS = frozenset({"vfs", "mode", "cache", "immutable", "nolock", "psow", "modeof"})
+
+#: Settings of a replica (not of one connection), by when they are in force: always; while
+#: write mode is on; while hydrating. ``open_timeout`` only matters to the first open.
+REPLICA_SETTINGS = ("poll_interval", "cache_size")
+WRITE_SETTINGS = ("sync_interval", "buffer_path", "compaction_levels", "snapshot_interval",
+                  "snapshot_retention", "l0_retention")
+HYDRATION_SETTINGS = ("hydration_path", "hydration_persistent")
+
+
+def uri_settings(params: Mapping[str, str | None]) -> dict[str, str]:
+    """The ltxvfs settings among a URI's ``params`` (name -> raw value). Unknown names are an
+    error (with a "did you mean"), so a misspelled setting never silently does nothing;
+    SQLite's own parameters pass through."""
+    import difflib
+
+    out: dict[str, str] = {}
+    for name, value in params.items():
+        if name in SQLITE_URI_PARAMETERS:
+            continue
+        if name == "log_level":
+            raise ConfigError("the log_level URI parameter is not supported: logging is "
+                              "process-wide (set LITESTREAM_LOG_LEVEL, or configure the "
+                              "'ltxvfs' logger)")
+        if name not in URI_PARAMETERS:
+            close = difflib.get_close_matches(name, URI_PARAMETERS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else \
+                f" (known: {', '.join(URI_PARAMETERS)})"
+            raise ConfigError(f"unknown URI parameter {name!r}{hint}")
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def check_joining(current: VFSConfig, new: VFSConfig, given: set[str], writing: bool,
+                  hydrating: bool) -> None:
+    """A connection joining a replica already open in this process (with ``current``) may repeat
+    its settings; a different value for one in force is a ConfigError naming it. Settings not in
+    force yet (write mode or hydration off) are the joining connection's to choose when it turns
+    them on. ``given``: the settings its URI names (the environment applies to all alike)."""
+    if new.replica_url != current.replica_url:
+        from .storage.url import parse_replica_url
+
+        a, b = parse_replica_url(current.replica_url or ""), parse_replica_url(new.replica_url or "")
+        if replace(a, url="") != replace(b, url=""):
+            raise ConfigError(f"replica_url {b.url} names the replica already open as {a.url} "
+                              "with other options: options of a replica URL are per replica; "
+                              "give the same ones")
+    in_force = set(REPLICA_SETTINGS)
+    if writing:
+        in_force.update(WRITE_SETTINGS)
+    if hydrating:
+        in_force.update(HYDRATION_SETTINGS)
+    for name in sorted(given & in_force):
+        mine, theirs = getattr(new, name), getattr(current, name)
+        if mine != theirs:
+            raise ConfigError(f"{name}={_show(mine)} conflicts with {name}={_show(theirs)}, in "
+                              "force for this replica since an earlier connection opened it: "
+                              "settings are per replica; repeat the value or leave it out")
+
+
+def _show(value: object) -> str:
+    if isinstance(value, tuple):
+        return ",".join(f"{v:g}s" for v in value) or "off"
+    if isinstance(value, float):
+        return f"{value:g}s"
+    return str(value)

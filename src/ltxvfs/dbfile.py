@@ -53,7 +53,6 @@ class LitestreamFile:
         self._view: View | None = None  # while SQLite holds a lock
         self._pinned: DatabaseState | None = None  # the pin for the next views
         self._pinned_time: datetime | None = None
-        self._pinned_txid: int | None = None
         self._lock_level = NONE
         self._counter = Counter()
         self._page1: tuple[bytes | None, int, bytes] = (None, 0, b"")
@@ -268,7 +267,7 @@ class LitestreamFile:
         if name == "page_size" and value and self._may_write:
             self._check_page_size(value)
         try:
-            result = handle_pragma(self, name, pragma.value, self._pinned_txid)
+            result = handle_pragma(self, name, pragma.value)
         except ConflictError:
             raise  # as it is: the caller should see exactly this
         except (PragmaError, LitestreamError) as err:
@@ -296,6 +295,10 @@ class LitestreamFile:
     def txid(self) -> int:
         return self._current().txid
 
+    def pinned_txid(self) -> int | None:
+        """The TXID of the pinned past state (by TXID or by time), None when following."""
+        return self._pinned.txid if self._pinned is not None else None
+
     def lag(self) -> int:
         return self.replica.lag_seconds()
 
@@ -317,10 +320,10 @@ class LitestreamFile:
                               "locking_mode=EXCLUSIVE it never ends: time-travel before the "
                               "first query, or use locking_mode=NORMAL)")
         if when is None and txid is None:
-            self._pinned, self._pinned_time, self._pinned_txid = None, None, None
+            self._pinned, self._pinned_time = None, None
         else:
             state = self.replica.state_at(txid=txid, timestamp=when)
-            self._pinned, self._pinned_time, self._pinned_txid = state, when, txid
+            self._pinned, self._pinned_time = state, when
 
     def hydration_progress(self) -> str:
         hydrator = self.replica.hydrator
@@ -335,8 +338,11 @@ class LitestreamFile:
 
     def set_write_enabled(self, enabled: bool) -> None:
         if enabled:
+            if not self._may_write:
+                raise PragmaError("this connection was opened read-only: open it with "
+                                  "SQLITE_OPEN_READWRITE to write (write mode belongs to the "
+                                  "replica; read-write connections write while it is on)")
             self._vfs.enable_writes(self.replica)
-            self._may_write = True
         else:
             if self._lock_level >= RESERVED:
                 raise PragmaError("cannot turn write mode off inside a write transaction")

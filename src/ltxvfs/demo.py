@@ -63,7 +63,7 @@ def _start_s3(stack: ExitStack) -> str:
 def run_demo(directory: str | None = None, s3: bool = False) -> int:
     import apsw
 
-    from .vfs import register
+    from .registry import register
 
     register()
     with ExitStack() as stack:

@@ -54,6 +54,7 @@ class PragmaTarget(Protocol):
     """What a VFS file offers the PRAGMAs."""
 
     def txid(self) -> int: ...
+    def pinned_txid(self) -> int | None: ...
     def lag(self) -> int: ...
     def time_text(self) -> str: ...
     def travel_to(self, when: datetime | None = None, txid: int | None = None) -> None: ...
@@ -72,7 +73,8 @@ PRAGMAS = {
     "litestream_lag": "seconds since the last successful poll, -1 if never (read-only)",
     "litestream_time": "time of the data seen; set to RFC 3339, a relative time, or 'latest'",
     "litestream_pin_txid": "set to a TXID (hex) to read the database as of that TXID; "
-                           "'latest' to follow again; reads the pinned TXID or 'latest'",
+                           "'latest' to follow again; reads the TXID of the pinned past state "
+                           "(pinned by TXID or by time), or 'latest'",
     "litestream_hydration_progress": "percent of the hydration file written (read-only)",
     "litestream_hydration_file": "path of the hydration file, '' if none (read-only)",
     "litestream_write_enabled": "1 if writes are enabled; set to 1/0 (true/false, on/off)",
@@ -88,8 +90,7 @@ _READ_ONLY = {"litestream_txid", "litestream_lag", "litestream_hydration_progres
               "litestream_stats"}
 
 
-def handle_pragma(target: PragmaTarget, name: str, value: str | None,
-                  pinned_txid: int | None = None) -> str | None:
+def handle_pragma(target: PragmaTarget, name: str, value: str | None) -> str | None:
     """The result of ``PRAGMA name`` / ``PRAGMA name = value``; None if the name is not ours."""
     name = name.lower()
     if name not in PRAGMAS:
@@ -121,7 +122,8 @@ def handle_pragma(target: PragmaTarget, name: str, value: str | None,
         if value is not None:
             v = value.strip()
             target.travel_to(txid=None if v.lower() == "latest" else _parse_txid(v))
-        return "latest" if pinned_txid is None else f"{pinned_txid:016x}"
+        pinned = target.pinned_txid()  # after the change: a PRAGMA returns the new value
+        return "latest" if pinned is None else f"{pinned:016x}"
     if value is not None:  # litestream_write_enabled
         v = value.strip().lower()
         if v in ("1", "true", "on"):

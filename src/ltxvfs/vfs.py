@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import itertools
 import logging
@@ -20,13 +19,21 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import apsw
 
 from .compact import Compactor
-from .config import URI_PARAMETERS, ConfigError, VFSConfig
+from .config import (
+    HYDRATION_SETTINGS,
+    WRITE_SETTINGS,
+    ConfigError,
+    VFSConfig,
+    check_joining,
+    uri_settings,
+)
 from .dbfile import LitestreamFile
 from .errors import ConflictError, LitestreamError, TxNotAvailableError
 from .follow import Replica
@@ -77,7 +84,15 @@ class LitestreamVFS(apsw.VFS):
     def __init__(self, name: str = "litestream", config: VFSConfig | None = None,
                  makedefault: bool = False) -> None:
         self.name = name
-        self.config = config or VFSConfig.from_env()
+        #: A bad environment variable fails every open (CantOpenError naming it), not register().
+        self._env_error: ConfigError | None = None
+        if config is None:
+            try:
+                config = VFSConfig.from_env()
+            except ConfigError as err:
+                self._env_error = err
+                config = VFSConfig()
+        self.config = config
         level = {"WARN": "WARNING"}.get(self.config.log_level, self.config.log_level)
         log.setLevel(getattr(logging, level, logging.INFO))
         self._replicas: dict[str, Replica] = {}  # by ReplicaURL.identity
@@ -87,7 +102,7 @@ class LitestreamVFS(apsw.VFS):
         self._key_locks: dict[str, threading.Lock] = {}
         self._opens = itertools.count(1)
         self._buffer_paths: dict[Path, str] = {}  # path -> identity of the replica writing it
-        self._hydration_paths: set[Path] = set()
+        self._hydration_paths: dict[Path, int] = {}  # path -> id of the replica hydrating there
         self._tmpdir: str | None = None
         self._lock = threading.RLock()
         # Two pools, so that no task ever waits on a task queued behind it: jobs (polls, syncs,
@@ -104,8 +119,8 @@ class LitestreamVFS(apsw.VFS):
     def xOpen(self, name, flags):  # noqa: N802 - apsw's name
         if flags[0] & _MAIN_DB:
             try:
-                cfg = self._config_for(name)
-                replica = self._acquire(cfg)
+                cfg, given = self._config_for(name)
+                replica = self._acquire(cfg, given)
             except ConflictError:
                 raise  # as it is: names the kept buffer file
             except (LitestreamError, ConfigError) as err:
@@ -116,7 +131,10 @@ class LitestreamVFS(apsw.VFS):
             else:
                 flags[1] = flags[0]  # read-write; writes are checked at the RESERVED lock
             full = name.filename() if isinstance(name, apsw.URIFilename) else str(name)
-            return LitestreamFile(self, replica, full, may_write=cfg.write_enabled)
+            # The rule: a connection writes when SQLite opened it read-write and its replica is
+            # in write mode (write_enabled=true at any open, or PRAGMA litestream_write_enabled).
+            return LitestreamFile(self, replica, full,
+                                  may_write=bool(flags[1] & apsw.SQLITE_OPEN_READWRITE))
         if flags[0] & apsw.SQLITE_OPEN_WAL:
             raise apsw.CantOpenError("litestream: WAL mode is not supported (rollback journal only)")
         if name is not None:
@@ -181,16 +199,19 @@ class LitestreamVFS(apsw.VFS):
         text = name.filename() if isinstance(name, apsw.URIFilename) else str(name)
         return display_name(text)
 
-    def _config_for(self, name) -> VFSConfig:
-        cfg = self.config
+    def _config_for(self, name) -> tuple[VFSConfig, set[str]]:
+        """The settings of one open (environment, then the URI's parameters) and the names its
+        URI gave."""
+        if self._env_error is not None:
+            raise self._env_error
+        cfg, given = self.config, set()
         if isinstance(name, apsw.URIFilename):
-            params = {k: name.uri_parameter(k) for k in URI_PARAMETERS
-                      if name.uri_parameter(k) is not None}
-            cfg = cfg.with_params(params)
+            params = uri_settings({k: name.uri_parameter(k) for k in name.parameters})
+            cfg, given = cfg.with_params(params), set(params)
         if not cfg.replica_url:
             raise ConfigError("no replica: set LITESTREAM_REPLICA_URL or the replica_url URI "
                               "parameter (file:db?vfs=litestream&replica_url=s3://bucket/path)")
-        return cfg
+        return cfg, given
 
     def _key_lock(self, key: str) -> threading.Lock:
         with self._lock:
@@ -199,22 +220,28 @@ class LitestreamVFS(apsw.VFS):
                 lock = self._key_locks[key] = threading.Lock()
             return lock
 
-    def _acquire(self, cfg: VFSConfig) -> Replica:
+    def _acquire(self, cfg: VFSConfig, given: set[str] = frozenset()) -> Replica:  # type: ignore[assignment]
         """The replica of ``cfg`` (one per replica identity), opened and set up for what
-        ``cfg`` asks (write mode, hydration) before any connection uses it."""
+        ``cfg`` asks (write mode, hydration) before any connection uses it. A connection joining
+        an open replica must agree with the settings in force (config.check_joining)."""
         key = parse_replica_url(cfg.replica_url).identity  # type: ignore[arg-type]
         with self._key_lock(key):
             with self._lock:
                 replica = self._replicas.get(key)
-                if replica is not None:
-                    replica.refcount += 1
             if replica is not None:
-                if cfg.write_enabled and replica.writer is None:
-                    try:
+                check_joining(self._configs[id(replica)], cfg, given,
+                              writing=replica.writer is not None,
+                              hydrating=replica.hydrator is not None)
+                with self._lock:
+                    replica.refcount += 1
+                try:
+                    if cfg.write_enabled and replica.writer is None:
                         self.enable_writes(replica, cfg)
-                    except BaseException:
-                        self._release(replica)
-                        raise
+                    if cfg.hydration and replica.hydrator is None:
+                        self._start_hydration(replica, cfg)
+                except BaseException:
+                    self._release(replica)
+                    raise
                 return replica
             replica = self._open_replica(cfg)
             replica.key = key
@@ -270,6 +297,7 @@ class LitestreamVFS(apsw.VFS):
         with replica.mode_lock:  # one switch at a time: never two writers for one replica
             if replica.writer is not None:
                 return
+            self._adopt(replica, cfg, WRITE_SETTINGS)
             path = Path(cfg.buffer_path) if cfg.buffer_path else \
                 default_buffer_path(replica.client.identity)
             with self._lock:
@@ -338,33 +366,38 @@ class LitestreamVFS(apsw.VFS):
         replica.writer = None
         return True
 
-    def _start_hydration(self, replica: Replica, cfg: VFSConfig) -> None:
+    def _adopt(self, replica: Replica, cfg: VFSConfig, names: tuple[str, ...]) -> None:
+        """The settings ``names`` of ``cfg`` come into force for ``replica`` (write mode or
+        hydration turned on by this connection)."""
         with self._lock:
-            if cfg.hydration_path:
-                path = self._unique(Path(cfg.hydration_path), self._hydration_paths)
-            else:
-                path = Path(self._private_dir()) / f"hydrated-{id(replica):x}.db"
-            self._hydration_paths.add(path)
-        hydrator = Hydrator(replica, path, cfg.hydration_persistent, self.hydration_pool)
-        try:
-            hydrator.start()
-        except OSError as err:  # e.g. an unwritable directory: serve remotely, say why
-            log.error("cannot hydrate %s into %s: %s", replica.client.url, path, err)
-            with self._lock:
-                self._hydration_paths.discard(path)
-            return
-        replica.hydrator = hydrator
+            current = self._configs.get(id(replica), cfg)
+            self._configs[id(replica)] = replace(current, **{n: getattr(cfg, n) for n in names})
 
-    @staticmethod
-    def _unique(path: Path, taken: set[Path]) -> Path:
-        """``path``, or ``<path>.<n>`` if another open database already uses it (as Go does
-        for buffer paths)."""
-        if path not in taken:
-            return path
-        n = 2
-        while path.with_name(f"{path.name}.{n}") in taken:
-            n += 1
-        return path.with_name(f"{path.name}.{n}")
+    def _start_hydration(self, replica: Replica, cfg: VFSConfig) -> None:
+        """Hydrate in the background. A file that cannot be used (an unwritable directory, a
+        path another replica of this process or another process holds) leaves reads remote,
+        and ``litestream_hydration_progress`` says ``failed: …`` with the reason."""
+        self._adopt(replica, cfg, HYDRATION_SETTINGS)
+        with self._lock:
+            path = Path(cfg.hydration_path) if cfg.hydration_path else \
+                Path(self._private_dir()) / f"hydrated-{id(replica):x}.db"
+            taken = path in self._hydration_paths
+            if not taken:
+                self._hydration_paths[path] = id(replica)
+        hydrator = Hydrator(replica, path, cfg.hydration_persistent, self.hydration_pool)
+        if taken:
+            hydrator.error = (f"hydration file {path} is in use by another replica in this "
+                              "process; reads stay remote")
+        else:
+            try:
+                hydrator.start()
+            except OSError as err:  # e.g. an unwritable directory: serve remotely, say why
+                hydrator.error = f"cannot hydrate into {path}: {err}; reads stay remote"
+                with self._lock:
+                    self._hydration_paths.pop(path, None)
+        if hydrator.error is not None:
+            log.error("hydration of %s: %s", replica.client.url, hydrator.error)
+        replica.hydrator = hydrator
 
     def _stop_writer_jobs(self, replica: Replica, writer: Writer) -> None:
         """Unschedule the sync and compaction jobs and let a run in progress finish (bounded),
@@ -406,7 +439,8 @@ class LitestreamVFS(apsw.VFS):
                 replica.hydrator = None
                 hydrator.close()
                 with self._lock:
-                    self._hydration_paths.discard(hydrator.path)
+                    if self._hydration_paths.get(hydrator.path) == id(replica):
+                        del self._hydration_paths[hydrator.path]
             if writer is not None:
                 self._stop_writer_jobs(replica, writer)
                 replica.writer = None
@@ -432,84 +466,3 @@ class LitestreamVFS(apsw.VFS):
         if self._tmpdir is not None:
             remove_scratch_dir(self._tmpdir)
             self._tmpdir = None
-
-
-# --- registration and SQL functions ------------------------------------------------------------
-
-_registered: dict[str, LitestreamVFS] = {}
-_register_lock = threading.Lock()
-
-
-def register(name: str = "litestream", config: VFSConfig | None = None,
-             makedefault: bool = False, warm_up: bool = True) -> LitestreamVFS:
-    """Register the VFS (once per name; later calls return the same object) and the SQL
-    functions ``litestream_time()``, ``litestream_txid()``, ``litestream_lag()`` and
-    ``litestream_set_time(x)`` on every connection that opens a database through it."""
-    with _register_lock:
-        vfs = _registered.get(name)
-        if vfs is None:
-            vfs = LitestreamVFS(name, config, makedefault)
-            _registered[name] = vfs
-            if _add_functions not in apsw.connection_hooks:
-                apsw.connection_hooks.append(_add_functions)
-                atexit.register(_sync_at_exit)
-                if warm_up:
-                    _warm_up_s3()
-        return vfs
-
-
-def _warm_up_s3() -> None:
-    """Import boto3 and load the S3 model now (~0.4 s once per process, no network), so that
-    opening a database — the first query's latency — does not pay for it, as the Go extension
-    pays its start-up cost when it is loaded."""
-    try:
-        from .storage.s3 import warm_up
-
-        warm_up()
-    except Exception:  # only an optimisation: the open does the real work and reports errors
-        log.debug("S3 warm-up failed", exc_info=True)
-
-
-def unregister(name: str = "litestream") -> None:
-    with _register_lock:
-        vfs = _registered.pop(name, None)
-    if vfs is not None:
-        vfs.close()
-
-
-def _sync_at_exit() -> None:
-    """A clean interpreter exit syncs what is buffered, even if connections were left open,
-    and removes the scratch directories."""
-    for vfs in list(_registered.values()):
-        for replica in vfs.replicas():
-            writer = replica.writer
-            if writer is not None and not writer.buffer.in_transaction:
-                try:
-                    writer.close()  # final sync; the buffer goes only if all of it was synced
-                except LitestreamError:
-                    pass  # logged by close(); the buffer is kept
-        if vfs._tmpdir is not None:
-            remove_scratch_dir(vfs._tmpdir)  # a journal still open there stays usable (POSIX)
-
-
-def _add_functions(con: apsw.Connection) -> None:
-    # APSW names a non-VFSFile file by its class; that is how we know the main db is ours.
-    if con.open_vfs not in _registered and \
-            LitestreamFile.__qualname__ not in (con.vfsname("main") or ""):
-        return
-
-    def pragma(name: str, value: str | None = None):
-        sql = f"PRAGMA {name}" if value is None else f"PRAGMA {name} = {_quote(value)}"
-        rows = con.execute(sql).fetchall()
-        return rows[0][0] if rows else None
-
-    con.create_scalar_function("litestream_time", lambda: pragma("litestream_time"), 0)
-    con.create_scalar_function("litestream_txid", lambda: pragma("litestream_txid"), 0)
-    con.create_scalar_function("litestream_lag", lambda: int(pragma("litestream_lag")), 0)
-    con.create_scalar_function(
-        "litestream_set_time", lambda v: (pragma("litestream_time", str(v)), None)[1], 1,
-        flags=apsw.SQLITE_DIRECTONLY)
-
-
-def _quote(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
