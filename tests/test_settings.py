@@ -187,3 +187,39 @@ def test_stats_tell_the_settings_apart(vfs, url):
     stats = json.loads(one(con, "PRAGMA litestream_stats"))
     assert stats["hydration"] == "off" and stats["txid"] == f"{2:016x}"
     con.close()
+
+
+# --- item 9: a replica root that does not exist is a clear error at once ------------------------
+
+def test_a_missing_file_replica_directory_fails_at_once(vfs, tmp_path):
+    """The old code waited open_timeout (30 s by default; here an hour: pytest's timeout would
+    end it) and then said 'has no LTX files'."""
+    missing = (tmp_path / "no-such-dir").as_uri()
+    with pytest.raises(apsw.CantOpenError, match="replica directory .*no-such-dir does not exist"):
+        apsw.Connection(uri(missing, open_timeout="1h"), flags=RO)
+    w = apsw.Connection(uri(missing, write_enabled="true", buffer_path=tmp_path / "buf"),
+                        flags=RW)  # write mode creates a new replica there
+    w.execute("CREATE TABLE t(v)")
+    w.close()
+    assert list((tmp_path / "no-such-dir").rglob("*.ltx"))
+
+
+def test_an_unreachable_s3_endpoint_says_it_is_retrying(caplog, tmp_path):
+    import logging
+    import socket
+
+    from ltxvfs.errors import StorageError
+    from ltxvfs.storage.s3 import S3ReplicaClient
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = S3ReplicaClient(f"s3://b/db?endpoint=http://127.0.0.1:{port}&region=us-east-1",
+                             max_attempts=2)
+    with caplog.at_level(logging.INFO, logger="ltxvfs"), pytest.raises(StorageError):
+        client.list_files(0)
+    said = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"s3: ListObjectsV2 on s3://b/db?endpoint="
+                                                 f"http://127.0.0.1:{port}") and \
+        "failed (EndpointConnectionError" in said[0] and said[0].endswith("up to 2 attempts"), said
+    client.close()

@@ -43,7 +43,7 @@ from .jobs import JOB_THREADS, POOL_THREADS, Scheduler
 from .pages import DatabaseState, PageStore, state_at
 from .plan import list_levels
 from .scratch import make_scratch_dir, remove_scratch_dir
-from .storage import open_replica, parse_replica_url
+from .storage import FileReplicaClient, open_replica, parse_replica_url
 from .writer import Writer, default_buffer_path
 
 log = logging.getLogger("ltxvfs")
@@ -264,6 +264,8 @@ class LitestreamVFS(apsw.VFS):
     def _open_replica(self, cfg: VFSConfig) -> Replica:
         client = open_replica(cfg.replica_url)  # type: ignore[arg-type]
         try:
+            if isinstance(client, FileReplicaClient) and not cfg.write_enabled:
+                client.check()  # a mistyped directory fails now, not after open_timeout
             deadline = time.monotonic() + cfg.open_timeout
             store = PageStore(client, cfg.cache_size)
             while True:

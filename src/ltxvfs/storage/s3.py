@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import logging
 import os
 import threading
 from collections.abc import Mapping
@@ -36,6 +37,8 @@ from .url import DEFAULT_REGION, ReplicaURL, parse_replica_url
 METADATA_KEY = "litestream-timestamp"
 DELETE_BATCH = 1000
 MAX_PARTS = 10_000
+log = logging.getLogger("ltxvfs.storage")
+
 DEFAULT_UPLOAD_CONCURRENCY = 5  # the Go SDK uploader's default
 DEFAULT_MAX_POOL_CONNECTIONS = 64  # pooled HTTP connections per client
 DEFAULT_METADATA_CONCURRENCY = 16  # HEADs in flight when a listing asks for timestamps
@@ -232,6 +235,25 @@ class S3ReplicaClient(ReplicaClient):
             kind = _KIND_BY_OPERATION.get(model.name) or _KIND_BY_METHOD.get(model.http["method"])
             self.requests.add(kind or "PUT")
         client.meta.events.register("before-call.s3", count)
+        client.meta.events.register_first("needs-retry.s3", self._say_retrying)
+
+    def _say_retrying(self, attempts: int = 0, caught_exception: Exception | None = None,
+                      response: Any = None, operation: Any = None, **_: Any) -> None:
+        """Say at INFO, once per call, that a request failed and botocore retries it (up to
+        ``max_attempts`` attempts with exponential backoff: ~10-15 s for an endpoint that
+        refuses connections), so an unreachable store is not a silent wait. Decides nothing."""
+        if attempts != 1:
+            return None
+        if caught_exception is not None:
+            reason = f"{type(caught_exception).__name__}: {caught_exception}"
+        elif response is not None and response[0].status_code >= 500:
+            reason = f"HTTP {response[0].status_code}"
+        else:
+            return None
+        name = getattr(operation, "name", "request")
+        log.info("s3: %s on %s failed (%s); retrying, up to %d attempts", name, self.url, reason,
+                 self._botocore_config["retries"]["total_max_attempts"])
+        return None
 
     def check(self) -> None:
         """HeadBucket: fail fast on a missing bucket, wrong endpoint or refused credentials."""
