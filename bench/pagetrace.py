@@ -107,6 +107,12 @@ def trace_plan(local_db: str | Path, plan: list[tuple[str, list]], page_size: in
             per_op = []
             for op in ops:
                 n0 = len(vfs.reads)
+                if op[0] == "reconnect_lookup":  # SQLite's page cache goes with the connection
+                    con.close()
+                    con = apsw.Connection(str(db), flags=apsw.SQLITE_OPEN_READONLY,
+                                          vfs=vfs.vfs_name)
+                    cur = con.cursor()
+                    op = ("lookup", op[1])
                 run_op(cur, op)
                 per_op.append(vfs.reads[n0:])
             out.append({"phase": name, "ops": per_op, "header_reads": vfs.header_reads - h0})

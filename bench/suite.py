@@ -130,14 +130,15 @@ def brief(name: str, res: dict) -> str:
     return "; ".join(parts) + f" ({res.get('wall_s', 0):.0f}s)"
 
 
-def _hit_rate(g: dict, ph: str, idl: dict) -> str:
+def _hit_rate(g: dict, ph: str, idl: dict, threads: int = 1) -> str:
     """ltxvfs's cache hit rate from litestream_stats, and without SQLite's change-counter reads
-    of page 1 (one per transaction: always hits, counted as such by the cache)."""
+    of page 1 (one per transaction: always hits, counted as such by the cache; the trace runs
+    one thread, so ``threads`` connections make ``threads`` times as many)."""
     hits, misses = g.get(f"{ph}.cache_hits"), g.get(f"{ph}.cache_misses")
     if hits is None or misses is None or hits + misses == 0:
         return "–"
     raw = hits / (hits + misses)
-    hdr = idl.get(f"{ph}.header_reads") or 0
+    hdr = (idl.get(f"{ph}.header_reads") or 0) * threads
     data_hits = hits - hdr
     if hdr and data_hits >= 0 and data_hits + misses > 0:
         return f"{raw * 100:.0f}% ({data_hits / (data_hits + misses) * 100:.0f}%)"
@@ -193,7 +194,7 @@ def render(meta: dict, summary: dict, datasets: list[str], manifests: dict,
                              f"{fmt(idl.get(f'{ph}.distinct'), 'n')}")
                 for s in ("ltxvfs", "go"):
                     cells.append(hb(g.get(s, {}).get(f"{ph}.bytes")))
-                cells.append(_hit_rate(g.get("ltxvfs", {}), ph, idl))
+                cells.append(_hit_rate(g.get("ltxvfs", {}), ph, idl, suite.threads))
                 lr = idl.get(f"{ph}.lru_hit_rate")
                 cells.append("–" if lr is None else f"{lr * 100:.0f}%")
                 L.append("| " + " | ".join(cells) + " |")

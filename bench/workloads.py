@@ -66,6 +66,8 @@ SUITE: dict[str, Suite] = {s.name: s for s in (
     Suite("join_k", "join through index t_k (200 rows of a → b by k; ×5)", "default",
           ("joins",)),
     Suite("count", "cold `SELECT count(*) FROM t`", "default", ("count",)),
+    Suite("reconnect", "connection per request: open, look up one of 20 hot keys, close (×100)",
+          "default", ("requests",)),
     Suite("threads1", "400 random lookups, 1 thread (the reference for threads8)", "default",
           ("lookups",)),
     Suite("threads8", "the same 400 lookups in each of 8 threads at once (own connection each, "
@@ -75,8 +77,9 @@ SUITE: dict[str, Suite] = {s.name: s for s in (
 #: What runs by default on each dataset (the scans cost the Go VFS one request per page).
 DEFAULT_WORKLOADS = {
     "small": tuple(SUITE),
-    "large": ("cold", "rand_default", "zipf", "range_100", "join_k", "threads1", "threads8"),
-    "huge": ("cold", "rand_default", "range_100"),
+    "large": ("cold", "rand_default", "zipf", "range_100", "join_k", "reconnect", "threads1",
+              "threads8"),
+    "huge": ("cold", "rand_default", "range_100", "reconnect"),
 }
 
 
@@ -133,6 +136,9 @@ def make_plan(name: str, facts: dict, params: dict, seed: int) -> list[tuple[str
                            (rng.randint(1, max(1, n_id - 200)) for _ in range(5))])]
     if name == "count":
         return [("count", [("sql", COUNT, ())])]
+    if name == "reconnect":
+        hot = [rand_key() for _ in range(20)]
+        return [("requests", [("reconnect_lookup", rng.choice(hot)) for _ in range(100)])]
     if name in ("threads1", "threads8"):
         rng = random.Random(f"threads:{seed}")  # the same keys for both
         keys = [rand_key() for _ in range(int(params.get("thread_keys", 400)))]
@@ -216,13 +222,20 @@ def wl_suite(ctx) -> dict:
         for phase, ops in plan:
             per_op = phase in suite.per_op
             clean: list[bool] | None = [] if per_op else None
-            st0 = _ltx_stats(ctx, con)
+            # a reconnect drops the replica (last connection closed): its counters restart
+            reconnects = any(op[0] == "reconnect_lookup" for op in ops)
+            st0 = None if reconnects else _ltx_stats(ctx, con)
             s0 = ctx.stats()
             times = []
             w0 = time.perf_counter()
             for op in ops:
                 b = ctx.stats() if per_op else None
                 t = time.perf_counter()
+                if op[0] == "reconnect_lookup":  # a connection per request: nothing else open
+                    con.close()
+                    con = _connect(ctx, cache)
+                    cur = con.cursor()
+                    op = ("lookup", op[1])
                 _run_op(cur, op)
                 times.append(time.perf_counter() - t)
                 if per_op:
