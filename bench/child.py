@@ -32,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import apsw
+import workloads
 from common import proxy_stats, stats_delta
 
 RO_URI = apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI
@@ -590,6 +591,7 @@ WORKLOADS: dict[str, Callable[[Ctx], dict]] = {
     "commit_visible": wl_commit_visible,
     "commit_visible_100ms": wl_commit_visible_100ms,
     "hydration": wl_hydration,
+    "suite": workloads.wl_suite,  # the workload suite (bench/workloads.py, bench/suite.py)
 }
 
 

@@ -54,7 +54,7 @@ from common import (
     start_stub,
 )
 
-DATASETS = {"small": 20, "large": 200}
+DATASETS = {"small": 20, "large": 200, "huge": 1100}  # MB; huge: >= 1 GiB (issue 13, item 4)
 SYSTEMS = ("ltxvfs", "go", "local")
 
 
@@ -466,7 +466,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="comma list of small (~20 MB), large (~200 MB); default: small "
                          "with --quick, else both")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
-    ap.add_argument("--workloads", default=",".join(w.name for w in WORKLOAD_TABLE))
+    ap.add_argument("--suite", choices=("main", "workloads"), default="main",
+                    help="main: the workloads below; workloads: the access-pattern suite of "
+                         "bench/workloads.py (its own report section, --datasets default small)")
+    ap.add_argument("--workloads", default=None,
+                    help="comma list (default: all of the chosen suite)")
     ap.add_argument("--ltxvfs", default="HEAD",
                     help="git revision of ltxvfs to measure, or 'worktree' for the live src/")
     ap.add_argument("--data-dir", type=Path, default=Path("/tmp/ltxvfs-bench"))
@@ -483,6 +487,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--range-scans", type=int, default=10)
     ap.add_argument("--range-rows", type=int, default=500)
     ap.add_argument("--passes", type=int, default=5, help="timed passes of the warm lookups")
+    ap.add_argument("--zipf-lookups", type=int, default=4000, help="suite: Zipf lookups")
+    ap.add_argument("--suite-timeout", type=float, default=900.0,
+                    help="suite: seconds one child may take before it is killed")
     ap.add_argument("--ltxvfs-patch", type=Path, default=None,
                     help="EXPERIMENT: a Python file run in each ltxvfs child after register() "
                          "(e.g. bench/experiments/readahead_streams.py); results are labelled")
@@ -502,6 +509,10 @@ def _terminate(signum, frame):  # SIGTERM: unwind so that children and servers a
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
+    if args.suite == "workloads":
+        import suite
+        return suite.main(args, argv, sys.modules[__name__])
+    args.workloads = args.workloads or ",".join(w.name for w in WORKLOAD_TABLE)
     mode = "quick" if args.quick else "full"
     datasets = (args.datasets.split(",") if args.datasets
                 else (["small"] if args.quick else ["small", "large"]))
