@@ -138,6 +138,8 @@ def _hit_rate(g: dict, ph: str, idl: dict, threads: int = 1) -> str:
     if hits is None or misses is None or hits + misses == 0:
         return "–"
     raw = hits / (hits + misses)
+    if g.get(f"{ph}.header_reads") is not None:  # ltxvfs keeps them out of cache_hits itself
+        return f"{raw * 100:.0f}%"
     hdr = (idl.get(f"{ph}.header_reads") or 0) * threads
     data_hits = hits - hdr
     if hdr and data_hits >= 0 and data_hits + misses > 0:

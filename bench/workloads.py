@@ -194,8 +194,9 @@ def _phase_metrics(ctx, phase: str, times: list[float], wall: float, s0, st0, st
     for k, v in d["counts"].items():
         out[f"kind_{k}"] = v
     if st0 is not None and st1 is not None:
-        for k in ("cache_hits", "cache_misses", "page_gets", "bytes_fetched"):
-            out[k] = st1[k] - st0[k]
+        for k in ("cache_hits", "cache_misses", "page_gets", "bytes_fetched", "header_reads"):
+            if k in st1:
+                out[k] = st1[k] - st0[k]
     if clean is not None:
         out["clean_ops"] = sum(clean) / len(clean) if clean else None
     return {f"{phase}.{k}": v for k, v in out.items()}

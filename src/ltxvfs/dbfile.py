@@ -104,7 +104,9 @@ class LitestreamFile:
             return b""
         pgno, start = divmod(offset, page_size)
         if start + amount <= page_size:
-            page = view.page(self.replica, pgno + 1)
+            # A read within page 1's first 100 bytes is SQLite checking the file header (the
+            # change counter, at every transaction start): kept out of the cache statistics.
+            page = view.page(self.replica, pgno + 1, pgno == 0 and start + amount <= 100)
             if pgno == 0:
                 page = self._patch_header(page)
             return page[start:start + amount]
@@ -364,7 +366,8 @@ class LitestreamFile:
             "txid": f"{self.txid():016x}",
             "page_gets": store.gets,
             "bytes_fetched": store.bytes_fetched,
-            "cache_hits": store.cache.hits,
+            "cache_hits": store.cache.hits,  # page 1's header checks are "header_reads"
+            "header_reads": store.header_reads,
             "cache_misses": store.cache.misses,
             "cache_bytes": store.cache.bytes,
             "cache_segments": store.cache.segment_bytes(),

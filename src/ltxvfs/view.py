@@ -55,7 +55,7 @@ class View:
         """The state pages not in the buffer come from."""
         return replica.state if self.state is None else self.state
 
-    def page(self, replica: Replica, pgno: int) -> bytes:
+    def page(self, replica: Replica, pgno: int, quiet: bool = False) -> bytes:
         writer = self.writer
         if writer is not None:
             data = writer.read_page(pgno)
@@ -70,7 +70,7 @@ class View:
             data = hydrator.read_page(state, pgno)
             if data is not None:
                 return data
-        return replica.store.read_page(state, pgno)
+        return replica.store.read_page(state, pgno, quiet)
 
     def geometry(self) -> tuple[int, int]:
         """(page size, database size in bytes)."""
