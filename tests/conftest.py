@@ -27,6 +27,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(autouse=True)
+def _no_replica_outlives_its_test():
+    """Read-mode replicas linger after their last connection (vfs.LINGER) so that the next open
+    reuses their cache: between tests that would let one test warm another's cache, or impose
+    its settings. Each test starts with none lingering."""
+    yield
+    from ltxvfs import registry
+
+    for vfs in list(registry._registered.values()):
+        vfs.expire_lingering()
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on 127.0.0.1; yields its endpoint URL (``http://127.0.0.1:<port>``)."""

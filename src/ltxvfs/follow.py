@@ -62,6 +62,8 @@ class Replica:
         self.refcount = 0
         #: The replica's identity (ReplicaURL.identity), set by the VFS that opened it.
         self.key = client.identity
+        #: No connection is open, but the VFS keeps the replica for a while (vfs.LINGER).
+        self.lingering = False
         #: Held while write mode is switched on or off (never two writers, never half-off).
         self.mode_lock = threading.RLock()
         self.locks = LockTable()

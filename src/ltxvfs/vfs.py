@@ -53,6 +53,9 @@ log = logging.getLogger("ltxvfs")
 #: only worth a short wait (its result would be dropped anyway).
 JOB_STOP_WAIT = 30.0
 POLL_STOP_WAIT = 2.0
+#: How long a read-mode replica (no writer, no hydration) stays open after its last connection
+#: closed, for the next open to reuse its cache and page index.
+LINGER = 30.0
 #: How long turning write mode off waits for transactions that write or read the buffer to end
 #: (new ones are held back meanwhile, as SQLite's PENDING lock does).
 DISABLE_WAIT = 5.0
@@ -228,6 +231,14 @@ class LitestreamVFS(apsw.VFS):
         with self._key_lock(key):
             with self._lock:
                 replica = self._replicas.get(key)
+            if replica is not None and replica.lingering:
+                try:  # nobody uses it: its settings bind no one; reuse it only if they agree
+                    check_joining(self._configs[id(replica)], cfg, given, False, False)
+                except ConfigError:
+                    self._expire(replica, locked=True)
+                    replica = None
+                else:
+                    self._revive(replica)
             if replica is not None:
                 check_joining(self._configs[id(replica)], cfg, given,
                               writing=replica.writer is not None,
@@ -431,9 +442,48 @@ class LitestreamVFS(apsw.VFS):
             replica.refcount -= 1
             if replica.refcount > 0:
                 return
+            linger = LINGER > 0 and replica.writer is None and replica.hydrator is None
+            if not linger:
+                self._replicas = {k: r for k, r in self._replicas.items() if r is not replica}
+                self._configs.pop(id(replica), None)
+        self._stop_polling(replica)
+        if linger:
+            # A follower outlives its last connection for a while, so an application that opens
+            # a connection per request keeps its cache and page index (the next open polls once).
+            replica.lingering = True
+            self.scheduler.add(("linger", id(replica)), lambda: self._expire(replica), LINGER)
+            return
+        self._close_replica(replica)
+
+    def _expire(self, replica: Replica, locked: bool = False) -> None:
+        """The linger job: close the replica unless a connection came back meanwhile."""
+        self.scheduler.remove(("linger", id(replica)))
+        if not locked:
+            with self._key_lock(replica.key):
+                self._expire(replica, locked=True)
+            return
+        with self._lock:
+            if not replica.lingering or replica.refcount > 0:
+                return
+            replica.lingering = False
             self._replicas = {k: r for k, r in self._replicas.items() if r is not replica}
             self._configs.pop(id(replica), None)
-        self._stop_polling(replica)
+        self._close_replica(replica)
+
+    def expire_lingering(self) -> None:
+        """Close every replica kept open after its last connection (vfs.LINGER) now."""
+        for replica in self.replicas():
+            if replica.lingering:
+                self._expire(replica)
+
+    def _revive(self, replica: Replica) -> None:
+        """A connection opens a lingering replica: bring it up to date and follow again."""
+        self.scheduler.remove(("linger", id(replica)))
+        replica.lingering = False
+        replica.poll()
+        self._start_polling(replica)
+
+    def _close_replica(self, replica: Replica) -> None:
         writer = replica.writer
         hydrator = replica.hydrator
         try:
@@ -459,9 +509,11 @@ class LitestreamVFS(apsw.VFS):
             return list(self._replicas.values())
 
     def close(self) -> None:
-        """Stop background work, unregister, remove the private temp directory."""
+        """Stop background work, unregister, close lingering replicas, remove the private temp
+        directory."""
         self.scheduler.stop()
         self.unregister()
+        self.expire_lingering()
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.jobs_pool.shutdown(wait=False, cancel_futures=True)
         self.hydration_pool.shutdown(wait=False, cancel_futures=True)
