@@ -38,7 +38,9 @@ def test_restore_refuses_existing_output_then_forces(replica, tmp_path, capsys):
     out = tmp_path / "a.db"
     out.write_text("x")
     assert main(["restore", replica.url, "-o", str(out)]) == 1
-    assert "already exists" in capsys.readouterr().err
+    assert capsys.readouterr().err == (  # the flag is --force (issue 15 item 13)
+        f"ltxvfs: error: output {out} already exists (overwrite it with --force, or force=True "
+        "from Python)\n")
     assert main(["restore", replica.url, "-o", str(out), "--force"]) == 0
     assert rows_of(out) == [(1,), (2,), (3,)]
 

@@ -49,7 +49,8 @@ def restore(client: ReplicaClient, output: str | os.PathLike[str], *, txid: int 
     out = Path(output)
     if out.exists() or any(Path(f"{out}{s}").exists() for s in _SIDECARS):
         if not force:
-            raise RestoreError(f"output {out} already exists (use force to overwrite)")
+            raise RestoreError(f"output {out} already exists "
+                               "(overwrite it with --force, or force=True from Python)")
     if plan is None:
         plan = compute_plan(client, txid=txid, timestamp=timestamp)
     out.parent.mkdir(parents=True, exist_ok=True)
