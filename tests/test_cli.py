@@ -64,9 +64,10 @@ def test_restore_bad_arguments(replica, tmp_path, capsys, args, message):
 
 
 def test_restore_errors_are_one_line(tmp_path, capsys):
-    assert main(["restore", (tmp_path / "nothing").as_uri(), "-o", str(tmp_path / "a.db")]) == 1
+    (tmp_path / "empty").mkdir()
+    assert main(["restore", (tmp_path / "empty").as_uri(), "-o", str(tmp_path / "a.db")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("ltxvfs: error: transaction not available") and err.count("\n") == 1
+    assert err == "ltxvfs: error: transaction not available: the replica has no LTX files\n"
     assert main(["ltx", "gopher://x/y"]) == 1
     assert "ltxvfs: error:" in capsys.readouterr().err
 
@@ -90,6 +91,119 @@ def test_ltx_json_matches_litestream(replica, capsys):
     assert ours == theirs
 
 
+@pytest.mark.parametrize("command", ["ltx", "verify", "info", "restore"])
+def test_a_missing_file_replica_directory_is_an_error(tmp_path, capsys, command):
+    """Issue 15 item 9 (CLI): a mistyped directory is one line and status 1, not an empty table."""
+    url = (tmp_path / "mistyped").as_uri()
+    extra = ["-o", str(tmp_path / "out.db")] if command == "restore" else []
+    assert main([command, url, *extra]) == 1
+    out, err = capsys.readouterr()
+    assert (out, err) == ("", f"ltxvfs: error: file: replica directory {url} does not exist\n")
+    assert not (tmp_path / "out.db").exists()
+
+
+def test_ltx_on_an_existing_empty_directory_lists_nothing(tmp_path, capsys):
+    (tmp_path / "r").mkdir()
+    assert main(["ltx", (tmp_path / "r").as_uri()]) == 0
+    assert capsys.readouterr().out == "level  min_txid  max_txid  size  created\n"
+
+
+def run_cli(*args, env=None, cwd=None):
+    import os
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LITESTREAM_")}
+    return subprocess.run([sys.executable, "-m", "ltxvfs.cli", *args], capture_output=True,
+                          text=True, timeout=60, env={**clean, **(env or {})}, cwd=cwd)
+
+
+def test_shell_errors_are_one_line(replica, tmp_path):
+    """Issue 15 item 10: every failure of `ltxvfs shell` is one line on stderr and status 1,
+    and the statements after a failing one do not run."""
+    missing = (tmp_path / "mistyped").as_uri()
+    cases = [
+        ((["gopher://x/y", "SELECT 1;"], {}),
+         "invalid replica URL 'gopher://x/y': unsupported scheme 'gopher' (use s3:// or file://)"),
+        ((["relative/dir", "SELECT 1;"], {}),
+         "invalid replica URL 'relative/dir': a scheme (s3:// or file://) or an absolute path "
+         "is required"),
+        (([missing, "SELECT 1;"], {}), f"file: replica directory {missing} does not exist"),
+        (([replica.url, "SELECT * FROM nope;", "SELECT 42;"], {}), "no such table: nope"),
+        (([replica.url, "SELEC 1;"], {}), 'near "SELEC": syntax error'),
+        (([replica.url, ".nosuch"], {}), 'Unknown command "nosuch". Enter ".help" for help'),
+        ((["SELECT 1;"], {}), "no replica URL: give it as the first argument (s3://bucket/path, "
+                              "file:///dir) or set LITESTREAM_REPLICA_URL"),
+        ((["SELECT 1;"], {"LITESTREAM_REPLICA_URL": replica.url, "LITESTREAM_POLL_INTERVAL": "x"}),
+         "invalid environment variable LITESTREAM_POLL_INTERVAL 'x': expected a duration like "
+         "500ms, 1s or 1m30s"),
+    ]
+    for (args, env), message in cases:
+        proc = run_cli("shell", *args, env=env)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", f"ltxvfs: error: {message}\n"), args
+
+
+def test_shell_open_failure_is_one_line(tmp_path):
+    """The VFS logs why an open failed and raises it: the shell prints it once."""
+    (tmp_path / "empty").mkdir()
+    url = (tmp_path / "empty").as_uri()
+    proc = run_cli("shell", url, "SELECT 1;", env={"LITESTREAM_OPEN_TIMEOUT": "0.05"})
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert proc.stderr == (f"ltxvfs: error: litestream: replica {url} has no LTX files after "
+                           "waiting 0.05s (open_timeout)\n")
+
+
+def test_shell_sql_with_the_url_from_the_environment(replica):
+    """Issue 15 item 10: `ltxvfs shell "SQL"` with LITESTREAM_REPLICA_URL runs the SQL (a first
+    argument is the URL only if it looks like one: one word with a '/' or 'file:')."""
+    proc = run_cli("shell", "SELECT sum(x) FROM t;", "/* a comment */ SELECT 7;", ".tables",
+                   env={"LITESTREAM_REPLICA_URL": replica.url})
+    assert (proc.returncode, proc.stdout.split(), proc.stderr) == (0, ["6", "7", "t"], "")
+    proc = run_cli("shell", replica.url, "SELECT sum(x) FROM t;",  # the argument wins
+                   env={"LITESTREAM_REPLICA_URL": "file:///nonexistent"})
+    assert (proc.returncode, proc.stdout.split(), proc.stderr) == (0, ["6"], "")
+
+
+def test_shell_looks_like_replica_url():
+    from ltxvfs.cli import looks_like_replica_url
+
+    for url in ["s3://b/db", "s3://b/db?endpoint=http://127.0.0.1:9000", "file:///r", "/r",
+                "gopher://x", "relative/dir", "FILE:/r"]:
+        assert looks_like_replica_url(url), url
+    for sql in ["SELECT 1;", "VACUUM;", "select(1);", ".tables", ".open /x", "/* c */ SELECT 1",
+                "/*c*/SELECT/**/1", "--x", "SELECT 1/2", "PRAGMA litestream_txid", ""]:
+        assert not looks_like_replica_url(sql), sql
+
+
+def test_shell_banner_ends_before_the_prompt(replica, tmp_path):
+    """Issue 15 item 13: the interactive banner ends with a newline; the prompt starts a line."""
+    import os
+    import pty
+    import re
+    import select
+
+    master, slave = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LITESTREAM_")}
+    proc = subprocess.Popen([sys.executable, "-m", "ltxvfs.cli", "shell", replica.url],
+                            stdin=slave, stdout=slave, stderr=slave, close_fds=True,
+                            env={**env, "HOME": str(tmp_path), "TERM": "dumb"})
+    os.close(slave)
+    out = b""
+    try:
+        while b"sqlite> " not in out:
+            ready, _, _ = select.select([master], [], [], 60)
+            assert ready, out
+            out += os.read(master, 4096)
+        os.write(master, b".quit\n")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", out.decode())
+    assert text == (f"ltxvfs shell on {replica.url}; try PRAGMA litestream_time = "
+                    "'5 minutes ago';\r\nsqlite> ")
+
+
 def test_shell_runs_sql(replica, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ltxvfs.cli", "shell", replica.url,
                            "SELECT sum(x) FROM t;", "PRAGMA litestream_txid;"],
@@ -104,6 +218,18 @@ def test_demo_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "all steps agree" in proc.stdout
     assert "restore TXID 0000000000000002" in proc.stdout and "hydrate 100.0%" in proc.stdout
+
+
+def test_demo_twice_in_one_directory_is_one_line(tmp_path):
+    """Issue 15 item 10: a second demo in the same directory refuses, leaving the first's files."""
+    demo = tmp_path / "demo"
+    assert run_cli("demo", "--directory", str(demo)).returncode == 0
+    before = {p: p.read_bytes() for p in demo.rglob("*") if p.is_file()}
+    proc = run_cli("demo", "--directory", str(demo))
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert proc.stderr == (f"ltxvfs: error: {demo / 'replica'} exists (an earlier demo?): give "
+                           f"another --directory, or remove {demo}\n")
+    assert {p: p.read_bytes() for p in demo.rglob("*") if p.is_file()} == before
 
 
 def test_demo_on_s3(tmp_path):
