@@ -263,6 +263,49 @@ def test_verify_passes_then_finds_corruption_and_gaps(replica, tmp_path, capsys)
     assert "gap" in out and "not restorable" in out
 
 
+def _flip(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def _verify_and_restore(url, out, capsys):
+    verified = main(["verify", url])
+    summary = capsys.readouterr().out.splitlines()[-1]
+    restored = main(["restore", url, "-o", str(out)])
+    return verified, summary, restored, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["header timestamp", "page frame", "trailer checksum"])
+def test_verify_says_not_restorable_exactly_when_restore_fails(replica, tmp_path, capsys, where):
+    """Issue 15 item 11: one byte of a plan file's checksum-covered bytes flipped: verify's
+    summary carries restore's own error, and restore fails with it."""
+    path = tmp_path / "r" / "ltx" / "0" / "0000000000000002-0000000000000002.ltx"
+    size = path.stat().st_size
+    _flip(path, {"header timestamp": 39, "page frame": size // 2, "trailer checksum": size - 1}[where])
+    verified, summary, restored, err = _verify_and_restore(replica.url, tmp_path / "a.db", capsys)
+    assert (verified, restored) == (1, 1)
+    assert err.startswith("ltxvfs: error: L0/0000000000000002-0000000000000002.ltx: ")
+    reason = err.removeprefix("ltxvfs: error: ").rstrip("\n")
+    assert summary == f"3 LTX file(s) checked, 2 problem(s); not restorable: {reason}"
+    assert not (tmp_path / "a.db").exists()
+
+
+def test_verify_restorable_when_the_corrupt_file_is_not_in_the_plan(replica, tmp_path, capsys):
+    """A corrupt L0 file that a compacted L1 file covers is a problem (exit 1), but restore does
+    not read it: verify says so, and restore succeeds."""
+    from replicas import compact
+
+    with open_replica(replica.url) as client:
+        compact(client, client.list_files(0), level=1)
+    _flip(tmp_path / "r" / "ltx" / "0" / "0000000000000002-0000000000000002.ltx", 39)
+    verified, summary, restored, err = _verify_and_restore(replica.url, tmp_path / "a.db", capsys)
+    assert (verified, restored, err) == (1, 0, "")
+    assert summary == ("4 LTX file(s) checked, 1 problem(s); latest TXID 0000000000000003 "
+                       "restorable from 1 file(s)")
+    assert rows_of(tmp_path / "a.db") == [(1,), (2,), (3,)]
+
+
 def test_info_reports_what_the_vfs_sees(replica, capsys):
     import json
 

@@ -126,35 +126,63 @@ def _progress_bar(done: int, total: int) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    """Decode every file, then say "restorable" exactly when ``ltxvfs restore`` would succeed:
+    the restore plan's files are applied, in plan order, with restore's own checks (nothing is
+    written)."""
+    import io
+
     from .ltx import decode_file
     from .plan import choose_plan
+    from .restore import PlanApplier
 
-    problems = 0
+    notes: dict[FileInfo, str] = {}
     with _open_checked(args.url) as client:
         listing = list_levels(client)
-        for level in sorted(listing):
-            files = listing[level]
-            for prev, f in zip([None, *files], files, strict=False):
-                note = "ok"
-                try:
-                    dec = decode_file(client.read(f.level, f.min_txid, f.max_txid), str(f))
-                    if (dec.header.min_txid, dec.header.max_txid) != (f.min_txid, f.max_txid):
-                        note = "header TXIDs differ from the file name"
-                except LitestreamError as err:
-                    note = f"{type(err).__name__}: {err}"
-                if level == 0 and prev is not None and f.min_txid != prev.max_txid + 1 \
-                        and note == "ok":
-                    note = f"gap: previous L0 file ends at {format_txid(prev.max_txid)}"
-                if note != "ok":
-                    problems += 1
-                if note != "ok" or args.verbose:
-                    print(f"L{level} {f.name} {f.size:>10}  {note}")
         try:
-            plan = choose_plan(listing)
-            chain = f"latest TXID {format_txid(plan.txid)} restorable from {len(plan)} file(s)"
+            plan: tuple[FileInfo, ...] = choose_plan(listing).files
+            not_restorable = ""
         except LitestreamError as err:
-            problems += 1
-            chain = f"not restorable: {err}"
+            plan, not_restorable = (), str(err)
+        applier = PlanApplier()
+        in_plan = set(plan)
+        # Plan files first, in plan order (each read once: decoded, then applied), then the rest.
+        for f in [*plan, *(f for level in sorted(listing) for f in listing[level]
+                           if f not in in_plan)]:
+            data = None
+            try:
+                data = client.read(f.level, f.min_txid, f.max_txid)
+                dec = decode_file(data, str(f))
+                notes[f] = ("ok" if (dec.header.min_txid, dec.header.max_txid)
+                            == (f.min_txid, f.max_txid) else "header TXIDs differ from the file name")
+            except LitestreamError as err:
+                notes[f] = f"{type(err).__name__}: {err}"
+                if f in in_plan and not not_restorable:
+                    not_restorable = str(err)  # restore stops here, with this error
+            if f in in_plan and not not_restorable and data is not None:
+                try:
+                    applier.apply(f, io.BytesIO(data))
+                except LitestreamError as err:
+                    not_restorable = str(err)
+        if plan and not not_restorable:
+            try:
+                applier.finish()
+            except LitestreamError as err:
+                not_restorable = str(err)
+    problems = 0
+    for level in sorted(listing):
+        for prev, f in zip([None, *listing[level]], listing[level], strict=False):
+            note = notes[f]
+            if level == 0 and prev is not None and f.min_txid != prev.max_txid + 1 and note == "ok":
+                note = f"gap: previous L0 file ends at {format_txid(prev.max_txid)}"
+            if note != "ok":
+                problems += 1
+            if note != "ok" or args.verbose:
+                print(f"L{level} {f.name} {f.size:>10}  {note}")
+    if not_restorable:
+        problems += 1
+        chain = f"not restorable: {not_restorable}"
+    else:
+        chain = f"latest TXID {format_txid(plan[-1].max_txid)} restorable from {len(plan)} file(s)"
     total = sum(len(v) for v in listing.values())
     print(f"{total} LTX file(s) checked, {problems} problem(s); {chain}")
     return 0 if problems == 0 else 1
