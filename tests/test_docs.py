@@ -233,3 +233,81 @@ def test_shell_blocks_run(block, docs_env, tmp_path):
                     then = datetime(2026, 1, 2, 15, 4, 5, tzinfo=UTC)
                     users = 40 if datetime.now(UTC) - timedelta(minutes=30) > then else 42
                 assert rows_of(out, "SELECT count(*) FROM users") == [(users,)], line
+
+
+# --- claims the docs make about the code (issue 15 item 15) ---------------------------------------
+
+
+def _doc(name: str) -> str:
+    return " ".join((ROOT / "docs" / name).read_text().split())
+
+
+def test_thread_counts_in_configuration_md_are_the_code_s():
+    from ltxvfs.jobs import JOB_THREADS, POOL_THREADS
+
+    text = _doc("configuration.md")
+    assert f"a pool of {JOB_THREADS} job threads (`ltxvfs.jobs.JOB_THREADS`)" in text
+    assert f"another pool of {POOL_THREADS} I/O threads (`ltxvfs.jobs.POOL_THREADS`)" in text
+
+
+def test_default_buffer_locations_are_the_documented_ones(tmp_path, monkeypatch):
+    """write-mode.md's list, in order: $XDG_STATE_HOME, ~/.local/state, the temp dir."""
+    import tempfile
+
+    from ltxvfs.buffer import replica_id
+    from ltxvfs.writer import default_buffer_path
+
+    name = f"{replica_id('file:/r'):016x}.buffer"
+    text = _doc("write-mode.md")
+    for claim in ("`$XDG_STATE_HOME/ltxvfs/buffers/`, when `XDG_STATE_HOME` is set and its parent "
+                  "directory is writable", "`~/.local/state/ltxvfs/buffers/`, when `~/.local` exists",
+                  "otherwise `<temp dir>/ltxvfs-<uid>/ltxvfs/buffers/`", "may not survive a reboot"):
+        assert claim in text, claim
+    home, temp = tmp_path / "home", tmp_path / "temp"
+    home.mkdir()
+    temp.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    assert default_buffer_path("file:/r") == tmp_path / "state" / "ltxvfs" / "buffers" / name
+    monkeypatch.delenv("XDG_STATE_HOME")
+    assert default_buffer_path("file:/r") == temp / f"ltxvfs-{os.getuid()}" / "ltxvfs" / "buffers" / name
+    (home / ".local").mkdir()
+    assert default_buffer_path("file:/r") == home / ".local" / "state" / "ltxvfs" / "buffers" / name
+
+
+@pytest.mark.xfail(strict=True, reason="lead: writer.default_buffer_path should log a WARNING when "
+                   "it falls back to the temp dir (not durable); then drop this mark")
+def test_a_buffer_in_the_temp_dir_is_warned_about(tmp_path, monkeypatch, caplog):
+    import logging
+    import tempfile
+
+    from ltxvfs.writer import default_buffer_path
+
+    (tmp_path / "home").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="ltxvfs"):
+        path = default_buffer_path("file:/r")
+    assert str(path).startswith(str(tmp_path))
+    assert any(r.levelno == logging.WARNING and str(path.parent) in r.getMessage()
+               and "reboot" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.xfail(strict=True, reason="lead: WriteBuffer.open creates missing parent directories "
+                   "with the default mode (0755); make every directory it creates 0700, then drop "
+                   "this mark and say so in write-mode.md")
+def test_every_directory_a_buffer_creates_is_private(tmp_path):
+    from ltxvfs.buffer import WriteBuffer, replica_id
+
+    path = tmp_path / "a" / "b" / "buffers" / "x.buffer"
+    buf = WriteBuffer(path, replica_id("file:/r"))
+    buf.open()
+    try:
+        modes = {d.name: d.stat().st_mode & 0o777 for d in (path.parent, path.parent.parent,
+                                                            path.parent.parent.parent)}
+        assert modes == {"buffers": 0o700, "b": 0o700, "a": 0o700}
+        assert path.stat().st_mode & 0o777 == 0o600
+    finally:
+        buf.close()
