@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -85,6 +85,20 @@ def test_timestamp_after_newest_gives_latest():
 def test_timestamp_before_oldest_is_a_clear_error():
     with pytest.raises(TxNotAvailableError, match="oldest retained file"):
         choose_plan(SPEC_REPLICA, timestamp=T0)
+
+
+def test_time_errors_print_rfc3339_with_z():
+    """Issue 15 item 13: the times in the message are RFC 3339 in UTC with ``Z`` (as PRAGMA
+    litestream_time prints them), not Python's ``...07.773000+00:00``."""
+    oldest = datetime(2026, 11, 30, 12, 0, 7, 773000, tzinfo=UTC)
+    files = listing(FileInfo(0, 1, 1, 1000, oldest),
+                    FileInfo(0, 2, 2, 1000, oldest + timedelta(seconds=1)))
+    asked = datetime(2026, 11, 30, 13, 0, 7, 500000, tzinfo=timezone(timedelta(hours=2)))
+    with pytest.raises(TxNotAvailableError) as info:
+        choose_plan(files, timestamp=asked)
+    assert str(info.value) == (
+        "transaction not available: no LTX file before 2026-11-30T11:00:07.5Z; "
+        "the oldest retained file is from 2026-11-30T12:00:07.773Z")
 
 
 def test_empty_replica():

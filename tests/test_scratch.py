@@ -78,3 +78,36 @@ def test_clean_exit_removes_the_scratch_dir_and_the_next_process_sweeps_a_killed
     assert clean.returncode == 0, clean.stderr
     assert PREFIX in clean.stdout  # it had one while running
     assert [n for n in os.listdir(scratch) if n.startswith(PREFIX)] == []
+
+
+READER = textwrap.dedent("""
+    import os, sys, apsw, ltxvfs
+    from urllib.parse import quote
+    ltxvfs.register(warm_up=False)
+    con = apsw.Connection("file:db?vfs=litestream&replica_url=" + quote(sys.argv[1], safe=""),
+                          flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+    print(con.execute("SELECT count(*) FROM t").fetchall()[0][0], flush=True)
+""")
+
+
+def test_only_a_process_that_makes_a_scratch_dir_sweeps(tmp_path):
+    """operations.md: a process that only reads creates no scratch directory and removes none;
+    the next one that needs one (a write transaction's journal) removes the killed one's."""
+    url = (tmp_path / "replica").as_uri()
+    with open_replica(url) as client:
+        p = FakePrimary(tmp_path / "p.db", client)
+        p.commit("CREATE TABLE t(x)", "INSERT INTO t VALUES (1), (2), (3)")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    stale = scratch / f"{PREFIX}{_dead_pid()}-abc"
+    stale.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    reader = subprocess.run([sys.executable, "-c", READER, url], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert (reader.returncode, reader.stdout) == (0, "3\n"), reader.stderr
+    assert sorted(os.listdir(scratch)) == [stale.name]  # none made, none removed
+    writer = subprocess.run([sys.executable, "-c", CHILD, url, "clean", str(tmp_path / "buf")],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert writer.returncode == 0, writer.stderr
+    assert stale.name not in writer.stdout  # gone before the writer made its own
+    assert [n for n in os.listdir(scratch) if n.startswith(PREFIX)] == []

@@ -169,8 +169,11 @@ def test_time_travel_and_back(vfs, tmp_path, replica_url):
         assert rows(con) == [(1,)] and rows(con, "PRAGMA litestream_txid") == [("0000000000000002",)]
         con.execute("SELECT litestream_set_time('latest')")
         assert rows(con) == [(1,), (2,), (3,)]
-        with pytest.raises(apsw.SQLError, match="oldest retained file"):
-            con.execute("PRAGMA litestream_time = '2000-01-01T00:00:00Z'")
+        with pytest.raises(apsw.SQLError, match="oldest retained file") as info:
+            con.execute("PRAGMA litestream_time = '2000-01-01T00:00:00.25Z'")
+        assert str(info.value).endswith(  # RFC 3339 with Z, as the PRAGMA reads (issue 15 item 13)
+            "no LTX file before 2000-01-01T00:00:00.25Z; the oldest retained file is from "
+            "2001-09-09T01:46:40Z")
         con.close()
 
 

@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+from .config import ConfigError
 from .errors import (
+    AccessDeniedError,
+    BucketNotFoundError,
     ChecksumMismatchError,
     ConflictError,
+    InvalidHeaderError,
+    InvalidMagicError,
     LitestreamError,
     LTXError,
+    MalformedIndexError,
     NonContiguousError,
+    ObjectExistsError,
+    ObjectNotFoundError,
+    PageFrameError,
+    PageNotFoundError,
+    PageOrderError,
+    PlanError,
+    ReplicaURLError,
+    RestoreError,
     StorageError,
+    TruncatedError,
     TxNotAvailableError,
+    WriteBufferError,
 )
+from .pragmas import PragmaError
 
 __version__ = "0.1.0"
 
@@ -35,13 +52,30 @@ def register(name: str = "litestream", config=None, makedefault: bool = False,
     return _register(name, config, makedefault, warm_up)
 
 __all__ = [
+    "AccessDeniedError",
+    "BucketNotFoundError",
     "ChecksumMismatchError",
+    "ConfigError",
     "ConflictError",
+    "InvalidHeaderError",
+    "InvalidMagicError",
     "LTXError",
     "LitestreamError",
+    "MalformedIndexError",
     "NonContiguousError",
+    "ObjectExistsError",
+    "ObjectNotFoundError",
+    "PageFrameError",
+    "PageNotFoundError",
+    "PageOrderError",
+    "PlanError",
+    "PragmaError",
+    "ReplicaURLError",
+    "RestoreError",
     "StorageError",
+    "TruncatedError",
     "TxNotAvailableError",
+    "WriteBufferError",
     "__version__",
     "register",
     "stats",

@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import LitestreamError
+from .errors import WriteBufferError as BufferError  # the name this module has always used
 
 MAGIC = b"LTXVFSB1"
 VERSION = 1
@@ -54,10 +54,6 @@ _MAX_PAYLOAD = 65536 + 4
 RECORDS_START = _HEADER.size + 4
 #: Bytes read (or written) per system call when scanning or rewriting the buffer.
 CHUNK = 1 << 20
-
-
-class BufferError(LitestreamError):
-    """The write buffer file is unusable (wrong replica, bad header, I/O error)."""
 
 
 @dataclass

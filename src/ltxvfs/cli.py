@@ -8,15 +8,33 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
 from . import __version__
 from .errors import LitestreamError
 from .plan import compute_plan, list_levels
 from .storage import open_replica
-from .storage.base import SNAPSHOT_LEVEL, FileInfo, format_txid
+from .storage.base import SNAPSHOT_LEVEL, FileInfo, ReplicaClient, format_txid
+
+
+class CommandError(Exception):
+    """A command cannot run as asked (not a library error): printed as one line, exit status 1."""
+
+
+def _open_checked(url: str) -> ReplicaClient:
+    """The replica's client, after a check that its root exists (a file:// directory, an S3
+    bucket): a mistyped path is an error, never an empty listing."""
+    client = open_replica(url)
+    try:
+        client.check()
+    except BaseException:
+        client.close()
+        raise
+    return client
 
 
 def parse_txid(text: str) -> int:
@@ -64,7 +82,7 @@ def _file_rows(files: Sequence[FileInfo], with_name: bool = False) -> list[list[
 
 
 def cmd_ltx(args: argparse.Namespace) -> int:
-    with open_replica(args.url) as client:
+    with _open_checked(args.url) as client:
         levels = list(range(SNAPSHOT_LEVEL + 1)) if args.level == "all" else [int(args.level)]
         listing = list_levels(client, levels=levels)
     files = [f for lvl in levels for f in listing[lvl]]
@@ -80,7 +98,7 @@ def cmd_ltx(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     from .restore import restore
 
-    with open_replica(args.url) as client:
+    with _open_checked(args.url) as client:
         plan = compute_plan(client, txid=args.txid, timestamp=args.timestamp)
         if args.dry_run:
             print("Restore plan:")
@@ -108,35 +126,63 @@ def _progress_bar(done: int, total: int) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    """Decode every file, then say "restorable" exactly when ``ltxvfs restore`` would succeed:
+    the restore plan's files are applied, in plan order, with restore's own checks (nothing is
+    written)."""
+    import io
+
     from .ltx import decode_file
     from .plan import choose_plan
+    from .restore import PlanApplier
 
-    problems = 0
-    with open_replica(args.url) as client:
+    notes: dict[FileInfo, str] = {}
+    with _open_checked(args.url) as client:
         listing = list_levels(client)
-        for level in sorted(listing):
-            files = listing[level]
-            for prev, f in zip([None, *files], files, strict=False):
-                note = "ok"
-                try:
-                    dec = decode_file(client.read(f.level, f.min_txid, f.max_txid), str(f))
-                    if (dec.header.min_txid, dec.header.max_txid) != (f.min_txid, f.max_txid):
-                        note = "header TXIDs differ from the file name"
-                except LitestreamError as err:
-                    note = f"{type(err).__name__}: {err}"
-                if level == 0 and prev is not None and f.min_txid != prev.max_txid + 1 \
-                        and note == "ok":
-                    note = f"gap: previous L0 file ends at {format_txid(prev.max_txid)}"
-                if note != "ok":
-                    problems += 1
-                if note != "ok" or args.verbose:
-                    print(f"L{level} {f.name} {f.size:>10}  {note}")
         try:
-            plan = choose_plan(listing)
-            chain = f"latest TXID {format_txid(plan.txid)} restorable from {len(plan)} file(s)"
+            plan: tuple[FileInfo, ...] = choose_plan(listing).files
+            not_restorable = ""
         except LitestreamError as err:
-            problems += 1
-            chain = f"not restorable: {err}"
+            plan, not_restorable = (), str(err)
+        applier = PlanApplier()
+        in_plan = set(plan)
+        # Plan files first, in plan order (each read once: decoded, then applied), then the rest.
+        for f in [*plan, *(f for level in sorted(listing) for f in listing[level]
+                           if f not in in_plan)]:
+            data = None
+            try:
+                data = client.read(f.level, f.min_txid, f.max_txid)
+                dec = decode_file(data, str(f))
+                notes[f] = ("ok" if (dec.header.min_txid, dec.header.max_txid)
+                            == (f.min_txid, f.max_txid) else "header TXIDs differ from the file name")
+            except LitestreamError as err:
+                notes[f] = f"{type(err).__name__}: {err}"
+                if f in in_plan and not not_restorable:
+                    not_restorable = str(err)  # restore stops here, with this error
+            if f in in_plan and not not_restorable and data is not None:
+                try:
+                    applier.apply(f, io.BytesIO(data))
+                except LitestreamError as err:
+                    not_restorable = str(err)
+        if plan and not not_restorable:
+            try:
+                applier.finish()
+            except LitestreamError as err:
+                not_restorable = str(err)
+    problems = 0
+    for level in sorted(listing):
+        for prev, f in zip([None, *listing[level]], listing[level], strict=False):
+            note = notes[f]
+            if level == 0 and prev is not None and f.min_txid != prev.max_txid + 1 and note == "ok":
+                note = f"gap: previous L0 file ends at {format_txid(prev.max_txid)}"
+            if note != "ok":
+                problems += 1
+            if note != "ok" or args.verbose:
+                print(f"L{level} {f.name} {f.size:>10}  {note}")
+    if not_restorable:
+        problems += 1
+        chain = f"not restorable: {not_restorable}"
+    else:
+        chain = f"latest TXID {format_txid(plan[-1].max_txid)} restorable from {len(plan)} file(s)"
     total = sum(len(v) for v in listing.values())
     print(f"{total} LTX file(s) checked, {problems} problem(s); {chain}")
     return 0 if problems == 0 else 1
@@ -145,7 +191,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from datetime import datetime
 
-    with open_replica(args.url) as client:
+    with _open_checked(args.url) as client:
         listing = list_levels(client)
         plan = compute_plan(client)
         from .ltx import Header
@@ -174,8 +220,31 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def looks_like_replica_url(arg: str) -> bool:
+    """Whether ``ltxvfs shell``'s first argument is the replica URL (else it is SQL): one word
+    (no spaces) with a ``/`` in it or starting with ``file:`` -- ``s3://…``, ``file:///…``, a path
+    -- that is not a dot-command or a comment. No SQL statement looks like that, and anything
+    path-like is checked as a URL, so a mistyped one is reported as such, not run as SQL."""
+    if not arg or any(c.isspace() for c in arg) or arg.startswith((".", "/*", "--")):
+        return False
+    return "/" in arg or arg.lower().startswith("file:")
+
+
+def shell_banner(url: str | None) -> str:
+    """The interactive shell's first lines; they end with a newline, before the first prompt."""
+    where = url_for_display(url) if url else "(no replica: use .open)"
+    return f"ltxvfs shell on {where}; try PRAGMA litestream_time = '5 minutes ago';\n"
+
+
+def url_for_display(url: str) -> str:
+    from .storage import redact_url
+
+    return redact_url(url)
+
+
 def cmd_shell(args: argparse.Namespace) -> int:
     import dataclasses
+    import io
 
     import apsw
     import apsw.shell
@@ -183,21 +252,39 @@ def cmd_shell(args: argparse.Namespace) -> int:
     from .config import VFSConfig
     from .registry import register
 
+    sql = list(args.sql)
+    url = args.url
+    if url is not None and not looks_like_replica_url(url):
+        sql.insert(0, url)  # SQL, with the replica from the environment
+        url = None
     config = VFSConfig.from_env()
-    if args.url:
-        config = dataclasses.replace(config, replica_url=args.url)
+    if url:
+        config = dataclasses.replace(config, replica_url=url)
+    if config.replica_url:  # a bad URL or a missing bucket/directory: one line, before any open
+        _open_checked(config.replica_url).close()
+    elif sql and not sql[0].lstrip().startswith("."):
+        raise CommandError("no replica URL: give it as the first argument (s3://bucket/path, "
+                           "file:///dir) or set LITESTREAM_REPLICA_URL")
     register(config=config)
     db = None
     if config.replica_url:
-        db = apsw.Connection("file:db?vfs=litestream",
-                             flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
-    shell = apsw.shell.Shell(db=db)
-    if args.sql:
-        for line in args.sql:
-            shell.process_complete_line(line)
+        with _errors_reported_by_caller():
+            db = apsw.Connection("file:db?vfs=litestream",
+                                 flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+    if sql:
+        # Run the statements in order and stop at the first error, which main() prints as one
+        # line (the shell's own report of it, with its caret diagram, is dropped).
+        messages = io.StringIO()
+        shell = apsw.shell.Shell(db=db, stderr=messages)
+        try:
+            for line in sql:
+                shell.process_complete_line(line)
+        except apsw.shell.Shell.Error as err:  # a bad dot-command
+            raise CommandError(str(err)) from None
+        sys.stderr.write(messages.getvalue())
         return 0
-    shell.cmdloop(intro=f"ltxvfs shell on {config.replica_url or '(no replica: use .open)'}; "
-                  "try PRAGMA litestream_time = '5 minutes ago';")
+    shell = apsw.shell.Shell(db=db)
+    shell.cmdloop(intro=shell_banner(config.replica_url))
     return 0
 
 
@@ -220,6 +307,7 @@ EPILOG_LTX = """examples:
 EPILOG_SHELL = """examples:
   ltxvfs shell s3://my-bucket/db
   ltxvfs shell file:///var/backups/db "SELECT count(*) FROM users;"
+  LITESTREAM_REPLICA_URL=s3://my-bucket/db ltxvfs shell "SELECT count(*) FROM users;"
   LITESTREAM_REPLICA_URL=s3://my-bucket/db ltxvfs shell
     sqlite> .open file:my.db?vfs=litestream
     sqlite> PRAGMA litestream_time = '5 minutes ago';
@@ -292,8 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "the replica at URL (or LITESTREAM_REPLICA_URL). Extra arguments are run "
                        "as SQL or dot-commands instead of the interactive loop.",
                        epilog=EPILOG_SHELL, formatter_class=fmt)
-    p.add_argument("url", nargs="?", help="replica URL (default: LITESTREAM_REPLICA_URL)")
-    p.add_argument("sql", nargs="*", help="SQL statements or dot-commands to run")
+    p.add_argument("url", nargs="?", help="replica URL (default: LITESTREAM_REPLICA_URL); a first "
+                   "argument that is not a URL (s3://..., file:..., /path) is SQL")
+    p.add_argument("sql", nargs="*", help="SQL statements or dot-commands to run, in order; "
+                   "the first error stops them (exit status 1)")
     p.set_defaults(func=cmd_shell)
 
     p = sub.add_parser("demo", help="a self-contained tour on a local file:// replica",
@@ -308,16 +398,69 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.Handler):
+    """The library's warnings on stderr as ``ltxvfs: warning: …`` lines (sys.stderr looked up at
+    each record, so redirections made after setup are honoured)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.quiet_errors = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.ERROR and self.quiet_errors:
+            return  # the caller raises this error and prints it itself: one line, not two
+        try:
+            print(f"ltxvfs: {record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+        except Exception:  # pragma: no cover - as logging.Handler.handleError
+            self.handleError(record)
+
+
+def _log_handler() -> _StderrHandler:
+    logger = logging.getLogger("ltxvfs")
+    for handler in logger.handlers:
+        if isinstance(handler, _StderrHandler):
+            return handler
+    handler = _StderrHandler()
+    logger.addHandler(handler)
+    return handler
+
+
+@contextmanager
+def _errors_reported_by_caller() -> Iterator[None]:
+    """While opening a database the VFS logs why an open failed and raises it; the CLI prints
+    the raised error, so the log record would be a second line saying the same."""
+    handler = _log_handler()
+    handler.quiet_errors += 1
+    try:
+        yield
+    finally:
+        handler.quiet_errors -= 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import apsw
+
+    from .config import ConfigError
+
     args = build_parser().parse_args(argv)
+    _log_handler()
     try:
         return args.func(args)
-    except LitestreamError as err:
-        print(f"ltxvfs: error: {err}", file=sys.stderr)
+    except (LitestreamError, ConfigError, CommandError, apsw.Error, OSError) as err:
+        print(f"ltxvfs: error: {_one_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
 
 
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # python -m ltxvfs.cli: run the package's module, so that CommandError raised by ltxvfs.demo
+    # (which imports ltxvfs.cli) is the class main() catches, not this __main__ copy's.
+    from ltxvfs.cli import main as _main
+
+    sys.exit(_main())

@@ -41,8 +41,10 @@ def _start_s3(stack: ExitStack) -> str:
     try:
         import boto3
         from moto.server import ThreadedMotoServer
-    except ImportError as err:
-        raise SystemExit("ltxvfs demo --s3 needs moto: pip install 'ltxvfs[test]'") from err
+    except ImportError:
+        from .cli import CommandError
+
+        raise CommandError("ltxvfs demo --s3 needs moto: pip install 'ltxvfs[test]'") from None
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -60,6 +62,22 @@ def _start_s3(stack: ExitStack) -> str:
     return f"s3://demo/cities?endpoint={endpoint}&region=us-east-1"
 
 
+def _refuse_earlier_demo(root: Path, s3: bool) -> None:
+    """The demo writes a new database: a directory that already holds one (an earlier run's
+    replica or write buffer) is refused, never overwritten or deleted."""
+    from .cli import CommandError
+
+    used = [p for p in (root / "replica", root / "cities.buffer", root / "cities.hydrated.db")
+            if p.exists() and not (p.name == "replica" and s3)]
+    if used:
+        raise CommandError(f"{used[0]} exists (an earlier demo?): give another --directory, "
+                           f"or remove {root}")
+
+
+def _rfc3339_ms(t: datetime) -> str:
+    return t.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def run_demo(directory: str | None = None, s3: bool = False) -> int:
     import apsw
 
@@ -70,6 +88,7 @@ def run_demo(directory: str | None = None, s3: bool = False) -> int:
         root = Path(directory) if directory else Path(stack.enter_context(
             tempfile.TemporaryDirectory(prefix="ltxvfs-demo-")))
         root.mkdir(parents=True, exist_ok=True)
+        _refuse_earlier_demo(root, s3)
         url = _start_s3(stack) if s3 else (root / "replica").as_uri()
         base = f"file:cities.db?vfs=litestream&replica_url={quote(url, safe='')}"
         print(f"replica: {url}")
@@ -99,7 +118,7 @@ def run_demo(directory: str | None = None, s3: bool = False) -> int:
         txid2, when2, rows2 = moments[1]
         reader.execute(f"PRAGMA litestream_time = '{when2.isoformat()}'")
         got = reader.execute(_CITIES).fetchall()
-        print(f"  travel to {when2.isoformat(timespec='milliseconds')} (TXID "
+        print(f"  travel to {_rfc3339_ms(when2)} (TXID "
               f"{reader.execute('PRAGMA litestream_txid').fetchall()[0][0]}): {got}")
         reader.execute("PRAGMA litestream_time = 'latest'")
         deadline = time.monotonic() + 10

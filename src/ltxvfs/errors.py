@@ -92,8 +92,22 @@ class RestoreError(LitestreamError):
     """A restore cannot proceed (output exists, bad target, ...)."""
 
 
+# --- reading ---------------------------------------------------------------------------------
+
+
+class PageNotFoundError(LitestreamError):
+    """A page SQLite asked for is in no LTX file of the current state (a bug or a broken replica)."""
+
+
 # --- write mode ------------------------------------------------------------------------------
 
 
 class ConflictError(LitestreamError):
     """The remote replica moved on without us; our changes were not uploaded (nothing overwritten)."""
+
+
+class WriteBufferError(LitestreamError):
+    """The write buffer file is unusable (wrong replica, bad header, I/O error).
+
+    ``ltxvfs.buffer.BufferError`` is the same class (its older name).
+    """

@@ -20,7 +20,13 @@ from datetime import datetime
 import lz4.block
 
 from .cache import PageCache, is_interior
-from .errors import LitestreamError, MalformedIndexError, ObjectNotFoundError, TruncatedError
+from .errors import (
+    LitestreamError,
+    MalformedIndexError,
+    ObjectNotFoundError,
+    PageNotFoundError,
+    TruncatedError,
+)
 from .gcpause import paused_gc
 from .ltx import (
     ESTIMATED_INDEX_TAIL,
@@ -34,11 +40,6 @@ from .ltx import (
 )
 from .plan import Plan, compute_plan
 from .storage.base import FileInfo, ReplicaClient
-
-
-class PageNotFoundError(LitestreamError):
-    """A page SQLite asked for is in no LTX file of the current state (a bug or a broken replica)."""
-
 
 #: Readahead streams remembered, pages a stream may skip, bytes of unwanted frames read over.
 _STREAMS, _SLACK, _MAX_GAP = 8, 8, 64 * 1024

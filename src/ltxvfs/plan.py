@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from .errors import NonContiguousError, PlanError, TxNotAvailableError
+from .pragmas import format_time
 from .storage.base import SNAPSHOT_LEVEL, FileInfo, ReplicaClient, format_txid
 
 #: Levels that the greedy chain walks (the snapshot level is handled first, separately).
@@ -164,8 +165,9 @@ def _not_available(listing: Mapping[int, Sequence[FileInfo]], txid: int | None,
         return "transaction not available: the replica has no LTX files"
     if timestamp is not None:
         oldest = min(f.created_at for f in files)
-        return (f"transaction not available: no LTX file before {timestamp.isoformat()}; "
-                f"the oldest retained file is from {oldest.isoformat()}")
+        return (f"transaction not available: no LTX file before "
+                f"{format_time(timestamp.astimezone(UTC))}; the oldest retained file is from "
+                f"{format_time(oldest.astimezone(UTC))}")
     if txid is not None:
         return f"transaction not available: TXID {format_txid(txid)} is not in the replica"
     return "transaction not available"

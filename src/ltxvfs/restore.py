@@ -49,7 +49,8 @@ def restore(client: ReplicaClient, output: str | os.PathLike[str], *, txid: int 
     out = Path(output)
     if out.exists() or any(Path(f"{out}{s}").exists() for s in _SIDECARS):
         if not force:
-            raise RestoreError(f"output {out} already exists (use force to overwrite)")
+            raise RestoreError(f"output {out} already exists "
+                               "(overwrite it with --force, or force=True from Python)")
     if plan is None:
         plan = compute_plan(client, txid=txid, timestamp=timestamp)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -59,15 +60,14 @@ def restore(client: ReplicaClient, output: str | os.PathLike[str], *, txid: int 
     try:
         with (open(tmp, "wb") as fh,
               ThreadPoolExecutor(max_workers=2, thread_name_prefix="ltxvfs-restore") as pool):
-            page_size = commit = 0
-            seen = bytearray()
+            applier = PlanApplier(fh)
             for info in plan:
                 reader = io.BufferedReader(RemoteFileReader(client, info, CHUNK_SIZE, pool), CHUNK_SIZE)
-                page_size, commit = _apply_file(fh, reader, info, page_size, seen)
+                applier.apply(info, reader)
                 done += info.size
                 if progress:
                     progress(done, total)
-            _finish_database(fh, page_size, commit, seen)
+            applier.finish()
             fh.flush()
             os.fsync(fh.fileno())
         if force:
@@ -78,7 +78,44 @@ def restore(client: ReplicaClient, output: str | os.PathLike[str], *, txid: int 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return RestoreResult(out, plan.txid, page_size, commit, plan)
+    return RestoreResult(out, plan.txid, applier.page_size, applier.commit, plan)
+
+
+class _Discard:
+    """A file that keeps nothing: restore's checks without writing a database."""
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return offset
+
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+    def truncate(self, size: int | None = None) -> int:
+        return size or 0
+
+
+class PlanApplier:
+    """Applies plan files in order to ``fh`` (every check restore makes: each file decoded with
+    its checksum verified, one page size, a snapshot first, every page present at the end).
+
+    ``restore`` writes the database with it; with no ``fh`` nothing is written, which is how
+    ``ltxvfs verify`` says whether a restore would succeed, with the very same checks.
+    """
+
+    def __init__(self, fh: BinaryIO | None = None) -> None:
+        self._fh: BinaryIO = fh if fh is not None else _Discard()  # type: ignore[assignment]
+        self.page_size = 0
+        self.commit = 0
+        self._seen = bytearray()
+
+    def apply(self, info: FileInfo, reader: BinaryIO) -> None:
+        """Raises LTXError for a corrupt file, RestoreError when it does not fit the plan."""
+        self.page_size, self.commit = _apply_file(self._fh, reader, info, self.page_size,
+                                                  self._seen)
+
+    def finish(self) -> None:
+        """Raises RestoreError when a page of the database is in no file of the plan."""
+        _finish_database(self._fh, self.page_size, self.commit, self._seen)
 
 
 def _apply_file(fh: BinaryIO, reader: BinaryIO, info: FileInfo, page_size: int,

@@ -112,7 +112,11 @@ class Decoder:
                 (n,) = U32.unpack(size_field)
                 if n > page_size + MAX_BLOCK_OVERHEAD:
                     raise PageFrameError(f"{self.name}: page {pgno}: implausible size {n}")
-                data = decompress_block(self._take(n, f"page {pgno}"), page_size, pgno)
+                block = self._take(n, f"page {pgno}")
+                try:
+                    data = decompress_block(block, page_size, pgno)
+                except PageFrameError as err:  # name the file, as every other error here does
+                    raise PageFrameError(f"{self.name}: {err}") from None
                 self._crc = crc64(size_field, self._crc)
             else:
                 data = self._decode_lz4_frame(pgno, page_size)
