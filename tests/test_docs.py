@@ -260,7 +260,8 @@ def test_default_buffer_locations_are_the_documented_ones(tmp_path, monkeypatch)
     name = f"{replica_id('file:/r'):016x}.buffer"
     text = _doc("write-mode.md")
     for claim in ("`$XDG_STATE_HOME/ltxvfs/buffers/`, when `XDG_STATE_HOME` is set and its parent "
-                  "directory is writable", "`~/.local/state/ltxvfs/buffers/`, when `~/.local` exists",
+                  "directory is writable",
+                  "`~/.local/state/ltxvfs/buffers/`, when the home directory exists and is writable",
                   "otherwise `<temp dir>/ltxvfs-<uid>/ltxvfs/buffers/`", "may not survive a reboot"):
         assert claim in text, claim
     home, temp = tmp_path / "home", tmp_path / "temp"
@@ -271,21 +272,24 @@ def test_default_buffer_locations_are_the_documented_ones(tmp_path, monkeypatch)
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     assert default_buffer_path("file:/r") == tmp_path / "state" / "ltxvfs" / "buffers" / name
     monkeypatch.delenv("XDG_STATE_HOME")
-    assert default_buffer_path("file:/r") == temp / f"ltxvfs-{os.getuid()}" / "ltxvfs" / "buffers" / name
-    (home / ".local").mkdir()
     assert default_buffer_path("file:/r") == home / ".local" / "state" / "ltxvfs" / "buffers" / name
+    monkeypatch.setenv("HOME", str(tmp_path / "no-such-home"))
+    assert default_buffer_path("file:/r") == temp / f"ltxvfs-{os.getuid()}" / "ltxvfs" / "buffers" / name
+    (temp / f"ltxvfs-{os.getuid()}").mkdir(mode=0o777)
+    os.chmod(temp / f"ltxvfs-{os.getuid()}", 0o777)  # world-writable: someone else's trap
+    from ltxvfs import WriteBufferError
+
+    with pytest.raises(WriteBufferError, match="is not a private directory of this user"):
+        default_buffer_path("file:/r")
 
 
-@pytest.mark.xfail(strict=True, reason="lead: writer.default_buffer_path should log a WARNING when "
-                   "it falls back to the temp dir (not durable); then drop this mark")
 def test_a_buffer_in_the_temp_dir_is_warned_about(tmp_path, monkeypatch, caplog):
     import logging
     import tempfile
 
     from ltxvfs.writer import default_buffer_path
 
-    (tmp_path / "home").mkdir()
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HOME", str(tmp_path / "no-such-home"))
     monkeypatch.delenv("XDG_STATE_HOME", raising=False)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     with caplog.at_level(logging.WARNING, logger="ltxvfs"):
@@ -295,9 +299,6 @@ def test_a_buffer_in_the_temp_dir_is_warned_about(tmp_path, monkeypatch, caplog)
                and "reboot" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.xfail(strict=True, reason="lead: WriteBuffer.open creates missing parent directories "
-                   "with the default mode (0755); make every directory it creates 0700, then drop "
-                   "this mark and say so in write-mode.md")
 def test_every_directory_a_buffer_creates_is_private(tmp_path):
     from ltxvfs.buffer import WriteBuffer, replica_id
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from .config import ConfigError
 from .errors import (
     AccessDeniedError,
     BucketNotFoundError,
     ChecksumMismatchError,
+    ConfigError,
     ConflictError,
     InvalidHeaderError,
     InvalidMagicError,
@@ -20,6 +20,7 @@ from .errors import (
     PageNotFoundError,
     PageOrderError,
     PlanError,
+    PragmaError,
     ReplicaURLError,
     RestoreError,
     StorageError,
@@ -27,7 +28,6 @@ from .errors import (
     TxNotAvailableError,
     WriteBufferError,
 )
-from .pragmas import PragmaError
 
 __version__ = "0.1.0"
 

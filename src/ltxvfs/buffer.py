@@ -131,7 +131,9 @@ class WriteBuffer:
         """Open (private directories, a 0600 file, an exclusive lock against other processes).
         Returns what a previous process left in the file, or None for a new or empty buffer; the
         caller decides what to do with it (:meth:`adopt` or :meth:`reset`)."""
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for parent in reversed(self.path.parents):  # every directory we create is private
+            if not parent.exists():
+                parent.mkdir(mode=0o700, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

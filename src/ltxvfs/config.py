@@ -13,6 +13,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 
+from .errors import ConfigError
+
 MIB = 1024 * 1024
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
@@ -26,8 +28,6 @@ _LOG_LEVELS = frozenset({"DEBUG", "INFO", "WARN", "WARNING", "ERROR"})
 MIN_CACHE_SIZE = 4096
 
 
-class ConfigError(ValueError):
-    """A configuration value (environment variable or URI parameter) is invalid."""
 
 
 def parse_duration(text: str, name: str = "duration") -> float:

@@ -111,3 +111,15 @@ class WriteBufferError(LitestreamError):
 
     ``ltxvfs.buffer.BufferError`` is the same class (its older name).
     """
+
+
+# --- settings and PRAGMAs ----------------------------------------------------------------------
+
+
+class ConfigError(LitestreamError, ValueError):
+    """A configuration value (environment variable or URI parameter) is invalid; an open fails
+    with ``apsw.CantOpenError`` carrying this message."""
+
+
+class PragmaError(LitestreamError, ValueError):
+    """A bad PRAGMA value or a write to a read-only PRAGMA; reaches the caller as SQLError."""

@@ -10,9 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Protocol
 
-
-class PragmaError(ValueError):
-    """A bad PRAGMA value or a write to a read-only PRAGMA; reaches the caller as SQLError."""
+from .errors import PragmaError
 
 
 def parse_time(text: str, now: datetime | None = None) -> datetime:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import tempfile
 import threading
 import time
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from .buffer import RECORDS_START, Scan, SyncMark, WriteBuffer, replica_id
 from .compact import Compactor
-from .errors import ConflictError, LitestreamError, ObjectExistsError
+from .errors import ConflictError, LitestreamError, ObjectExistsError, WriteBufferError
 from .follow import Replica
 from .ltx import Encoder, Header, lock_pgno
 from .pages import FileIndex, fetch_file_index
@@ -40,12 +41,29 @@ log = logging.getLogger("ltxvfs.writer")
 
 def default_buffer_path(identity: str) -> Path:
     """A stable private place per replica (its ``identity``: however the URL was spelled), so a
-    restarted process finds its buffer."""
-    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local",
-                                                             "state")
-    base = Path(state) if os.access(os.path.dirname(state) or "/", os.W_OK) else \
-        Path(tempfile.gettempdir()) / f"ltxvfs-{os.getuid()}"
-    return base / "ltxvfs" / "buffers" / f"{replica_id(identity):016x}.buffer"
+    restarted process finds its buffer: ``$XDG_STATE_HOME`` (its parent writable), else
+    ``~/.local/state`` (home writable), else the temp dir — with a WARNING, since a temp dir may
+    not survive a reboot, and refused if our directory there is not ours alone."""
+    name = Path("ltxvfs") / "buffers" / f"{replica_id(identity):016x}.buffer"
+    xdg = os.environ.get("XDG_STATE_HOME")
+    if xdg and os.access(os.path.dirname(xdg.rstrip("/")) or "/", os.W_OK):
+        return Path(xdg) / name
+    home = os.path.expanduser("~")
+    if home != "~" and os.path.isdir(home) and os.access(home, os.W_OK):
+        return Path(home) / ".local" / "state" / name
+    base = Path(tempfile.gettempdir()) / f"ltxvfs-{os.getuid()}"
+    try:
+        st = os.lstat(base)
+    except FileNotFoundError:
+        pass
+    else:  # a predictable name in a shared directory: someone else may have made it first
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+            raise WriteBufferError(f"{base} is not a private directory of this user (owner, mode or "
+                              "type): set buffer_path or XDG_STATE_HOME to a durable directory")
+    log.warning("write buffers go to %s: a temp directory may not survive a reboot (commits "
+                "not yet synced would be lost with it); set buffer_path or XDG_STATE_HOME to a "
+                "durable directory", base / "ltxvfs" / "buffers")
+    return base / name
 
 
 class Writer:
