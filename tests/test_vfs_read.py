@@ -286,9 +286,10 @@ def test_missing_replica_url_is_a_clear_error(vfs):
 
 
 def test_empty_replica_waits_then_fails(vfs, tmp_path):
+    (tmp_path / "empty").mkdir()  # an existing, empty directory waits (a missing one fails at once)
     url = (tmp_path / "empty").as_uri()
     start = time.monotonic()
-    with pytest.raises(apsw.CantOpenError):
+    with pytest.raises(apsw.CantOpenError, match="has no LTX files after waiting 0.3s"):
         connect(url, "open_timeout=300ms&poll_interval=50ms")
     assert 0.25 < time.monotonic() - start < 30  # waited its timeout; the upper bound: no hang
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from .errors import NonContiguousError, PlanError, TxNotAvailableError
-from .pragmas import format_time
 from .storage.base import SNAPSHOT_LEVEL, FileInfo, ReplicaClient, format_txid
+from .times import format_time
 
 #: Levels that the greedy chain walks (the snapshot level is handled first, separately).
 CHAIN_LEVELS = tuple(range(SNAPSHOT_LEVEL - 1, -1, -1))
