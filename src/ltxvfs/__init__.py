@@ -10,6 +10,7 @@ from .errors import (
     NonContiguousError,
     StorageError,
     TxNotAvailableError,
+    UnsafeStoreError,
 )
 
 __version__ = "0.1.0"
@@ -42,6 +43,7 @@ __all__ = [
     "NonContiguousError",
     "StorageError",
     "TxNotAvailableError",
+    "UnsafeStoreError",
     "__version__",
     "register",
     "stats",
