@@ -16,6 +16,15 @@ real ``litestream`` alike). Per request it may, with the probabilities it is giv
   can be read; listings just do not show it yet);
 * ``deny``      answer ``403 AccessDenied`` (a permanent failure, not retried by clients).
 
+With ``drop_conditions=True`` (not a fault drawn per request: the proxy *is* such a store) it
+removes the create-only headers (``If-None-Match``, ``If-Match``, ``x-oss-forbid-overwrite``,
+``x-cos-forbid-overwrite``) from every request before forwarding, so a PUT that should fail
+with 412 overwrites instead: an S3 look-alike that ignores conditional writes.
+``dropped_conditions`` counts the requests it changed. With ``honour_only="x-oss-forbid-overwrite"``
+it plays a store that keeps only its own create-only header (Aliyun OSS): the standard headers
+are dropped, that header (``true``) becomes the precondition, and a refusal is answered as OSS
+does, ``409 FileAlreadyExists``. ``write_headers`` keeps the header names of recent PUT/POSTs.
+
 Decisions are deterministic for a seed: each request's fate is drawn from a generator seeded
 with (seed, method, path and query, how many identical requests came before), so the same
 request stream gets the same faults whatever the thread interleaving. ``counts`` says what was
@@ -87,6 +96,9 @@ class Faults:
                 + self.reset_after + self.error_after)
 
 
+#: Headers that make a write conditional (create-only), dropped with ``drop_conditions``.
+_CONDITIONS = {"if-none-match", "if-match", "x-oss-forbid-overwrite", "x-cos-forbid-overwrite"}
+
 _HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authorization", "te", "trailer",
         "transfer-encoding", "upgrade", "expect"}
 
@@ -135,7 +147,8 @@ class FaultProxy:
     ``with proxy.paused():`` turns them off for a while (setup, convergence checks)."""
 
     def __init__(self, upstream: str, faults: Faults | None = None, *, seed: int = 0,
-                 paused: bool = False) -> None:
+                 paused: bool = False, drop_conditions: bool = False,
+                 honour_only: str | None = None) -> None:
         u = urllib.parse.urlsplit(upstream)
         if u.hostname not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError(f"upstream must be on loopback, not {upstream}")
@@ -143,6 +156,14 @@ class FaultProxy:
         self.faults = faults or Faults()
         self.seed = seed
         self.enabled = not paused
+        #: Strip conditional-write headers before forwarding (a store that ignores them).
+        self.drop_conditions = drop_conditions
+        self.dropped_conditions = 0
+        #: A vendor create-only header that alone is kept (see the module docstring).
+        self.honour_only = honour_only.lower() if honour_only else None
+        #: (kind, key, lower-case header names) of recent PUT and POST requests.
+        self.write_headers: collections.deque[tuple[str, str, frozenset[str]]] = \
+            collections.deque(maxlen=1000)
         self.counts: collections.Counter[str] = collections.Counter()
         self.requests: collections.Counter[str] = collections.Counter()
         self._seen: collections.Counter[str] = collections.Counter()
@@ -334,6 +355,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         conn = http.client.HTTPConnection(*self.owner.upstream, timeout=60)
         try:
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+            owner = self.owner
+            if self.command in ("PUT", "POST"):
+                with owner._lock:
+                    owner.write_headers.append((*request_kind(self.command, self.path),
+                                                frozenset(k.lower() for k in headers)))
+            if (owner.drop_conditions or owner.honour_only) and self.command in ("PUT", "POST"):
+                kept = {k: v for k, v in headers.items() if k.lower() not in _CONDITIONS}
+                if len(kept) != len(headers):
+                    with owner._lock:
+                        owner.dropped_conditions += 1
+                vendor = next((v for k, v in headers.items() if k.lower() == owner.honour_only),
+                              "")
+                if vendor.strip().lower() == "true":
+                    kept["If-None-Match"] = "*"
+                headers = kept
             headers["Content-Length"] = str(len(body))
             if self.command in ("GET", "HEAD", "DELETE") and not body:
                 headers.pop("Content-Length")
@@ -367,6 +403,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except OSError:
             self._send_error("error")  # upstream trouble: S3 would say 500 too
             return
+        if status == 412 and owner.honour_only and kind in ("PUT", "COMPLETE_MPU"):
+            status, headers = 409, [("Content-Type", "application/xml")]
+            data = _error_body("FileAlreadyExists", "The object you specified already exists "
+                               "and can not be overwritten.", urllib.parse.urlsplit(self.path).path)
         if status == 200 and kind in ("PUT", "COMPLETE_MPU"):
             with owner._lock:
                 owner.stored[key] += 1

@@ -26,6 +26,7 @@ from .errors import (
     StorageError,
     TruncatedError,
     TxNotAvailableError,
+    UnsafeStoreError,
     WriteBufferError,
 )
 
@@ -75,6 +76,7 @@ __all__ = [
     "StorageError",
     "TruncatedError",
     "TxNotAvailableError",
+    "UnsafeStoreError",
     "WriteBufferError",
     "__version__",
     "register",

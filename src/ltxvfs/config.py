@@ -24,6 +24,9 @@ _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
 
 _LOG_LEVELS = frozenset({"DEBUG", "INFO", "WARN", "WARNING", "ERROR"})
 
+#: ``single_writer`` values: check that the store keeps create-only writes, or trust it.
+SINGLE_WRITER_MODES = ("verify", "trusted")
+
 #: The smallest page cache (it always keeps at least the page last read, whatever its size).
 MIN_CACHE_SIZE = 4096
 
@@ -107,6 +110,11 @@ class VFSConfig:
     snapshot_retention: float = 86400.0
     #: Write mode: how long L0 files covered by L1 are kept (0 keeps them for ever).
     l0_retention: float = 300.0
+    #: Write mode: ``verify`` proves once per process and replica that the store refuses to
+    #: overwrite (2 PUTs + 1 DELETE) and refuses write mode if it does not; ``trusted`` skips
+    #: that (you guarantee one writer), with a warning at every start. Env
+    #: ``LITESTREAM_SINGLE_WRITER`` (ours).
+    single_writer: str = "verify"
     #: Build a local full copy in the background. Env ``LITESTREAM_HYDRATION_ENABLED``.
     hydration_enabled: bool = False
     #: Where to hydrate (turns hydration on). Env ``LITESTREAM_HYDRATION_PATH``.
@@ -159,6 +167,11 @@ class VFSConfig:
                                       "bytes (4KiB)")
             elif f.name in ("write_enabled", "hydration_enabled", "hydration_persistent"):
                 value = parse_bool(raw, label)
+            elif f.name == "single_writer":
+                value = raw.strip().lower()
+                if value not in SINGLE_WRITER_MODES:
+                    raise ConfigError(f"invalid {label} {raw!r}: expected verify (check the "
+                                      "store, the default) or trusted (skip the check)")
             elif f.name == "log_level":
                 value = raw.strip().upper()
                 if value not in _LOG_LEVELS:
@@ -185,7 +198,7 @@ SQLITE_URI_PARAMETERS = frozenset({"vfs", "mode", "cache", "immutable", "nolock"
 #: write mode is on; while hydrating. ``open_timeout`` only matters to the first open.
 REPLICA_SETTINGS = ("poll_interval", "cache_size")
 WRITE_SETTINGS = ("sync_interval", "buffer_path", "compaction_levels", "snapshot_interval",
-                  "snapshot_retention", "l0_retention")
+                  "snapshot_retention", "l0_retention", "single_writer")
 HYDRATION_SETTINGS = ("hydration_path", "hydration_persistent")
 
 

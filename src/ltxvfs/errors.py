@@ -123,3 +123,16 @@ class ConfigError(LitestreamError, ValueError):
 
 class PragmaError(LitestreamError, ValueError):
     """A bad PRAGMA value or a write to a read-only PRAGMA; reaches the caller as SQLError."""
+
+
+class UnsafeStoreError(StorageError):
+    """The replica's store does not keep create-only writes (a PUT with ``If-None-Match: *``
+    overwrote an existing object, or was rejected), so write mode's single-writer guarantee
+    cannot hold there: write mode is refused (``single_writer=trusted`` opts out).
+
+    ``overwrote`` is True when the store was seen replacing an object that a create-only write
+    should have left alone: a verdict about the store, not a failure of one request."""
+
+    def __init__(self, message: str, *, overwrote: bool = False) -> None:
+        super().__init__(message)
+        self.overwrote = overwrote

@@ -43,6 +43,7 @@ from .jobs import JOB_THREADS, POOL_THREADS, Scheduler
 from .pages import DatabaseState, PageStore, state_at
 from .plan import list_levels
 from .scratch import make_scratch_dir, remove_scratch_dir
+from .singlewriter import check_store
 from .storage import FileReplicaClient, open_replica, parse_replica_url
 from .writer import Writer, default_buffer_path
 
@@ -310,6 +311,7 @@ class LitestreamVFS(apsw.VFS):
         with replica.mode_lock:  # one switch at a time: never two writers for one replica
             if replica.writer is not None:
                 return
+            check_store(replica.client, cfg.single_writer)  # UnsafeStoreError (issue 16)
             self._adopt(replica, cfg, WRITE_SETTINGS)
             path = Path(cfg.buffer_path) if cfg.buffer_path else \
                 default_buffer_path(replica.client.identity)

@@ -9,15 +9,33 @@ from __future__ import annotations
 import abc
 import io
 import re
+import secrets
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import BinaryIO
 
+from ..errors import UnsafeStoreError
+
 SNAPSHOT_LEVEL = 9
 MAX_LEVEL = 9
 
 _NAME_RE = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{16})\.ltx$")
+
+#: Where write mode's create-only probes live, directly below the replica's prefix (S3) or root
+#: directory (file): beside the level directories, never inside one, so no listing (ours or
+#: Litestream's), restore or compaction ever reads it.
+PROBE_DIR = "ltxvfs-probe"
+#: The probe object's contents: says what it is to whoever finds one a crash left behind.
+PROBE_BODY = (b"ltxvfs create-only probe: written when write mode starts, deleted at once; "
+              b"safe to delete\n")
+
+
+def probe_name() -> str:
+    """A new probe object's name, unique per probe (time + 64 random bits), so a probe that a
+    crash left behind never meets the next one."""
+    return f"{int(time.time()):x}-{secrets.token_hex(8)}.probe"
 
 
 def format_txid(txid: int) -> str:
@@ -121,6 +139,17 @@ class ReplicaClient(abc.ABC):
     @abc.abstractmethod
     def delete(self, files: list[FileInfo]) -> None:
         """Delete files; missing ones are ignored."""
+
+    def probe_create_only(self) -> str:
+        """Prove that the store keeps create-only writes, as write mode's conditional uploads
+        need: create a new probe object (``PROBE_DIR``) exclusively, create it again the same way
+        (which must be refused), then delete it. Returns what was checked (e.g.
+        ``"If-None-Match: *"``), for the log.
+
+        Raises UnsafeStoreError when the second create replaced the object, or the store rejects
+        create-only writes; AccessDeniedError (and other StorageErrors) when it could not tell.
+        """
+        raise UnsafeStoreError(f"{type(self).__name__} cannot prove create-only writes")
 
     def check(self) -> None:  # noqa: B027 - optional hook
         """One cheap request that fails fast (BucketNotFoundError, AccessDeniedError, ...)."""

@@ -15,6 +15,7 @@ follows such links; we refuse them). The root itself may be a link: that is the 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import secrets
 import shutil
@@ -32,10 +33,21 @@ from ..errors import (
     ObjectNotFoundError,
     ReplicaURLError,
     StorageError,
+    UnsafeStoreError,
 )
-from .base import FileInfo, ReplicaClient, check_level, ltx_filename, parse_ltx_filename
+from .base import (
+    PROBE_BODY,
+    PROBE_DIR,
+    FileInfo,
+    ReplicaClient,
+    check_level,
+    ltx_filename,
+    parse_ltx_filename,
+    probe_name,
+)
 from .url import ReplicaURL
 
+log = logging.getLogger("ltxvfs.storage")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _COPY_CHUNK = 1024 * 1024
 _FILE_MODE = 0o644
@@ -188,6 +200,75 @@ class FileReplicaClient(ReplicaClient):
                 raise StorageError(f"file: exclusive write of {final} needs hard links, which "
                                    f"this filesystem does not support ({exc.strerror})") from exc
             raise
+
+    #: How an exclusive create is done here (see write).
+    create_only = "exclusive create (hard link of a finished temp file; O_EXCL)"
+
+    @property
+    def store(self) -> str:
+        return f"the directory {self.url}"
+
+    def probe_create_only(self) -> str:
+        """The exclusive create that ``write(exclusive=True)`` relies on, in ``<root>/ltxvfs-probe``:
+        a temp file hard-linked to a new name must succeed, a second one linked to the same name
+        must fail with EEXIST, and so must an O_EXCL open of it; then everything is removed
+        (the directory stays: another process may be probing in it)."""
+        name = probe_name()
+        made: list[str] = []
+        where = self.root / PROBE_DIR / name
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            rfd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                try:
+                    os.mkdir(PROBE_DIR, _DIR_MODE, dir_fd=rfd)
+                except FileExistsError:
+                    pass
+                dfd = os.open(PROBE_DIR, _NOFOLLOW_DIR, dir_fd=rfd)
+            finally:
+                os.close(rfd)
+            try:
+                for attempt in (1, 2):
+                    tmp = f"{name}.{attempt}.tmp"
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                 | os.O_CLOEXEC, _FILE_MODE, dir_fd=dfd)
+                    made.append(tmp)
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(PROBE_BODY)
+                    try:
+                        self._link_exclusive(dfd, tmp, where)
+                    except ObjectExistsError:
+                        if attempt == 2:
+                            break  # refused, as promised
+                        raise
+                    except StorageError as exc:  # no hard links here
+                        raise UnsafeStoreError(f"{self.store} cannot do exclusive creates: "
+                                               f"{exc}") from exc
+                    made.append(name)
+                    if attempt == 2:
+                        raise UnsafeStoreError(
+                            f"{self.store} does not keep exclusive creates: a second hard link "
+                            f"to {where} succeeded", overwrote=True)
+                try:
+                    os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                     | os.O_CLOEXEC, _FILE_MODE, dir_fd=dfd))
+                except FileExistsError:
+                    return self.create_only
+                raise UnsafeStoreError(f"{self.store} does not keep exclusive creates: an "
+                                       f"O_EXCL open of the existing {where} succeeded",
+                                       overwrote=True)
+            finally:
+                for entry in made:
+                    try:
+                        os.unlink(entry, dir_fd=dfd)
+                    except FileNotFoundError:
+                        pass
+                    except OSError as exc:
+                        log.warning("create-only probe: could not remove %s from %s (harmless, "
+                                    "safe to delete): %s", entry, self.url, exc)
+                os.close(dfd)
+        except OSError as exc:
+            raise self._error(exc, "create-only probe in", self.root / PROBE_DIR) from exc
 
     def delete(self, files: list[FileInfo]) -> None:
         for info in files:

@@ -29,10 +29,21 @@ from ..errors import (
     ObjectExistsError,
     ObjectNotFoundError,
     StorageError,
+    UnsafeStoreError,
 )
-from .base import MAX_LEVEL, FileInfo, ReplicaClient, check_level, ltx_filename, parse_ltx_filename
+from .base import (
+    MAX_LEVEL,
+    PROBE_BODY,
+    PROBE_DIR,
+    FileInfo,
+    ReplicaClient,
+    check_level,
+    ltx_filename,
+    parse_ltx_filename,
+    probe_name,
+)
 from .redact import SECRETS
-from .url import DEFAULT_REGION, ReplicaURL, parse_replica_url
+from .url import DEFAULT_REGION, ReplicaURL, parse_replica_url, redact_url
 
 METADATA_KEY = "litestream-timestamp"
 DELETE_BATCH = 1000
@@ -50,7 +61,17 @@ _ACCESS_CODES = frozenset({
     "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
     "ExpiredToken", "InvalidToken", "TokenRefreshRequired", "AccountProblem",
 })
-_EXISTS_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
+#: A create-only write met an existing object: 412 PreconditionFailed (If-None-Match), AWS's 409
+#: ConditionalRequestConflict (a concurrent conditional write), Aliyun OSS's 409
+#: FileAlreadyExists (x-oss-forbid-overwrite), IBM COS's 409 ObjectAlreadyExists.
+_EXISTS_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict",
+                           "FileAlreadyExists", "ObjectAlreadyExists"})
+#: Stores that spell "create only" with a header of their own (value ``true``), by endpoint host
+#: suffix: sent beside ``If-None-Match: *`` on every create-only write; the probe checks that
+#: one of them is kept.
+_FORBID_OVERWRITE_HEADERS = ((".aliyuncs.com", "x-oss-forbid-overwrite"),
+                             (".myqcloud.com", "x-cos-forbid-overwrite"),
+                             (".tencentcos.cn", "x-cos-forbid-overwrite"))
 _KIND_BY_OPERATION = {"ListObjectsV2": "LIST", "ListObjects": "LIST", "ListParts": "LIST",
                       "ListMultipartUploads": "LIST", "DeleteObjects": "DELETE"}
 _KIND_BY_METHOD = {"GET": "GET", "HEAD": "HEAD", "DELETE": "DELETE"}
@@ -176,6 +197,8 @@ class S3ReplicaClient(ReplicaClient):
             self._put_args["StorageClass"] = cfg.storage_class
         if cfg.sse_kms_key_id:
             self._put_args.update(ServerSideEncryption="aws:kms", SSEKMSKeyId=cfg.sse_kms_key_id)
+        #: The store's own create-only header (OSS, COS), sent beside If-None-Match; "" if none.
+        self.forbid_overwrite_header = forbid_overwrite_header(cfg)
         self._lock = threading.Lock()
         self._client: Any = None
         self._closed = False
@@ -183,6 +206,18 @@ class S3ReplicaClient(ReplicaClient):
     @property
     def identity(self) -> str:
         return self.config.identity
+
+    @property
+    def store(self) -> str:
+        """The store, for messages: its endpoint (redacted) and bucket, never a credential."""
+        where = redact_url(self.config.endpoint) if self.config.endpoint else "AWS S3"
+        return f"{where} (bucket {self._bucket!r})"
+
+    @property
+    def create_only(self) -> str:
+        """How a create-only write is spelled to this store."""
+        extra = f" and {self.forbid_overwrite_header}: true" if self.forbid_overwrite_header else ""
+        return f"If-None-Match: *{extra}"
 
     @property
     def _s3(self) -> Any:
@@ -228,6 +263,10 @@ class S3ReplicaClient(ReplicaClient):
             client.meta.events.register("before-sign.s3.DeleteObjects", _add_content_md5)
         if cfg.is_tigris:
             client.meta.events.register("before-sign.s3", _add_tigris_header)
+        if self.forbid_overwrite_header:
+            add = _forbid_overwrite_adder(self.forbid_overwrite_header)
+            for operation in ("PutObject", "CompleteMultipartUpload"):
+                client.meta.events.register(f"before-sign.s3.{operation}", add)
         return client
 
     def _count_on(self, client: Any) -> None:
@@ -261,6 +300,57 @@ class S3ReplicaClient(ReplicaClient):
             self._s3.head_bucket(Bucket=self._bucket)
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, "check bucket", None, BucketNotFoundError) from exc
+
+    def probe_create_only(self) -> str:
+        """Two create-only PUTs of one new key under ``<prefix>/ltxvfs-probe/``: the first must
+        be stored, the second refused (412, or the vendor's 409); then one DELETE. Needs
+        s3:PutObject and s3:DeleteObject there (the writer needs both anyway)."""
+        key = f"{self._prefix}/{PROBE_DIR}/{probe_name()}"
+        args = {"Bucket": self._bucket, "Key": key, "Body": PROBE_BODY, "IfNoneMatch": "*",
+                **self._put_args}
+        try:
+            try:
+                self._s3.put_object(**args)
+            except (ClientError, BotoCoreError) as exc:
+                err = self._error(exc, "create-only probe: PUT", key)
+                # 412 here: botocore retried a PUT whose answer was lost and met it. Fine.
+                if not isinstance(err, ObjectExistsError):
+                    raise self._probe_failed(err, exc, "the first") from exc
+            try:
+                self._s3.put_object(**args)
+            except (ClientError, BotoCoreError) as exc:
+                err = self._error(exc, "create-only probe: PUT", key)
+                if isinstance(err, ObjectExistsError):
+                    return self.create_only  # refused, as promised
+                raise self._probe_failed(err, exc, "the second") from exc
+            raise UnsafeStoreError(
+                f"the store {self.store} does not keep create-only writes: a second PUT of "
+                f"{key} with {self.create_only} replaced the object instead of failing with 412 "
+                f"Precondition Failed", overwrote=True)
+        finally:
+            try:
+                self._s3.delete_object(Bucket=self._bucket, Key=key)
+            except (ClientError, BotoCoreError) as exc:
+                log.warning("create-only probe: could not delete %s from %s (harmless, safe to "
+                            "delete): %s", key, self.url, exc)
+
+    def _probe_failed(self, err: StorageError, exc: Exception, which: str) -> StorageError:
+        """What a probe PUT that failed means: no permission (say which); a store that rejects
+        create-only writes (4xx other than that, or 501: UnsafeStoreError); or trouble to retry
+        at the next start (5xx after botocore's retries, network: as it is)."""
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") \
+            if isinstance(exc, ClientError) else None
+        if isinstance(err, AccessDeniedError):
+            return AccessDeniedError(
+                f"{err}; write mode first checks that the store refuses to overwrite, with two "
+                f"PUTs and a DELETE under {self._prefix}/{PROBE_DIR}/: it needs s3:PutObject and "
+                f"s3:DeleteObject there")
+        if isinstance(err, BucketNotFoundError) or status is None or \
+                (status >= 500 and status != 501):
+            return err
+        return UnsafeStoreError(
+            f"the store {self.store} rejects create-only writes: {which} PUT with "
+            f"{self.create_only} failed: {err}")
 
     def close(self) -> None:
         with self._lock:
@@ -520,6 +610,21 @@ def _add_content_md5(request: Any, **_: Any) -> None:
     if "Content-MD5" not in request.headers and request.body:
         body = request.body if isinstance(request.body, bytes) else request.body.encode()
         request.headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
+
+
+def forbid_overwrite_header(cfg: ReplicaURL) -> str:
+    """The store's own create-only header (Aliyun OSS, Tencent COS) by endpoint host, or ""."""
+    host = cfg.endpoint_host
+    host = host if host.startswith("[") else host.partition(":")[0]
+    return next((h for suffix, h in _FORBID_OVERWRITE_HEADERS if host.endswith(suffix)), "")
+
+
+def _forbid_overwrite_adder(header: str) -> Any:
+    """A before-sign hook: a request that says If-None-Match also says ``header: true``."""
+    def add(request: Any, **_: Any) -> None:
+        if "If-None-Match" in request.headers and header not in request.headers:
+            request.headers[header] = "true"
+    return add
 
 
 def _add_tigris_header(request: Any, **_: Any) -> None:

@@ -85,6 +85,11 @@ class ReplicaURL:
         return f"s3:{endpoint}|{self.bucket}|{self.prefix}"
 
     @property
+    def endpoint_host(self) -> str:
+        """The endpoint's host (and port), lower case; "" for AWS's own endpoints."""
+        return _endpoint_host(self.endpoint)
+
+    @property
     def is_tigris(self) -> bool:
         return _endpoint_host(self.endpoint) in _TIGRIS_HOSTS
 
