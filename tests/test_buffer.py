@@ -293,6 +293,17 @@ def test_zeros_after_the_last_record_are_not_records(tmp_path):
     buf.close()
 
 
+def _open_descriptors(path: Path) -> list[str]:
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == str(path):
+                out.append(fd)
+        except OSError:
+            pass
+    return out
+
+
 def _flip(path: Path, offset: int) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
@@ -320,8 +331,8 @@ def test_a_flipped_byte_in_a_committed_record_is_refused_not_cut_short(tmp_path,
     buf = WriteBuffer(path, REPLICA)
     with pytest.raises(BufferError, match=r"is damaged at offset \d+: .*committed .* after it"):
         buf.open()
-    buf.close()
     assert path.read_bytes() == before, "a damaged buffer is kept as it is"
+    assert not _open_descriptors(path), "the refused buffer is still open (and locked)"
 
 
 def test_a_flipped_byte_in_the_open_transaction_drops_only_it(tmp_path):
@@ -348,8 +359,11 @@ def test_a_buffer_of_another_replica_is_refused_and_kept(tmp_path):
     other = WriteBuffer(path, REPLICA + 1)
     with pytest.raises(BufferError, match=f"{path} belongs to another replica; move it away"):
         other.open()
-    other.close()
     assert path.read_bytes() == before
+    # The refusal let go of the file (descriptor and lock): its own replica can open it.
+    buf, found = reopen(path)
+    assert found.commits == 3
+    buf.close()
 
 
 def test_a_buffer_that_is_not_one_is_refused(tmp_path):
@@ -390,7 +404,7 @@ def test_a_sparse_buffer_of_8_gib_is_scanned_and_rewritten_in_bounded_memory(tmp
     finally:
         tracemalloc.stop()
     assert found.commits == 12 and found.end == ends[-1]
-    assert sum(reads) < 8 * buffer_mod.CHUNK, f"read {sum(reads)} bytes of a sparse file"
+    assert sum(reads) < 16 * buffer_mod.CHUNK, f"read {sum(reads)} bytes of a sparse file"
     assert peak < 4 * buffer_mod.CHUNK, f"peak {peak} bytes"
     assert path.stat().st_size == ends[-1], "the rewrite drops the hole"
     assert committed_pages(buf, found) == states[12]

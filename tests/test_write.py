@@ -294,6 +294,80 @@ def test_crash_recovery_syncs_unsynced_commits(tmp_path):
     assert [r[0] for r in _rows_file(out, "SELECT id FROM t ORDER BY id")] == got
 
 
+def _killed_writer_buffer(tmp_path: Path, commits: int) -> tuple[str, str, Path]:
+    """A writer process that committed rows 1..commits (nothing synced: only the seed row 0's
+    TXID 1 is on the replica), killed with SIGKILL. Returns (replica URL, its URI, buffer)."""
+    url = (tmp_path / "replica").as_uri()
+    p = run_writer(uri(url, tmp_path / "seed", sync_interval="-1s"), 0, 1, sync_every=1)
+    assert p.wait(60) == 0, p.stderr.read()
+    u = uri(url, tmp_path / "buf", sync_interval="-1s")
+    p = run_writer(u, 1, 10_000)
+    for line in p.stdout:
+        if line.strip() == f"committed {commits}":
+            break
+    p.send_signal(signal.SIGKILL)
+    p.wait(30)
+    return url, u, tmp_path / "buf"
+
+
+def test_recovery_of_a_torn_buffer_keeps_every_whole_commit(vfs, tmp_path):
+    """The last COMMIT record cut short (a crash in the middle of writing it): the commits before
+    it are recovered and synced, that one transaction is not."""
+    from ltxvfs.buffer import WriteBuffer, replica_id
+
+    url, u, buf = _killed_writer_buffer(tmp_path, 30)
+    with open_replica(url) as client:
+        probe = WriteBuffer(buf, replica_id(client.identity))
+        found = probe.open()
+        probe.close()
+    assert found is not None and found.commits >= 30
+    os.truncate(buf, found.commit_ends[29] - 10)  # inside commit 30's COMMIT record
+    con = apsw.Connection(u, flags=RW)
+    assert rows(con, "SELECT id FROM t ORDER BY id") == [(i,) for i in range(30)]
+    con.close()
+    with open_replica(url) as client:
+        out = restore(client, tmp_path / "r.db").path
+    assert _rows_file(out, "SELECT id FROM t ORDER BY id") == [(i,) for i in range(30)]
+
+
+def test_recovery_refuses_a_damaged_buffer_and_says_where(vfs, tmp_path):
+    """A flipped byte in commit 10's records, commits 11-30 after it: opening in write mode fails
+    with the damage named; the buffer and the replica are left as they were."""
+    from ltxvfs.buffer import WriteBuffer, replica_id
+
+    url, u, buf = _killed_writer_buffer(tmp_path, 30)
+    with open_replica(url) as client:
+        probe = WriteBuffer(buf, replica_id(client.identity))
+        found = probe.open()
+        probe.close()
+    offset = found.commit_ends[8] + 5 + 4 + 50  # in commit 10's first page
+    data = bytearray(buf.read_bytes())
+    data[offset] ^= 0x01
+    buf.write_bytes(bytes(data))
+    with pytest.raises(apsw.CantOpenError,
+                       match=rf"{buf} is damaged at offset \d+: .* nothing was recovered"):
+        apsw.Connection(u, flags=RW)
+    assert buf.read_bytes() == bytes(data), "the damaged buffer is kept as it was"
+    with pytest.raises(apsw.CantOpenError, match=rf"{buf} is damaged"):  # again: not "in use"
+        apsw.Connection(u, flags=RW)
+    with open_replica(url) as client:
+        assert [f.max_txid for f in client.list_files(0)] == [1], "nothing was synced"
+
+
+def test_a_buffer_left_by_another_replica_is_refused_by_name(vfs, tmp_path):
+    """A buffer path pointing at another replica's buffer (a copied config, a reused path)."""
+    url_a, _, buf = _killed_writer_buffer(tmp_path, 3)
+    url_b = (tmp_path / "other").as_uri()
+    before = buf.read_bytes()
+    with pytest.raises(apsw.CantOpenError,
+                       match=rf"{buf} belongs to another replica; move it away or choose another"):
+        apsw.Connection(uri(url_b, buf, sync_interval="-1s"), flags=RW)
+    assert buf.read_bytes() == before
+    con = apsw.Connection(uri(url_a, buf, sync_interval="-1s"), flags=RW)  # its own replica
+    assert rows(con, "SELECT count(*) FROM t") == [(4,)]
+    con.close()
+
+
 def test_crash_recovery_refuses_when_the_remote_moved_on(tmp_path):
     url = (tmp_path / "replica").as_uri()
     p = run_writer(uri(url, tmp_path / "seed", sync_interval="-1s"), 1, 1, sync_every=1)
