@@ -150,7 +150,11 @@ class WriteBuffer:
         self._fd = fd
         if os.fstat(fd).st_size == 0:
             return None
-        return self._scan()
+        try:
+            return self._scan()
+        except BaseException:
+            self.close()  # a refused buffer is let go: its lock must not outlive the refusal
+            raise
 
     def reset(self, base_txid: int, base_size: int, page_size: int) -> None:
         """Start empty on top of ``base_txid`` (a database of ``base_size`` pages)."""
