@@ -149,6 +149,10 @@ class FaultProxy:
         self._hidden: dict[str, float] = {}  # key -> monotonic time it shows up in listings
         #: Object keys S3 accepted a PUT (or multipart completion) of, and how many times.
         self.stored: collections.Counter[str] = collections.Counter()
+        #: (kind, key, status) of every answer the store gave (before any fault replaced it).
+        self.answers: collections.Counter[tuple[str, str, int]] = collections.Counter()
+        self._gates: list[tuple[str, str, threading.Barrier]] = []
+        self._key_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
         self._server: http.server.ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -206,6 +210,29 @@ class FaultProxy:
             if k not in {f.name for f in fields(Faults)}:
                 raise TypeError(f"unknown fault {k!r}")
             setattr(self.faults, k, v)
+
+    def hold(self, kind: str, key: str, parties: int, timeout: float = 60.0) -> threading.Barrier:
+        """Hold requests of ``kind`` for ``key`` until ``parties`` of them arrived, then let them
+        all reach the store at once (bounded by ``timeout``: then they go on, and the barrier is
+        broken). For races that must really happen at the store, e.g. two conditional PUTs of
+        one key: neither is applied before both were sent."""
+        barrier = threading.Barrier(parties, timeout=timeout)
+        with self._lock:
+            self._gates.append((kind, key, barrier))
+        return barrier
+
+    def _key_lock(self, key: str) -> threading.Lock:
+        with self._lock:
+            return self._key_locks.setdefault(key, threading.Lock())
+
+    def _wait_at_gate(self, kind: str, key: str) -> None:
+        with self._lock:
+            gates = [g for k, name, g in self._gates if k == kind and name == key]
+        for g in gates:
+            try:
+                g.wait()
+            except threading.BrokenBarrierError:
+                self._count("gate_timeout")
 
     def injected(self) -> int:
         """Faults injected so far (stale listings count once per altered LIST response)."""
@@ -362,11 +389,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             owner._count(fault)
             self._send_error(which)
             return
+        owner._wait_at_gate(kind, key)
+        # moto checks If-None-Match and then stores, without a lock: two conditional PUTs of one
+        # key that reach it together could both succeed, which S3 never allows. Forwarding them
+        # one at a time per key makes the proxy as strict as S3 (tests/test_storage_fidelity.py).
+        conditional = kind in ("PUT", "COMPLETE_MPU") and self.headers.get("If-None-Match")
         try:
-            status, headers, data = self._forward(body)
+            with owner._key_lock(key) if conditional else contextlib.nullcontext():
+                status, headers, data = self._forward(body)
         except OSError:
             self._send_error("error")  # upstream trouble: S3 would say 500 too
             return
+        with owner._lock:
+            owner.answers[(kind, key, status)] += 1
         if status == 200 and kind in ("PUT", "COMPLETE_MPU"):
             with owner._lock:
                 owner.stored[key] += 1
@@ -580,6 +615,42 @@ def _instrument(vfs) -> None:
         client._instrumented = True
 
 
+def _instrument_jobs() -> None:
+    """Print ``job <name> skip`` when a compaction job of a writer found another one of its
+    replica at work, and ``job <name> ran <seconds>`` after each run: what compaction was doing
+    when an expected compaction step never came."""
+    from ltxvfs import compact
+
+    orig_exclusive, orig_jobs = compact.Compactor._exclusive, compact.Compactor.jobs
+
+    def exclusive(self, job):
+        ran = threading.local()
+
+        def timed():
+            ran.t0 = time.monotonic()
+            job()
+
+        inner = orig_exclusive(self, timed)
+
+        def run():
+            ran.t0 = None
+            inner()
+            if ran.t0 is None:
+                emit("job", run.job_name, "skip")
+            else:
+                emit("job", run.job_name, "ran", f"{time.monotonic() - ran.t0:.3f}")
+        run.job_name = "?"
+        return run
+
+    def jobs(self):
+        out = orig_jobs(self)
+        for name, fn, _ in out:
+            fn.job_name = name
+        return out
+
+    compact.Compactor._exclusive, compact.Compactor.jobs = exclusive, jobs
+
+
 def writer_main(args: argparse.Namespace) -> int:
     """Commit the workload through the VFS in write mode until ``--count`` commits, ``--duration``
     seconds or the ``--stop`` file appears. Prints ``start <n>`` (recovered state), ``committed
@@ -590,6 +661,8 @@ def writer_main(args: argparse.Namespace) -> int:
     import ltxvfs
 
     vfs = ltxvfs.register()
+    if args.instrument:
+        _instrument_jobs()
     con = None
     try:
         con = _connect_rw(args.uri)
