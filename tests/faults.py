@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import ctypes
 import faulthandler
 import http.client
 import http.server
@@ -896,6 +897,25 @@ def racer_main(args: argparse.Namespace) -> int:
     return 0
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def _heap_bytes() -> int | None:
+    """Bytes malloc has handed out and not taken back (glibc's mallinfo2: in-use chunks of every
+    arena plus mmapped ones), or None without glibc 2.33+. Unlike RSS, this does not grow as
+    per-thread arenas warm up or stay fragmented: a native leak (SQLite, apsw, LZ4) shows here."""
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    info = fn()
+    return info.uordblks + info.hblkhd
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -966,6 +986,9 @@ def soak_check(con) -> int:
     return n
 
 
+_LEAKED: list[bytes] = []
+
+
 def soak_main(args: argparse.Namespace) -> int:
     """A writer and ``--readers`` reader threads on one replica for ``--duration`` seconds,
     in this process; a JSON line of resource samples every ``--every`` seconds."""
@@ -992,6 +1015,7 @@ def soak_main(args: argparse.Namespace) -> int:
                 try:
                     soak_check(con)
                     counters["reads"] += 1
+                    counters[f"reads_{k}"] += 1  # per thread: one that only ever met Busy fails
                 except apsw.BusyError:
                     counters["busy"] += 1
                 except Exception as err:
@@ -1015,16 +1039,18 @@ def soak_main(args: argparse.Namespace) -> int:
             except apsw.BusyError:
                 time.sleep(0.01)
         counters["commits"] += 1
+        if args.leak:  # a deliberate leak, to check that the soak's bounds catch one
+            _LEAKED.append(bytes(args.leak))
         now = time.monotonic()
         if now >= next_sample:
             next_sample = now + args.every
             fds = _fd_kinds()
-            emit(json.dumps({"t": round(now - start, 2), "rss": _rss_bytes(),
+            emit(json.dumps({"t": round(now - start, 2), "rss": _rss_bytes(), "heap": _heap_bytes(),
                              "traced": tracemalloc.get_traced_memory()[0],
                              "fds": sum(fds.values()), **{f"fds_{k}": v for k, v in fds.items()},
                              "threads": threading.active_count(), **{
                                  f"threads_{k}": v for k, v in _thread_kinds().items()},
-                             "n": n,
+                             "n": n, "commits": counters["commits"],
                              "reads": counters["reads"]}))
         time.sleep(args.pace)
     stop.set()
@@ -1067,6 +1093,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--every", type=float, default=0.5)
     s.add_argument("--pace", type=float, default=0.01)
     s.add_argument("--read-pause", type=float, default=0.02)
+    s.add_argument("--leak", type=int, default=0, help="bytes to leak per commit (self-test)")
     args = p.parse_args(argv)
     return {"writer": writer_main, "reader": reader_main, "soak": soak_main,
             "racer": racer_main}[args.cmd](args)
