@@ -291,34 +291,44 @@ def test_empty_replica_waits_then_fails(vfs, tmp_path):
 
 
 def test_concurrent_reader_threads(vfs, primary):
+    """8 threads read while the primary commits: every read is a prefix-consistent state, and
+    every thread really read — a BusyError is retried and counted, never the end of a thread
+    (it used to end the thread silently, and the test passed with threads that read nothing)."""
     errors: list[BaseException] = []
     expected = primary.rows()
     stop = threading.Event()
+    reads = [0] * 8
+    busy = [0] * 8
 
-    def reader():
+    def reader(k: int):
         con = connect(primary.url)
         try:
             while not stop.is_set():
-                got = rows(con)
+                try:
+                    got = rows(con)
+                except apsw.BusyError:
+                    busy[k] += 1
+                    continue
                 if got[:500] != expected[:500]:
-                    errors.append(AssertionError("wrong rows"))
+                    errors.append(AssertionError(f"reader {k}: wrong rows"))
                     return
-        except apsw.BusyError:
-            pass
+                reads[k] += 1
         except BaseException as err:
             errors.append(err)
         finally:
             con.close()
 
-    threads = [threading.Thread(target=reader) for _ in range(8)]
+    threads = [threading.Thread(target=reader, args=(k,)) for k in range(8)]
     for t in threads:
         t.start()
     for i in range(5):
         primary.commit(f"INSERT INTO t(name) VALUES ('c{i}')")
+    wait_for(lambda: min(reads) >= 3 or bool(errors))  # every thread read, and went on reading
     stop.set()
     for t in threads:
         t.join(30)
     assert not errors
+    assert min(reads) >= 3, (reads, busy)
 
 
 def test_many_databases_bounded_threads(vfs, tmp_path):
