@@ -46,11 +46,11 @@ from pathlib import Path
 import boto3
 import pytest
 from botocore.exceptions import ClientError
+from conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
 
 from ltxvfs.storage import open_replica
 from ltxvfs.storage.base import ltx_filename
 
-from conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
 from faults import FaultProxy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,7 +149,7 @@ def test_concurrent_conditional_puts_of_one_key_let_exactly_one_win(request, sta
         barrier = threading.Barrier(len(clients))
         outcome: dict[int, str] = {}
 
-        def put(i: int) -> None:
+        def put(i: int, barrier=barrier, key=key, outcome=outcome) -> None:
             barrier.wait()
             try:
                 clients[i].put_object(Bucket=bucket, Key=key, Body=f"writer {i}".encode() * 4096,
