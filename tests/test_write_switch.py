@@ -401,7 +401,7 @@ def test_write_mode_switched_on_and_off_by_pragma_round_trip(vfs, tmp_path, monk
                           "&poll_interval=1h&sync_interval=-1s", flags=RW)
     con.set_busy_timeout(0)
     assert rows(con, "PRAGMA litestream_write_enabled") == [("0",)]
-    with pytest.raises(apsw.ReadOnlyError, match="attempt to write a readonly database"):
+    with pytest.raises(apsw.ReadOnlyError, match=r"the database is read-only \(write mode is off\)"):
         con.execute("INSERT INTO t VALUES (1, 'refused')")
     assert rows(con, "PRAGMA litestream_write_enabled = 1") == [("1",)]
     con.execute("INSERT INTO t VALUES (1, 'first')")
@@ -410,7 +410,7 @@ def test_write_mode_switched_on_and_off_by_pragma_round_trip(vfs, tmp_path, monk
     assert rows(con, "PRAGMA litestream_write_enabled = 0") == [("0",)]
     assert not buffer.exists(), "turning write mode off syncs and removes the buffer"
     assert rows(con, "PRAGMA litestream_txid") == [(f"{2:016x}",)]
-    with pytest.raises(apsw.ReadOnlyError, match="attempt to write a readonly database"):
+    with pytest.raises(apsw.ReadOnlyError, match=r"the database is read-only \(write mode is off\)"):
         con.execute("INSERT INTO t VALUES (2, 'refused')")
     assert rows(con, "PRAGMA litestream_write_enabled = 1") == [("1",)]
     con.execute("INSERT INTO t VALUES (2, 'second')")
