@@ -37,18 +37,19 @@ MIB = 1024 * 1024
 CALL_THREADS_CAP = (JOB_THREADS + 4) * max(DEFAULT_METADATA_CONCURRENCY, 10)
 READERS = 4
 #: Growth allowed per operation (a commit or a checked read) once warmed up: the least-squares
-#: slope, over the samples after the first third, of the *floor* of Python's traced memory and of
+#: slope, over the second half of the samples, of the *floor* of Python's traced memory and of
 #: malloc's bytes in use (the lowest value of each 2 s window: a sample taken during a compaction
 #: or a snapshot catches transient buffers; a leak raises the floor). The old bounds (last third
 #: vs first: +15 % + 16 MiB RSS, +25 % + 4 MiB traced) let a 20 s run grow ~1 MiB/s unnoticed.
 #: RSS itself is not bounded per operation: it keeps rising for tens of seconds as glibc's
 #: per-thread arenas warm up (with MALLOC_ARENA_MAX=2 it levels off after ~25 s, while the
 #: in-use bytes stay flat from the start), so in a short run it measures warm-up, not leaks.
-#: Measured on a 20 s run: traced floor ~50 B/op; malloc's in-use floor ~1.6 KiB/op — still
-#: warming up at 20 s (SQLite's and the libraries' own caches: its floor rises from 47 to 51 MiB
-#: and then holds in longer runs), so its bound is looser; both are far below the ~16 KiB/op that
-#: ~1 MiB/s is at ~65 operations/s.
-TRACED_BYTES_PER_OP = 512
+#: The child collects garbage before each sample (live memory only). Measured on 20 s runs:
+#: traced floor -110..490 B/op (page caches still filling when the machine is busy); malloc's
+#: in-use floor 1.2-2.2 KiB/op, still warming up. A leak of 2 KiB per commit
+#: (LTXVFS_SOAK_LEAK=2048: ~1.3 KiB/op) fails the traced bound; the old bounds missed ~16 KiB/op
+#: (~1 MiB/s at ~65 operations/s).
+TRACED_BYTES_PER_OP = 1024
 HEAP_BYTES_PER_OP = 4096
 WINDOW = 4  # samples (every 0.5 s)
 #: The child opens two S3 clients (the writer's URL and the readers' one).
@@ -108,8 +109,8 @@ def test_soak_memory_and_descriptors_stay_flat(s3_server, bucket, tmp_path):
         "call_threads_max": max(s["threads_call"] for s in samples),
         "faults_injected": injected["injected"],
     }
-    # Slopes per operation of the floors over the warmed-up part (the first third fills caches).
-    warm = samples[third:]
+    # Slopes per operation of the floors over the warmed-up part (the second half).
+    warm = samples[len(samples) // 2:]  # under load the caches take longer than a third to fill
     windows = [warm[i:i + WINDOW] for i in range(0, len(warm) - WINDOW + 1, WINDOW)]
     ops = [w[-1]["commits"] + w[-1]["reads"] for w in windows]
     figures["ops"] = samples[-1]["commits"] + samples[-1]["reads"]
