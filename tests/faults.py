@@ -38,7 +38,9 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import ctypes
 import faulthandler
+import gc
 import http.client
 import http.server
 import json
@@ -170,6 +172,10 @@ class FaultProxy:
         self._hidden: dict[str, float] = {}  # key -> monotonic time it shows up in listings
         #: Object keys S3 accepted a PUT (or multipart completion) of, and how many times.
         self.stored: collections.Counter[str] = collections.Counter()
+        #: (kind, key, status) of every answer the store gave (before any fault replaced it).
+        self.answers: collections.Counter[tuple[str, str, int]] = collections.Counter()
+        self._gates: list[tuple[str, str, threading.Barrier]] = []
+        self._key_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
         self._server: http.server.ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -227,6 +233,29 @@ class FaultProxy:
             if k not in {f.name for f in fields(Faults)}:
                 raise TypeError(f"unknown fault {k!r}")
             setattr(self.faults, k, v)
+
+    def hold(self, kind: str, key: str, parties: int, timeout: float = 60.0) -> threading.Barrier:
+        """Hold requests of ``kind`` for ``key`` until ``parties`` of them arrived, then let them
+        all reach the store at once (bounded by ``timeout``: then they go on, and the barrier is
+        broken). For races that must really happen at the store, e.g. two conditional PUTs of
+        one key: neither is applied before both were sent."""
+        barrier = threading.Barrier(parties, timeout=timeout)
+        with self._lock:
+            self._gates.append((kind, key, barrier))
+        return barrier
+
+    def _key_lock(self, key: str) -> threading.Lock:
+        with self._lock:
+            return self._key_locks.setdefault(key, threading.Lock())
+
+    def _wait_at_gate(self, kind: str, key: str) -> None:
+        with self._lock:
+            gates = [g for k, name, g in self._gates if k == kind and name == key]
+        for g in gates:
+            try:
+                g.wait()
+            except threading.BrokenBarrierError:
+                self._count("gate_timeout")
 
     def injected(self) -> int:
         """Faults injected so far (stale listings count once per altered LIST response)."""
@@ -398,8 +427,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             owner._count(fault)
             self._send_error(which)
             return
+        owner._wait_at_gate(kind, key)
+        # moto checks If-None-Match and then stores, without a lock: two conditional PUTs of one
+        # key that reach it together could both succeed, which S3 never allows. Forwarding them
+        # one at a time per key makes the proxy as strict as S3 (tests/test_storage_fidelity.py).
+        conditional = kind in ("PUT", "COMPLETE_MPU") and self.headers.get("If-None-Match")
         try:
-            status, headers, data = self._forward(body)
+            with owner._key_lock(key) if conditional else contextlib.nullcontext():
+                status, headers, data = self._forward(body)
         except OSError:
             self._send_error("error")  # upstream trouble: S3 would say 500 too
             return
@@ -407,6 +442,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             status, headers = 409, [("Content-Type", "application/xml")]
             data = _error_body("FileAlreadyExists", "The object you specified already exists "
                                "and can not be overwritten.", urllib.parse.urlsplit(self.path).path)
+        with owner._lock:
+            owner.answers[(kind, key, status)] += 1
         if status == 200 and kind in ("PUT", "COMPLETE_MPU"):
             with owner._lock:
                 owner.stored[key] += 1
@@ -620,6 +657,42 @@ def _instrument(vfs) -> None:
         client._instrumented = True
 
 
+def _instrument_jobs() -> None:
+    """Print ``job <name> skip`` when a compaction job of a writer found another one of its
+    replica at work, and ``job <name> ran <seconds>`` after each run: what compaction was doing
+    when an expected compaction step never came."""
+    from ltxvfs import compact
+
+    orig_exclusive, orig_jobs = compact.Compactor._exclusive, compact.Compactor.jobs
+
+    def exclusive(self, job):
+        ran = threading.local()
+
+        def timed():
+            ran.t0 = time.monotonic()
+            job()
+
+        inner = orig_exclusive(self, timed)
+
+        def run():
+            ran.t0 = None
+            inner()
+            if ran.t0 is None:
+                emit("job", run.job_name, "skip")
+            else:
+                emit("job", run.job_name, "ran", f"{time.monotonic() - ran.t0:.3f}")
+        run.job_name = "?"
+        return run
+
+    def jobs(self):
+        out = orig_jobs(self)
+        for name, fn, _ in out:
+            fn.job_name = name
+        return out
+
+    compact.Compactor._exclusive, compact.Compactor.jobs = exclusive, jobs
+
+
 def writer_main(args: argparse.Namespace) -> int:
     """Commit the workload through the VFS in write mode until ``--count`` commits, ``--duration``
     seconds or the ``--stop`` file appears. Prints ``start <n>`` (recovered state), ``committed
@@ -630,6 +703,8 @@ def writer_main(args: argparse.Namespace) -> int:
     import ltxvfs
 
     vfs = ltxvfs.register()
+    if args.instrument:
+        _instrument_jobs()
     con = None
     try:
         con = _connect_rw(args.uri)
@@ -863,6 +938,25 @@ def racer_main(args: argparse.Namespace) -> int:
     return 0
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def _heap_bytes() -> int | None:
+    """Bytes malloc has handed out and not taken back (glibc's mallinfo2: in-use chunks of every
+    arena plus mmapped ones), or None without glibc 2.33+. Unlike RSS, this does not grow as
+    per-thread arenas warm up or stay fragmented: a native leak (SQLite, apsw, LZ4) shows here."""
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    info = fn()
+    return info.uordblks + info.hblkhd
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -933,6 +1027,9 @@ def soak_check(con) -> int:
     return n
 
 
+_LEAKED: list[bytes] = []
+
+
 def soak_main(args: argparse.Namespace) -> int:
     """A writer and ``--readers`` reader threads on one replica for ``--duration`` seconds,
     in this process; a JSON line of resource samples every ``--every`` seconds."""
@@ -959,6 +1056,7 @@ def soak_main(args: argparse.Namespace) -> int:
                 try:
                     soak_check(con)
                     counters["reads"] += 1
+                    counters[f"reads_{k}"] += 1  # per thread: one that only ever met Busy fails
                 except apsw.BusyError:
                     counters["busy"] += 1
                 except Exception as err:
@@ -982,16 +1080,19 @@ def soak_main(args: argparse.Namespace) -> int:
             except apsw.BusyError:
                 time.sleep(0.01)
         counters["commits"] += 1
+        if args.leak:  # a deliberate leak, to check that the soak's bounds catch one
+            _LEAKED.append(bytes(args.leak))
         now = time.monotonic()
         if now >= next_sample:
             next_sample = now + args.every
+            gc.collect()  # live memory: cyclic garbage awaiting a collection is not a leak
             fds = _fd_kinds()
-            emit(json.dumps({"t": round(now - start, 2), "rss": _rss_bytes(),
+            emit(json.dumps({"t": round(now - start, 2), "rss": _rss_bytes(), "heap": _heap_bytes(),
                              "traced": tracemalloc.get_traced_memory()[0],
                              "fds": sum(fds.values()), **{f"fds_{k}": v for k, v in fds.items()},
                              "threads": threading.active_count(), **{
                                  f"threads_{k}": v for k, v in _thread_kinds().items()},
-                             "n": n,
+                             "n": n, "commits": counters["commits"],
                              "reads": counters["reads"]}))
         time.sleep(args.pace)
     stop.set()
@@ -1034,6 +1135,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--every", type=float, default=0.5)
     s.add_argument("--pace", type=float, default=0.01)
     s.add_argument("--read-pause", type=float, default=0.02)
+    s.add_argument("--leak", type=int, default=0, help="bytes to leak per commit (self-test)")
     args = p.parse_args(argv)
     return {"writer": writer_main, "reader": reader_main, "soak": soak_main,
             "racer": racer_main}[args.cmd](args)

@@ -226,3 +226,186 @@ def test_commit_after_a_failed_rewrite_is_not_lost(tmp_path, monkeypatch, inject
     else:
         assert found.base_txid == 8 and 1 not in pages
     buf.close()
+
+
+# --- issue 14: damaged buffers ------------------------------------------------------------------
+#
+# What a crash, a power loss, a bad disk or a wrong path can leave where recovery looks: a torn
+# last record, a flipped byte inside a committed record, another replica's buffer, a file far
+# larger than memory. Recovery must keep exactly the committed transactions it can prove, and
+# say so when it cannot, never hand back a silently shorter history.
+
+
+def history(path: Path, commits: int) -> tuple[list[dict[int, bytes]], list[int]]:
+    """A closed buffer of ``commits`` transactions (1-3 pages each, page 1 in every one).
+    Returns the committed pages after each commit (index 0: before any) and the file offset
+    just past each COMMIT record."""
+    buf = new_buffer(path)
+    states: list[dict[int, bytes]] = [{}]
+    for c in range(1, commits + 1):
+        state = dict(states[-1])
+        for pgno in {1, 1 + c % 5, 2 + c % 3}:
+            state[pgno] = page(pgno, c)
+            buf.write_page(pgno, state[pgno])
+        buf.commit(fsync=False)
+        states.append(state)
+    buf.close()
+    buf, found = reopen(path)
+    ends = list(found.commit_ends)
+    buf.close()
+    assert len(ends) == commits
+    return states, ends
+
+
+@pytest.mark.parametrize("cut", [1, 5, 9, 16])  # inside the COMMIT record: type, length, payload, CRC
+def test_a_torn_last_commit_record_drops_that_transaction_only(tmp_path, cut):
+    path = tmp_path / "buf"
+    states, ends = history(path, 12)
+    commit_record = 5 + 12 + 4
+    os.truncate(path, ends[-1] - commit_record + cut)
+    buf, found = reopen(path)
+    assert found.commits == 11
+    assert committed_pages(buf, found) == states[11]
+    assert found.last_commit_end == ends[10], "the torn transaction is not committed"
+    assert found.end == ends[-1] - commit_record, "its page records are all there (uncommitted)"
+    buf.close()
+
+
+def test_a_torn_page_record_of_the_last_transaction_drops_that_transaction_only(tmp_path):
+    path = tmp_path / "buf"
+    states, ends = history(path, 12)
+    os.truncate(path, ends[10] + 5 + 4 + 100)  # the first page record after commit 11, cut short
+    buf, found = reopen(path)
+    assert found.commits == 11
+    assert committed_pages(buf, found) == states[11]
+    buf.close()
+
+
+def test_zeros_after_the_last_record_are_not_records(tmp_path):
+    """A file extended by a power loss (or preallocated) ends in zeros: they end the log."""
+    path = tmp_path / "buf"
+    states, ends = history(path, 12)
+    with open(path, "ab") as f:
+        f.write(bytes(3 * PAGE))
+    buf, found = reopen(path)
+    assert found.commits == 12 and found.end == ends[-1]
+    assert committed_pages(buf, found) == states[12]
+    buf.close()
+
+
+def _open_descriptors(path: Path) -> list[str]:
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == str(path):
+                out.append(fd)
+        except OSError:
+            pass
+    return out
+
+
+def _flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x20]))
+
+
+@pytest.mark.parametrize("where", ["page bytes", "page number", "record length", "commit size",
+                                   "record crc"])
+def test_a_flipped_byte_in_a_committed_record_is_refused_not_cut_short(tmp_path, where):
+    """Commits 1-12, a byte of commit 5's records flipped: recovery cannot replay commit 5, and
+    must not pretend commits 6-12 never happened (that is what a silent truncation does: the
+    writer then syncs commits 1-4 and deletes the rest). The buffer is refused and left as is."""
+    path = tmp_path / "buf"
+    states, ends = history(path, 12)
+    first_page = ends[3]  # commit 5 starts with a PAGE record right after commit 4's COMMIT
+    offset = {"page bytes": first_page + 5 + 4 + 1000,
+              "page number": first_page + 5 + 3,
+              "record length": first_page + 3,
+              "commit size": ends[4] - 4 - 12 + 3,
+              "record crc": ends[4] - 2}[where]
+    _flip(path, offset)
+    before = path.read_bytes()
+    buf = WriteBuffer(path, REPLICA)
+    with pytest.raises(BufferError, match=r"is damaged at offset \d+: .*committed .* after it"):
+        buf.open()
+    assert path.read_bytes() == before, "a damaged buffer is kept as it is"
+    assert not _open_descriptors(path), "the refused buffer is still open (and locked)"
+
+
+def test_a_flipped_byte_in_the_open_transaction_drops_only_it(tmp_path):
+    """Damage after the last COMMIT hits only the transaction that never committed."""
+    path = tmp_path / "buf"
+    states, ends = history(path, 6)
+    buf = WriteBuffer(path, REPLICA)
+    buf.open()
+    buf._end = path.stat().st_size  # append after the closed file's records
+    buf.page_size = PAGE
+    buf.write_page(7, page(7, 7))
+    buf.write_page(8, page(8, 7))
+    buf.close()
+    _flip(path, ends[-1] + 5 + 4 + 10)
+    buf, found = reopen(path)
+    assert found.commits == 6 and committed_pages(buf, found) == states[6]
+    buf.close()
+
+
+def test_a_buffer_of_another_replica_is_refused_and_kept(tmp_path):
+    path = tmp_path / "buf"
+    history(path, 3)
+    before = path.read_bytes()
+    other = WriteBuffer(path, REPLICA + 1)
+    with pytest.raises(BufferError, match=f"{path} belongs to another replica; move it away"):
+        other.open()
+    assert path.read_bytes() == before
+    # The refusal let go of the file (descriptor and lock): its own replica can open it.
+    buf, found = reopen(path)
+    assert found.commits == 3
+    buf.close()
+
+
+def test_a_buffer_that_is_not_one_is_refused(tmp_path):
+    path = tmp_path / "buf"
+    path.write_bytes(b"SQLite format 3\0" + bytes(4080))
+    buf = WriteBuffer(path, REPLICA)
+    with pytest.raises(BufferError, match=f"{path} is not an ltxvfs write buffer"):
+        buf.open()
+    buf.close()
+    path.write_bytes(b"LTXVFSB1")
+    buf = WriteBuffer(path, REPLICA)
+    with pytest.raises(BufferError, match=f"{path} is too short to be an ltxvfs write buffer"):
+        buf.open()
+    buf.close()
+
+
+def test_a_sparse_buffer_of_8_gib_is_scanned_and_rewritten_in_bounded_memory(tmp_path):
+    """An 8 GiB file (a hole after the records: what a preallocating filesystem or a runaway
+    process can leave) costs neither 8 GiB of memory nor a read of 8 GiB: the scan stops at the
+    first non-record, reading one chunk, and the rewrite keeps only the records."""
+    path = tmp_path / "buf"
+    states, ends = history(path, 12)
+    os.truncate(path, 8 << 30)
+    reads: list[int] = []
+    real = os.pread
+
+    def counting_pread(fd, n, offset):
+        reads.append(n)
+        return real(fd, n, offset)
+
+    tracemalloc.start()
+    try:
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(os, "pread", counting_pread)
+            buf, found = reopen(path)
+            buf.adopt(found, found.base_txid, 0, RECORDS_START)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert found.commits == 12 and found.end == ends[-1]
+    assert sum(reads) < 16 * buffer_mod.CHUNK, f"read {sum(reads)} bytes of a sparse file"
+    assert peak < 4 * buffer_mod.CHUNK, f"peak {peak} bytes"
+    assert path.stat().st_size == ends[-1], "the rewrite drops the hole"
+    assert committed_pages(buf, found) == states[12]
+    buf.close()

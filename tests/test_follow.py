@@ -170,3 +170,85 @@ def test_cache_keys_tell_replaced_files_apart(tmp_path, replica_url):
     assert a.etag and b.etag and a.etag != b.etag
     assert frame_key(a, 100) != frame_key(b, 100)
     assert frame_key(a, 100) == frame_key(replace(a, created_at=b.created_at), 100)
+
+
+# --- issue 14: following a live primary across L0 gaps, forced ------------------------------------
+
+
+def test_a_follower_behind_crosses_every_kind_of_l0_gap(vfs, tmp_path, replica_url):
+    """The primary keeps committing; the follower polls only when told. Before each poll the
+    TXIDs it has not seen lose their L0 files, covered by: L1 alone; L1 with the follower's own
+    tip file gone too; L2 alone (L1 removed as snapshot retention does); a snapshot alone. Each
+    time the follower reaches the primary's TXID with exactly its rows, by applying files (no
+    rebuild, no replaced history), and a read transaction open across the poll keeps its view."""
+    from datetime import UTC, datetime, timedelta
+
+    from ltxvfs.compact import (
+        compact_level,
+        enforce_l0_retention,
+        enforce_snapshot_retention,
+        snapshot,
+    )
+
+    later = datetime.now(UTC) + timedelta(hours=1)  # every file old enough for any retention
+    with open_replica(replica_url) as client:
+        p = history(client, tmp_path / "p.db", "live", 3)
+        con, replica = follower(vfs, replica_url)
+        other = connect(replica_url)  # a second connection, inside a read transaction
+        assert rows(con) == p.rows()
+        compact_level(client, 1)  # L1 1-3: later gaps start above it
+
+        def advance(commits: int) -> None:
+            for _ in range(commits):
+                i = p.txid + 1
+                p.commit(f"INSERT INTO t(v, b) VALUES ('live-{i}', zeroblob(300))",
+                         f"UPDATE t SET v = 'live-upd{i}' WHERE id = {i % 200 + 1}")
+
+        def gap_l1_only():
+            advance(4)
+            compact_level(client, 1)
+            enforce_l0_retention(client, 0, now=later)  # keeps only the newest L0 file
+
+        def gap_with_the_tip_gone():
+            advance(3)
+            compact_level(client, 1)
+            enforce_l0_retention(client, 0, now=later)
+            advance(1)
+            tip = replica.state.txid
+            assert not any(f.max_txid == tip for f in client.list_files(0)), "tip still in L0"
+
+        def gap_l2_only():
+            advance(5)
+            compact_level(client, 1)
+            enforce_l0_retention(client, 0, now=later)
+            compact_level(client, 2)
+            l1 = client.list_files(1)
+            client.delete(l1[:-1])  # as snapshot retention does below a snapshot
+            advance(1)
+
+        def gap_snapshot_only():
+            advance(4)
+            compact_level(client, 1)
+            enforce_l0_retention(client, 0, now=later)
+            compact_level(client, 2)
+            snapshot(client)
+            enforce_snapshot_retention(client, 0, [1, 2], now=later)
+            advance(1)
+
+        for make_gap in (gap_l1_only, gap_with_the_tip_gone, gap_l2_only, gap_snapshot_only):
+            before = replica.state.txid
+            other.execute("BEGIN")
+            seen_before = rows(other)
+            make_gap()
+            l0 = [f.min_txid for f in client.list_files(0)]
+            assert before + 1 not in l0, f"{make_gap.__name__}: no gap was made ({l0})"
+            replica.poll()
+            assert replica.state.txid == p.txid, make_gap.__name__
+            assert rows(con) == p.rows(), make_gap.__name__
+            assert rows(other) == seen_before, "a read transaction changed under a poll"
+            other.execute("COMMIT")
+            assert rows(other) == p.rows()
+            assert rows(con, "PRAGMA integrity_check") == [("ok",)]
+        assert replica.replacements == 0, "a gap was taken for a replaced history"
+        other.close()
+        con.close()

@@ -419,9 +419,9 @@ def test_index_varints_that_never_end():
     data = bytearray(_good_block_file())
     start = ltx.page_index_start(bytes(data), len(data))
     data[start:len(data) - 24] = b"\xff" * (len(data) - 24 - start)
-    with pytest.raises(LTXError):
+    with pytest.raises(LTXError, match="varint runs past the index"):
         ltx.parse_page_index(bytes(data), len(data))
-    with pytest.raises(LTXError):
+    with pytest.raises(LTXError, match="varint runs past the index"):
         ltx.decode_file(bytes(data))
 
 

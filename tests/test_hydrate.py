@@ -256,6 +256,60 @@ def test_write_mode_syncs_reach_the_hydrated_file(vfs, tmp_path):
     con.close()
 
 
+def test_commits_while_the_first_hydration_runs_reach_the_copy(vfs, replica, tmp_path,
+                                                                monkeypatch):
+    """The Go VFS's known race: a write made while the first hydration is still copying. Here
+    the first pass is held at its first fetch while the writer commits and syncs twice and
+    commits once more without syncing; the pass then completes on the state it started from.
+    Reads see every commit throughout, the copy catches up to the last synced TXID (never the
+    first pass's pages over newer ones), and it ends equal to the replica."""
+    import sqlite3
+
+    entered, gate = threading.Event(), threading.Event()
+    real = hydrate.Hydrator._fetch_run
+
+    def held(self, state, run):
+        entered.set()
+        gate.wait(HOLD)
+        return real(self, state, run)
+
+    monkeypatch.setattr(hydrate.Hydrator, "_fetch_run", held)
+    target = tmp_path / "copy.db"
+    con = apsw.Connection(
+        f"file:db?vfs=litestream&replica_url={quote(replica.url, safe='')}&write_enabled=true"
+        f"&buffer_path={quote(str(tmp_path / 'buf'), safe='')}&sync_interval=-1s"
+        f"&poll_interval=1h&hydration_path={quote(str(target), safe='')}",
+        flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_URI)
+    try:
+        assert entered.wait(HOLD), "the first hydration never started fetching"
+        assert one(con, "PRAGMA litestream_hydration_progress") != "100.0"
+        con.execute("UPDATE t SET b = x'01' WHERE id % 3 = 0")
+        assert one(con, "PRAGMA litestream_sync") == f"{2:016x}"
+        con.execute("DELETE FROM t WHERE id > 390")
+        con.execute("INSERT INTO t(id, b) VALUES (1000, randomblob(5000))")
+        assert one(con, "PRAGMA litestream_sync") == f"{3:016x}"
+        at3 = con.execute("SELECT id, hex(b) FROM t ORDER BY id").fetchall()
+        con.execute("UPDATE t SET b = x'02' WHERE id = 1")  # committed, not synced
+        assert one(con, "PRAGMA litestream_hydration_progress") != "100.0", "not held"
+    finally:
+        gate.set()
+    expected = con.execute("SELECT id, hex(b) FROM t ORDER BY id").fetchall()
+    assert len(expected) == 391 and expected[0] == (1, "02")
+    hydrated(con)
+    assert one(con, "PRAGMA litestream_txid") == f"{3:016x}"
+    assert con.execute("SELECT id, hex(b) FROM t ORDER BY id").fetchall() == expected
+    copy = sqlite3.connect(target)  # the copy: TXID 3 exactly (the buffer's commit is not in it)
+    assert copy.execute("SELECT id, hex(b) FROM t ORDER BY id").fetchall() == at3 != expected
+    assert copy.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    copy.close()
+    assert one(con, "PRAGMA litestream_sync") == f"{4:016x}"
+    hydrated(con)
+    copy = sqlite3.connect(target)
+    assert copy.execute("SELECT id, hex(b) FROM t ORDER BY id").fetchall() == expected
+    copy.close()
+    con.close()
+
+
 # --- who writes the file, and when (a Hydrator driven directly) ----------------------------------
 #
 # These tests run a Hydrator on a Replica of their own (hydration_rig.Rig), with a one-worker

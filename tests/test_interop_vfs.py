@@ -168,21 +168,24 @@ def test_threads_and_processes_read_while_the_primary_writes(vfs, tmp_path, repl
     errors: list[BaseException] = []
     stop = threading.Event()
 
-    def reader():
+    reads = [0] * 8
+
+    def reader(k: int):
         con = connect(url)
         try:
             while not stop.is_set():
                 try:
                     ids = [r[0] for r in con.execute("SELECT id FROM items ORDER BY id")]
                     assert ids == sorted(set(ids))
+                    reads[k] += 1
                 except apsw.BusyError:
-                    pass  # documented: transient storage trouble
+                    pass  # documented: transient storage trouble (retried)
         except BaseException as err:
             errors.append(err)
         finally:
             con.close()
 
-    threads = [threading.Thread(target=reader) for _ in range(8)]
+    threads = [threading.Thread(target=reader, args=(k,)) for k in range(8)]
     for t in threads:
         t.start()
     for _ in range(6):
@@ -197,6 +200,7 @@ def test_threads_and_processes_read_while_the_primary_writes(vfs, tmp_path, repl
         assert p.returncode == 0, err
         assert int(out) > 0
     assert not errors, errors
+    assert min(reads) > 0, f"a reader thread never read: {reads}"
     con = connect(url)
     assert wait_for(lambda: rows(con) == wl.rows(), timeout=3)
     con.close()

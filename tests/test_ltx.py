@@ -153,7 +153,7 @@ def test_mixed_encodings_in_one_file():
 def test_legacy_file_checksum_is_verified():
     data = bytearray(legacy_file(header(commit=1), [(1, page(4096, 1))]))
     data[-1] ^= 1
-    with pytest.raises(ChecksumMismatchError):
+    with pytest.raises(ChecksumMismatchError, match="file checksum mismatch: stored"):
         ltx.decode_file(bytes(data))
 
 
@@ -163,9 +163,9 @@ def test_legacy_file_checksum_is_verified():
 def test_wrong_magic():
     data = bytearray(ltx.encode_file(header(commit=1), [(1, bytes(4096))]))
     data[:4] = b"LTX2"
-    with pytest.raises(InvalidMagicError):
+    with pytest.raises(InvalidMagicError, match="magic b'LTX2', expected b'LTX1'"):
         ltx.decode_file(bytes(data))
-    with pytest.raises(InvalidMagicError):
+    with pytest.raises(InvalidMagicError, match="magic b'SQLi', expected b'LTX1'"):
         ltx.Header.unpack(b"SQLite format 3\x00" + bytes(84))
 
 
@@ -202,10 +202,10 @@ def test_pre_apply_checksum_rules():
 
 
 def test_encoder_refuses_checksummed_or_empty_headers():
-    with pytest.raises(InvalidHeaderError):
+    with pytest.raises(InvalidHeaderError, match="NoChecksum files only"):
         ltx.Encoder(io.BytesIO(), header(flags=0, min_txid=2, max_txid=2,
                                          pre_apply_checksum=ltx.CHECKSUM_FLAG | 1))
-    with pytest.raises(InvalidHeaderError):
+    with pytest.raises(InvalidHeaderError, match="commit must be at least 1"):
         ltx.Encoder(io.BytesIO(), header(commit=0))
 
 
@@ -250,7 +250,7 @@ def test_encoder_page_order_rules():
         enc.write_page(2, bytes(4096))
     with pytest.raises(PageOrderError, match="out-of-bounds"):
         enc.write_page(6, bytes(4096))
-    with pytest.raises(PageFrameError):
+    with pytest.raises(PageFrameError, match="page 3 is 100 bytes, not 4096"):
         enc.write_page(3, bytes(100))
     snap = ltx.Encoder(io.BytesIO(), header(commit=3))
     with pytest.raises(PageOrderError, match="start with page number 1"):
@@ -310,7 +310,7 @@ def test_checksum_mismatch_on_header_change():
 def test_checksum_mismatch_on_trailer_change():
     data = bytearray(_sample())
     data[-3] ^= 0x01
-    with pytest.raises(ChecksumMismatchError):
+    with pytest.raises(ChecksumMismatchError, match="file checksum mismatch: stored"):
         ltx.decode_file(bytes(data))
 
 
@@ -349,7 +349,7 @@ def test_malformed_index_detected():
     f = ltx.decode_file(bytes(data))
     start = ltx.page_index_start(bytes(data), len(data))
     data[start + 1] ^= 0x05  # offset of page 1 in the index
-    with pytest.raises(MalformedIndexError):
+    with pytest.raises(MalformedIndexError, match="frame of page 1 at .* is outside the page data"):
         ltx.decode_file(bytes(data))
     assert f.index[1][0] == 100
 
@@ -357,7 +357,7 @@ def test_malformed_index_detected():
 def test_index_length_out_of_range():
     data = bytearray(_sample())
     data[-24:-16] = (10**9).to_bytes(8, "big")
-    with pytest.raises(MalformedIndexError):
+    with pytest.raises(MalformedIndexError, match="page index length 1000000000 does not fit"):
         ltx.parse_page_index(bytes(data[-4096:]), len(data))
 
 

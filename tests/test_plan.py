@@ -52,7 +52,7 @@ def test_txid_stops_exactly_at_the_target():
 
 
 def test_txid_inside_the_snapshot_needs_an_exact_chain():
-    with pytest.raises(TxNotAvailableError):
+    with pytest.raises(TxNotAvailableError, match="TXID 0000000000000032 is not in the replica"):
         choose_plan(SPEC_REPLICA, txid=50)
 
 
@@ -128,7 +128,7 @@ def test_replica_without_a_snapshot_start():
     replica = listing(f(1, 5, 9), f(0, 10, 10))
     with pytest.raises(NonContiguousError, match="have up to 0000000000000000"):
         choose_plan(replica)
-    with pytest.raises(TxNotAvailableError):
+    with pytest.raises(TxNotAvailableError, match="no LTX file before .*; the oldest retained file is from"):
         choose_plan(replica, timestamp=T0 + timedelta(days=1))
 
 

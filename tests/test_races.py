@@ -256,6 +256,7 @@ def test_time_travel_while_polling(vfs, s3_url, tmp_path):
     stop = threading.Event()
     problems: list[str] = []
     counts = {"pinned_txid": 0, "pinned_time": 0, "latest": 0, "busy": 0, "not_available": 0}
+    per_traveller = {k: 0 for k in range(3)}  # checked reads of each thread
     lock = threading.Lock()
 
     def traveller(seed: int):
@@ -292,6 +293,8 @@ def test_time_travel_while_polling(vfs, s3_url, tmp_path):
                         problems.append(f"latest went back from {last_latest} to {v.n}")
                     last_latest = v.n
                 check_view(v)
+                with lock:
+                    per_traveller[seed] += 1
             except apsw.BusyError:
                 counts["busy"] += 1
             except apsw.SQLError as err:
@@ -327,6 +330,7 @@ def test_time_travel_while_polling(vfs, s3_url, tmp_path):
     con.close()
     assert not problems, problems[:5]
     assert counts["pinned_txid"] and counts["pinned_time"] and counts["latest"], counts
+    assert min(per_traveller.values()) > 0, f"a traveller never read: {per_traveller}"
     assert counts["not_available"] == 0, "l0_retention=0 keeps every TXID available"
     from test_chaos import _report
     _report("race-time-travel", {"commits": n, "txids": len(moments), **counts})

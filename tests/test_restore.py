@@ -83,7 +83,7 @@ def test_corrupt_file_fails_and_leaves_nothing(tmp_path, client):
     data[len(data) // 2] ^= 0xFF
     client.delete([info])
     client.write(0, 1, 1, bytes(data), 1000)
-    with pytest.raises(LTXError):
+    with pytest.raises(LTXError, match="L0/0000000000000001-0000000000000001.ltx: file checksum mismatch"):
         restore(client, tmp_path / "x.db")
     assert not (tmp_path / "x.db").exists() and not (tmp_path / "x.db.tmp").exists()
 

@@ -35,6 +35,23 @@ MIB = 1024 * 1024
 #: Threads of per-call pools alive at once: each job thread (sync, compaction, poll) and reader
 #: may be inside one call's pool (HEADs, or a listing of 10 levels) at a time.
 CALL_THREADS_CAP = (JOB_THREADS + 4) * max(DEFAULT_METADATA_CONCURRENCY, 10)
+READERS = 4
+#: Growth allowed per operation (a commit or a checked read) once warmed up: the least-squares
+#: slope, over the second half of the samples, of the *floor* of Python's traced memory and of
+#: malloc's bytes in use (the lowest value of each 2 s window: a sample taken during a compaction
+#: or a snapshot catches transient buffers; a leak raises the floor). The old bounds (last third
+#: vs first: +15 % + 16 MiB RSS, +25 % + 4 MiB traced) let a 20 s run grow ~1 MiB/s unnoticed.
+#: RSS itself is not bounded per operation: it keeps rising for tens of seconds as glibc's
+#: per-thread arenas warm up (with MALLOC_ARENA_MAX=2 it levels off after ~25 s, while the
+#: in-use bytes stay flat from the start), so in a short run it measures warm-up, not leaks.
+#: The child collects garbage before each sample (live memory only). Measured on 20 s runs:
+#: traced floor -110..490 B/op (page caches still filling when the machine is busy); malloc's
+#: in-use floor 1.2-2.2 KiB/op, still warming up. A leak of 2 KiB per commit
+#: (LTXVFS_SOAK_LEAK=2048: ~1.3 KiB/op) fails the traced bound; the old bounds missed ~16 KiB/op
+#: (~1 MiB/s at ~65 operations/s).
+TRACED_BYTES_PER_OP = 1024
+HEAP_BYTES_PER_OP = 4096
+WINDOW = 4  # samples (every 0.5 s)
 #: The child opens two S3 clients (the writer's URL and the readers' one).
 S3_CLIENTS = 2
 
@@ -47,11 +64,13 @@ def test_soak_memory_and_descriptors_stay_flat(s3_server, bucket, tmp_path):
         url = s3_urls(bucket, proxy.endpoint)
         write = vfs_uri(url, write_enabled="true", buffer_path=quote(str(tmp_path / "buf")),
                         sync_interval="100ms", compaction_levels="1s,3s",
-                        snapshot_interval="2s", l0_retention="1s", cache_size="1MiB")
+                        snapshot_interval="2s", snapshot_retention="4s", l0_retention="1s",
+                        cache_size="1MiB")  # a replica of bounded size: a steady state
         # Readers follow the replica as another location: their own Replica, polling.
         read = vfs_uri(by_another_name(url), poll_interval="100ms", cache_size="1MiB")
         p = subprocess.run([sys.executable, str(HERE / "faults.py"), "soak", write, read,
-                            "--duration", str(SOAK_SECONDS), "--readers", "4", "--every", "0.5"],
+                            "--duration", str(SOAK_SECONDS), "--readers", str(READERS),
+                            "--every", "0.5", "--leak", os.environ.get("LTXVFS_SOAK_LEAK", "0")],
                            capture_output=True, text=True, timeout=SOAK_SECONDS + 180,
                            stdin=subprocess.DEVNULL)
         injected = proxy.stats()
@@ -62,6 +81,8 @@ def test_soak_memory_and_descriptors_stay_flat(s3_server, bucket, tmp_path):
     assert done.get("done"), p.stderr[-3000:]
     assert not done["failures"], done["failures"]
     assert done["counters"]["commits"] > 50 and done["counters"]["reads"] > 20, done
+    per_reader = [done["counters"].get(f"reads_{k}", 0) for k in range(READERS)]
+    assert min(per_reader) > 5, f"a reader thread read (almost) nothing: {per_reader}"
     assert sum(v for k, v in injected["injected"].items() if k != "stale_hidden_puts") > 0
     assert len(samples) >= 9, f"too few samples: {len(samples)}"
     third = len(samples) // 3
@@ -88,7 +109,24 @@ def test_soak_memory_and_descriptors_stay_flat(s3_server, bucket, tmp_path):
         "call_threads_max": max(s["threads_call"] for s in samples),
         "faults_injected": injected["injected"],
     }
+    # Slopes per operation of the floors over the warmed-up part (the second half).
+    warm = samples[len(samples) // 2:]  # under load the caches take longer than a third to fill
+    windows = [warm[i:i + WINDOW] for i in range(0, len(warm) - WINDOW + 1, WINDOW)]
+    ops = [w[-1]["commits"] + w[-1]["reads"] for w in windows]
+    figures["ops"] = samples[-1]["commits"] + samples[-1]["reads"]
+    figures["traced_floor_bytes_per_op"] = round(
+        _slope(ops, [min(s["traced"] for s in w) for w in windows]), 1)
+    if samples[0].get("heap") is not None:
+        figures["heap_floor_bytes_per_op"] = round(
+            _slope(ops, [min(s["heap"] for s in w) for w in windows]), 1)
+        figures["heap_first_mib"] = round(mean("heap", first) / MIB, 1)
+        figures["heap_last_mib"] = round(mean("heap", last) / MIB, 1)
+    figures["rss_bytes_per_op"] = round(_slope([s["commits"] + s["reads"] for s in warm],
+                                               [s["rss"] for s in warm]), 1)  # reported only
     _report("soak", figures)
+    assert len(windows) >= 3, f"too few samples for a slope: {len(samples)}"
+    assert figures["traced_floor_bytes_per_op"] <= TRACED_BYTES_PER_OP, figures
+    assert figures.get("heap_floor_bytes_per_op", 0) <= HEAP_BYTES_PER_OP, figures
     assert mean("rss", last) <= mean("rss", first) * 1.15 + 16 * MIB, figures
     assert mean("traced", last) <= mean("traced", first) * 1.25 + 4 * MIB, figures
     # Sockets come and go with the HTTP connection pools (a fault drops one, the next request
@@ -102,3 +140,11 @@ def test_soak_memory_and_descriptors_stay_flat(s3_server, bucket, tmp_path):
     assert figures["other_threads_last_max"] <= figures["other_threads_first_max"], figures
     assert figures["pool_threads_max"] <= POOL_THREADS + JOB_THREADS + HYDRATION_PARALLEL, figures
     assert figures["call_threads_max"] <= CALL_THREADS_CAP, figures
+
+
+def _slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of ys on xs."""
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    den = sum((x - mx) ** 2 for x in xs)
+    assert den > 0, "no operations between samples"
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den

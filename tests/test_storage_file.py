@@ -87,7 +87,7 @@ def test_read_ranges(client):
     assert client.read(0, 1, 1, 1000, 100) == data[1000:]  # short read at EOF
     assert client.read(0, 1, 1, 5000, 10) == b""
     assert client.read(0, 1, 1, 3, 0) == b""
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="invalid range: offset=-1"):
         client.read(0, 1, 1, -1)
 
 
@@ -177,11 +177,11 @@ def test_write_into_non_directory_fails_cleanly(tmp_path):
 
 
 def test_invalid_keys_and_roots_refused(client):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"invalid LTX level 10 \(0..9\)"):
         client.write(10, 1, 1, b"x", TS)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="invalid TXID range 0-1"):
         client.read(0, 0, 1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"invalid LTX level -1 \(0..9\)"):
         client.list_files(-1)
-    with pytest.raises(ReplicaURLError):
+    with pytest.raises(ReplicaURLError, match="file replica root must be an absolute path: 'relative/dir'"):
         FileReplicaClient("relative/dir")

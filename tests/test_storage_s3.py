@@ -304,7 +304,8 @@ def test_concurrent_conditional_write_maps_to_exists():
     with stubbed(c) as stub:
         stub.add_client_error("put_object", service_error_code="ConditionalRequestConflict",
                               http_status_code=409)
-        with pytest.raises(ObjectExistsError):
+        with pytest.raises(ObjectExistsError,
+                           match=r"the object already exists \(ConditionalRequestConflict\)"):
             c.write(0, 1, 1, b"x", TS, exclusive=True)
 
 

@@ -227,5 +227,5 @@ def test_open_replica_dispatch(tmp_path):
     client = open_replica(str(tmp_path))
     assert isinstance(client, FileReplicaClient) and client.root == tmp_path
     assert isinstance(open_replica(tmp_path.as_uri()), FileReplicaClient)
-    with pytest.raises(ReplicaURLError):
+    with pytest.raises(ReplicaURLError, match="unsupported scheme 'webdav'"):
         open_replica("webdav://host/db")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 from datetime import UTC, datetime
@@ -214,7 +215,7 @@ def test_pragmas_and_functions(vfs, primary):
 
 def test_writes_are_refused(vfs, primary):
     con = connect(primary.url)
-    with pytest.raises(apsw.ReadOnlyError):
+    with pytest.raises(apsw.ReadOnlyError, match="attempt to write a readonly database"):
         con.execute("INSERT INTO t(name) VALUES ('x')")
     assert rows(con, "PRAGMA journal_mode = wal") == [("delete",)]
     con.close()
@@ -237,7 +238,7 @@ def test_small_corrupt_file_fails_the_checksum_at_open(vfs, tmp_path):
     assert len(data) < 32768
     data[len(data) // 2] ^= 0x01  # a flipped bit in page data: still decompresses
     path.write_bytes(bytes(data))
-    with pytest.raises(apsw.CantOpenError):
+    with pytest.raises(apsw.CantOpenError, match="file checksum mismatch: stored"):
         connect(url)
 
 
@@ -254,7 +255,7 @@ def test_corrupt_frame_gives_an_error_not_rows(vfs, tmp_path):
     data[off + 6:off + 10] = (1 << 30).to_bytes(4, "big")  # absurd compressed size
     path.write_bytes(bytes(data))
     con = connect(url)
-    with pytest.raises(apsw.CorruptError):
+    with pytest.raises(apsw.CorruptError, match="page frame holds page 123, expected page 122"):
         rows(con, "SELECT sum(length(x)), count(*) FROM t")
     con.close()
 
@@ -267,7 +268,7 @@ def test_small_file_with_a_corrupt_frame_fails_at_open(vfs, tmp_path):
     off, _ = ltx.decode_file(bytes(data)).index[10]
     data[off:off + 4] = (11).to_bytes(4, "big")
     path.write_bytes(bytes(data))
-    with pytest.raises(apsw.CantOpenError):
+    with pytest.raises(apsw.CantOpenError, match="nonsequential page numbers in snapshot"):
         connect(url)
 
 
@@ -276,12 +277,12 @@ def test_corrupt_index_fails_open(vfs, tmp_path):
     data = bytearray(path.read_bytes())
     data[-24:-16] = (len(data) * 2).to_bytes(8, "big")
     path.write_bytes(bytes(data))
-    with pytest.raises(apsw.CantOpenError):
+    with pytest.raises(apsw.CantOpenError, match="page index length .* does not fit"):
         connect(url)
 
 
 def test_missing_replica_url_is_a_clear_error(vfs):
-    with pytest.raises(apsw.CantOpenError):
+    with pytest.raises(apsw.CantOpenError, match="no replica: set LITESTREAM_REPLICA_URL"):
         apsw.Connection("file:db?vfs=litestream", flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
 
 
@@ -289,40 +290,50 @@ def test_empty_replica_waits_then_fails(vfs, tmp_path):
     (tmp_path / "empty").mkdir()  # an existing, empty directory waits (a missing one fails at once)
     url = (tmp_path / "empty").as_uri()
     start = time.monotonic()
-    with pytest.raises(apsw.CantOpenError, match="has no LTX files after waiting 0.3s"):
+    with pytest.raises(apsw.CantOpenError, match=r"has no LTX files after waiting 0.3s \(open_timeout\)"):
         connect(url, "open_timeout=300ms&poll_interval=50ms")
     assert 0.25 < time.monotonic() - start < 30  # waited its timeout; the upper bound: no hang
 
 
 def test_concurrent_reader_threads(vfs, primary):
+    """8 threads read while the primary commits: every read is a prefix-consistent state, and
+    every thread really read — a BusyError is retried and counted, never the end of a thread
+    (it used to end the thread silently, and the test passed with threads that read nothing)."""
     errors: list[BaseException] = []
     expected = primary.rows()
     stop = threading.Event()
+    reads = [0] * 8
+    busy = [0] * 8
 
-    def reader():
+    def reader(k: int):
         con = connect(primary.url)
         try:
             while not stop.is_set():
-                got = rows(con)
+                try:
+                    got = rows(con)
+                except apsw.BusyError:
+                    busy[k] += 1
+                    continue
                 if got[:500] != expected[:500]:
-                    errors.append(AssertionError("wrong rows"))
+                    errors.append(AssertionError(f"reader {k}: wrong rows"))
                     return
-        except apsw.BusyError:
-            pass
+                reads[k] += 1
         except BaseException as err:
             errors.append(err)
         finally:
             con.close()
 
-    threads = [threading.Thread(target=reader) for _ in range(8)]
+    threads = [threading.Thread(target=reader, args=(k,)) for k in range(8)]
     for t in threads:
         t.start()
     for i in range(5):
         primary.commit(f"INSERT INTO t(name) VALUES ('c{i}')")
+    wait_for(lambda: min(reads) >= 3 or bool(errors))  # every thread read, and went on reading
     stop.set()
     for t in threads:
         t.join(30)
     assert not errors
+    assert min(reads) >= 3, (reads, busy)
 
 
 def test_many_databases_bounded_threads(vfs, tmp_path):
@@ -345,17 +356,24 @@ def test_many_databases_bounded_threads(vfs, tmp_path):
 def test_missing_bucket_and_bad_url_are_clear_errors(vfs, s3_server, caplog):
     from urllib.parse import quote
 
-    url = f"s3://no-such-bucket-here/db?endpoint={s3_server}&sseCustomerKey=SUPERSECRETKEY1234"
-    for bad, reason in ((url, "no-such-bucket-here"), ("ftp://host/db", "ftp")):
-        with pytest.raises(apsw.CantOpenError):
+    # A valid SSE-C key (32 bytes), so the open gets as far as the bucket (an invalid one was
+    # refused first, and the test passed on that message without ever reaching the bucket).
+    key = base64.b64encode(b"SUPERSECRETKEY1234".ljust(32, b"!")).decode()
+    url = f"s3://no-such-bucket-here/db?endpoint={s3_server}&sseCustomerKey={quote(key, safe='')}"
+    for bad, reason in ((url, "bucket 'no-such-bucket-here' does not exist"),
+                        ("ftp://host/db", "invalid replica URL 'ftp://host/db': unsupported "
+                                          "scheme 'ftp' (use s3:// or file://)")):
+        with pytest.raises(apsw.CantOpenError) as info:
             apsw.Connection(f"file:db?vfs=litestream&replica_url={quote(bad, safe='')}",
                             flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+        assert reason in str(info.value), str(info.value)
         assert reason in caplog.text
+    assert key not in caplog.text and key not in str(info.value)
     assert "SUPERSECRETKEY1234" not in caplog.text
 
 
 def test_bad_uri_parameter_is_an_error(vfs, primary):
-    with pytest.raises(apsw.CantOpenError):
+    with pytest.raises(apsw.CantOpenError, match="invalid URI parameter poll_interval 'soon'"):
         connect(primary.url, "poll_interval=soon")
 
 

@@ -8,6 +8,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from urllib.parse import quote
 
@@ -20,7 +21,7 @@ from ltxvfs.plan import list_levels
 from ltxvfs.restore import restore
 from ltxvfs.storage import open_replica
 
-from faults import release_together
+from faults import FaultProxy, release_together
 from litestream_rig import integrity_check, litestream_restore
 
 HERE = Path(__file__).parent
@@ -240,34 +241,70 @@ def run_writer(u: str, start: int, count: int, sync_every: int = 0, **kw) -> sub
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
-def test_two_writer_processes_race(tmp_path, request):
-    url = request.getfixturevalue("s3_url")
-    seed = writer_uri = uri(url, tmp_path / "seed", sync_interval="-1s")
-    p = run_writer(seed, 0, 1, sync_every=1)
-    assert p.wait(60) == 0, p.stderr.read()
-    procs = [run_writer(uri(url, tmp_path / f"w{i}", sync_interval="-1s"), 1000 * (i + 1), 200,
-                        sync_every=5, stdin=subprocess.PIPE,
-                        env={**os.environ, "WRITER_BARRIER": "1"}) for i in range(2)]
-    release_together(procs)  # both open at the same TXID, so one of them must conflict
-    outs = [p.communicate(timeout=120) for p in procs]
-    codes = [p.returncode for p in procs]
-    assert sorted(codes) in ([0, 3], [3, 3]), (codes, outs)
-    with open_replica(url) as client:
-        l0 = client.list_files(0)
-        txids = [f.min_txid for f in l0]
-        assert txids == list(range(1, len(l0) + 1)), "each TXID committed exactly once"
+def _wait_ready(p: subprocess.Popen, timeout: float = 60) -> None:
+    said: list[str] = []
+    th = threading.Thread(target=lambda: said.append(p.stdout.readline()), daemon=True)
+    th.start()
+    th.join(timeout)
+    assert said == ["ready\n"], (said, p.poll())
+
+
+@pytest.mark.parametrize("collide", ["at the store", "in the listing"])
+def test_two_writer_processes_race(tmp_path, s3_server, bucket, collide):
+    """Two writer processes open the replica at TXID 1 and each commits 200 rows, syncing every
+    5. Exactly one of them gets TXID 2 and goes on to TXID 41; the other is told, by name, and
+    keeps its buffer. "at the store": the proxy holds the first PUT of TXID 2 until the second
+    arrives, so both conditional PUTs really race at S3 and one gets 412. "in the listing": the
+    second starts after the first finished and sees TXID 2..41 before it uploads anything.
+    What S3 accepted is counted at the proxy, per key, not read back from a listing."""
+    proxy = FaultProxy(s3_server, paused=True).start()
+    try:
+        url = f"s3://{bucket}/db?endpoint={proxy.endpoint}&region=us-east-1"
+        p = run_writer(uri(url, tmp_path / "seed", sync_interval="-1s"), 0, 1, sync_every=1)
+        assert p.wait(60) == 0, p.stderr.read()
+        key2 = f"db/0000/{2:016x}-{2:016x}.ltx"
+        gate = proxy.hold("PUT", key2, 2) if collide == "at the store" else None
+        # No polls: each writer stays on the TXID it opened at until it syncs.
+        procs = [run_writer(uri(url, tmp_path / f"w{i}", sync_interval="-1s", poll_interval="1h"),
+                            1000 * (i + 1), 200, sync_every=5, stdin=subprocess.PIPE,
+                            env={**os.environ, "WRITER_BARRIER": "1"}) for i in range(2)]
+        if gate is not None:
+            release_together(procs)  # both at TXID 1; neither PUT lands before both were sent
+            outs = [p.communicate(timeout=120) for p in procs]
+            assert not gate.broken and proxy.counts["gate_timeout"] == 0, "the PUTs never met"
+        else:
+            _wait_ready(procs[1])  # the second is open at TXID 1 before the first starts
+            release_together(procs[:1])
+            first = procs[0].communicate(timeout=120)
+            procs[1].stdin.write("go\n")
+            procs[1].stdin.flush()
+            outs = [first, procs[1].communicate(timeout=120)]
+        codes = [p.returncode for p in procs]
+        assert sorted(codes) == [0, 3], (codes, outs)
+        win, lose = (0, 1) if codes[0] == 0 else (1, 0)
+        loser_buf = tmp_path / f"w{lose}"
+        if collide == "at the store":
+            assert proxy.answers[("PUT", key2, 200)] == 1 and proxy.answers[("PUT", key2, 412)] == 1
+            want = (f"conflict another writer committed TXID {2:016x} first; unsynced commits are "
+                    f"kept in {loser_buf}")
+        else:
+            assert proxy.answers[("PUT", key2, 412)] == 0, "the loser must not even try"
+            want = (f"conflict remote has newer transactions than expected: expected TXID "
+                    f"{1:016x} but remote has {41:016x}; unsynced commits are kept in {loser_buf}")
+        assert outs[lose][0].splitlines()[-1] == want, outs[lose][0][-500:]
+        assert loser_buf.exists(), "the loser keeps its buffer"
+        # S3 accepted each L0 key once: TXID 1 (the seed), then 40 uploads of the winner's.
+        l0 = {k: n for k, n in proxy.stored.items() if k.startswith("db/0000/")}
+        assert sorted(l0) == [f"db/0000/{t:016x}-{t:016x}.ltx" for t in range(1, 42)]
+        assert set(l0.values()) == {1}, "a TXID was accepted twice"
+    finally:
+        proxy.stop()
+    with open_replica(f"s3://{bucket}/db?endpoint={s3_server}&region=us-east-1") as client:
         out = restore(client, tmp_path / "final.db").path
-    final = {r[0]: r[1] for r in _rows_file(out, "SELECT id, who FROM t")}
-    for (stdout, _), code, i in zip(outs, codes, range(2), strict=True):
-        committed = [int(line.split()[1]) for line in stdout.splitlines() if line.startswith("committed")]
-        synced_lines = [line for line in stdout.splitlines() if line.startswith("synced")]
-        synced = committed[:5 * len(synced_lines)]
-        assert all(k in final for k in synced), "a synced row was lost"
-        if code == 3:
-            assert "conflict" in stdout and str(tmp_path / f"w{i}") in stdout
-            assert (tmp_path / f"w{i}").exists(), "the loser keeps its buffer"
-    assert writer_uri  # the seed writer's rows are there too
-    assert 0 in final
+    winner_rows = list(range(1000 * (win + 1), 1000 * (win + 1) + 200))
+    assert [r[0] for r in _rows_file(out, "SELECT id FROM t ORDER BY id")] == [0, *winner_rows]
+    synced = [ln for ln in outs[win][0].splitlines() if ln.startswith("synced")]
+    assert synced[-1] == f"synced {41:016x}" and len(synced) == 40
 
 
 def test_crash_recovery_syncs_unsynced_commits(tmp_path):
@@ -292,6 +329,81 @@ def test_crash_recovery_syncs_unsynced_commits(tmp_path):
     with open_replica(url) as client:
         out = restore(client, tmp_path / "r.db").path
     assert [r[0] for r in _rows_file(out, "SELECT id FROM t ORDER BY id")] == got
+
+
+def _killed_writer_buffer(tmp_path: Path, commits: int) -> tuple[str, str, Path]:
+    """A writer process that committed rows 1..commits (nothing synced: only the seed row 0's
+    TXID 1 is on the replica), killed with SIGKILL. Returns (replica URL, its URI, buffer)."""
+    url = (tmp_path / "replica").as_uri()
+    p = run_writer(uri(url, tmp_path / "seed", sync_interval="-1s"), 0, 1, sync_every=1)
+    assert p.wait(60) == 0, p.stderr.read()
+    u = uri(url, tmp_path / "buf", sync_interval="-1s")
+    p = run_writer(u, 1, 10_000)
+    for line in p.stdout:
+        if line.strip() == f"committed {commits}":
+            break
+    p.send_signal(signal.SIGKILL)
+    p.wait(30)
+    return url, u, tmp_path / "buf"
+
+
+def test_recovery_of_a_torn_buffer_keeps_every_whole_commit(vfs, tmp_path):
+    """The last COMMIT record cut short (a crash in the middle of writing it): the commits before
+    it are recovered and synced, that one transaction is not."""
+    from ltxvfs.buffer import WriteBuffer, replica_id
+
+    url, u, buf = _killed_writer_buffer(tmp_path, 30)
+    with open_replica(url) as client:
+        probe = WriteBuffer(buf, replica_id(client.identity))
+        found = probe.open()
+        probe.close()
+    assert found is not None and found.commits >= 30
+    os.truncate(buf, found.commit_ends[29] - 10)  # inside commit 30's COMMIT record
+    con = apsw.Connection(u, flags=RW)
+    assert rows(con, "SELECT id FROM t ORDER BY id") == [(i,) for i in range(30)]
+    con.close()
+    with open_replica(url) as client:
+        out = restore(client, tmp_path / "r.db").path
+    assert _rows_file(out, "SELECT id FROM t ORDER BY id") == [(i,) for i in range(30)]
+
+
+def test_recovery_refuses_a_damaged_buffer_and_says_where(vfs, tmp_path):
+    """A flipped byte in commit 10's records, commits 11-30 after it: opening in write mode fails
+    with the damage named; the buffer and the replica are left as they were."""
+    from ltxvfs.buffer import WriteBuffer, replica_id
+
+    url, u, buf = _killed_writer_buffer(tmp_path, 30)
+    with open_replica(url) as client:
+        probe = WriteBuffer(buf, replica_id(client.identity))
+        found = probe.open()
+        probe.close()
+    offset = found.commit_ends[8] + 5 + 4 + 50  # in commit 10's first page
+    data = bytearray(buf.read_bytes())
+    data[offset] ^= 0x01
+    buf.write_bytes(bytes(data))
+    with pytest.raises(apsw.CantOpenError,
+                       match=rf"{buf} is damaged at offset \d+: .* nothing was recovered"):
+        apsw.Connection(u, flags=RW)
+    assert buf.read_bytes() == bytes(data), "the damaged buffer is kept as it was"
+    with pytest.raises(apsw.CantOpenError, match=rf"{buf} is damaged"):  # again: not "in use"
+        apsw.Connection(u, flags=RW)
+    with open_replica(url) as client:
+        assert [f.max_txid for f in client.list_files(0)] == [1], "nothing was synced"
+
+
+def test_a_buffer_left_by_another_replica_is_refused_by_name(vfs, tmp_path):
+    """A buffer path pointing at another replica's buffer (a copied config, a reused path)."""
+    url_a, _, buf = _killed_writer_buffer(tmp_path, 3)
+    url_b = (tmp_path / "other").as_uri()
+    before = buf.read_bytes()
+    with pytest.raises(apsw.CantOpenError,
+                       match=rf"{buf} belongs to another replica; move it away or choose another"):
+        apsw.Connection(uri(url_b, buf, sync_interval="-1s"), flags=RW)
+    assert buf.read_bytes() == before
+    con = apsw.Connection(uri(url_a, buf, sync_interval="-1s"), flags=RW)  # its own replica
+    got = rows(con, "SELECT id FROM t ORDER BY id")  # 0..k: the kill came at or after commit 3
+    assert len(got) >= 4 and got == [(i,) for i in range(len(got))]
+    con.close()
 
 
 def test_crash_recovery_refuses_when_the_remote_moved_on(tmp_path):

@@ -382,3 +382,38 @@ def test_turning_write_mode_off_is_not_starved_by_overlapping_readers(vfs, tmp_p
         join(*threads)
     assert not errors, errors
     w.close()
+
+
+def test_write_mode_switched_on_and_off_by_pragma_round_trip(vfs, tmp_path, monkeypatch):
+    """A connection opened for reading turns write mode on, writes, off (its commits synced,
+    its buffer gone, writes refused with a reason), on again, writes again: every commit is on
+    the replica, and the buffer lived where the documented default says."""
+    from urllib.parse import quote
+
+    from ltxvfs.storage import parse_replica_url
+    from ltxvfs.writer import default_buffer_path
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    url = seeded(tmp_path)
+    buffer = default_buffer_path(parse_replica_url(url).identity)
+    assert str(buffer).startswith(str(tmp_path / "state"))
+    con = apsw.Connection(f"file:db?vfs=litestream&replica_url={quote(url, safe='')}"
+                          "&poll_interval=1h&sync_interval=-1s", flags=RW)
+    con.set_busy_timeout(0)
+    assert rows(con, "PRAGMA litestream_write_enabled") == [("0",)]
+    with pytest.raises(apsw.ReadOnlyError, match=r"the database is read-only \(write mode is off\)"):
+        con.execute("INSERT INTO t VALUES (1, 'refused')")
+    assert rows(con, "PRAGMA litestream_write_enabled = 1") == [("1",)]
+    con.execute("INSERT INTO t VALUES (1, 'first')")
+    assert buffer.exists() and (buffer.stat().st_mode & 0o777) == 0o600
+    assert rows(con, "PRAGMA litestream_txid") == [(f"{1:016x}",)], "not synced yet"
+    assert rows(con, "PRAGMA litestream_write_enabled = 0") == [("0",)]
+    assert not buffer.exists(), "turning write mode off syncs and removes the buffer"
+    assert rows(con, "PRAGMA litestream_txid") == [(f"{2:016x}",)]
+    with pytest.raises(apsw.ReadOnlyError, match=r"the database is read-only \(write mode is off\)"):
+        con.execute("INSERT INTO t VALUES (2, 'refused')")
+    assert rows(con, "PRAGMA litestream_write_enabled = 1") == [("1",)]
+    con.execute("INSERT INTO t VALUES (2, 'second')")
+    assert rows(con) == [(0, "seed"), (1, "first"), (2, "second")]
+    con.close()
+    assert restored_rows(url, tmp_path / "out.db") == [(0, "seed"), (1, "first"), (2, "second")]

@@ -20,6 +20,10 @@ loses nothing committed; ``fsync`` happens when SQLite asks (``xSync``), so ``PR
 keeps its meaning. After a successful upload the buffer is rewritten atomically (temp file, fsync,
 rename) with the new base TXID and only the records that came after the upload.
 
+Recovery keeps the committed transactions up to the first record that fails its check. That is
+the torn end a crash leaves; a bad record with a committed transaction after it is damage, and the
+buffer is refused (kept as it is) rather than silently cut short there.
+
 Scans and rewrites read the file ``CHUNK`` bytes at a time (a buffer may be larger than memory, and
 one ``pread`` returns at most ~2 GiB on Linux); a rewrite switches to the new file as soon as it is
 renamed into place, so no append ever goes to an unlinked file.
@@ -144,7 +148,11 @@ class WriteBuffer:
         self._fd = fd
         if os.fstat(fd).st_size == 0:
             return None
-        return self._scan()
+        try:
+            return self._scan()
+        except BaseException:
+            self.close()  # a refused buffer is let go: its lock must not outlive the refusal
+            raise
 
     def reset(self, base_txid: int, base_size: int, page_size: int) -> None:
         """Start empty on top of ``base_txid`` (a database of ``base_size`` pages)."""
@@ -381,10 +389,36 @@ class WriteBuffer:
             else:
                 break
             end = pos + len(rec)
+        size = os.fstat(fd).st_size
+        if end < size and _commit_after(fd, end, page_size, size):
+            raise BufferError(
+                f"{self.path} is damaged at offset {end}: a record there fails its check, and "
+                "records of committed transactions come after it, which cannot be replayed "
+                "without it; nothing was recovered and the buffer is kept as it is (move it "
+                "away to discard its unsynced commits)")
         pending = committed.copy()
         _apply(pending, txn)
         return Scan(base, page_size, committed, pending, commits, marks[-1] if marks else None,
                     last_commit_end, end, commit_ends, marks)
+
+
+def _commit_after(fd: int, pos: int, page_size: int, size: int) -> bool:
+    """Whether a COMMIT record follows the record at ``pos`` that failed its check. A crash
+    tears only the end of the log (a cut record, zeros): nothing valid comes after it. Damage
+    (a flipped byte) leaves valid records behind the bad one, found where it would have ended
+    with its own length or any length a record has (a page, TRUNCATE, COMMIT, SYNC). Only a
+    COMMIT matters: damage inside the transaction that never committed loses nothing."""
+    lengths = {_U32.size, _COMMIT.size, _SYNC.size}
+    if page_size:
+        lengths.add(page_size + 4)
+    head = _pread(fd, _REC.size, pos)
+    if len(head) == _REC.size and _REC.unpack(head)[1] <= _MAX_PAYLOAD:
+        lengths.add(_REC.unpack(head)[1])
+    for length in sorted(lengths):
+        after = pos + _REC.size + length + _CRC.size
+        if after < size and any(rtype == COMMIT for _, rtype, _ in _records(fd, after)):
+            return True
+    return False
 
 
 def _apply(pages: Pages, records: list[tuple[int, int, int]]) -> None:

@@ -42,7 +42,10 @@ def merge_files(client: ReplicaClient, files: Sequence[FileInfo], level: int) ->
     for a, b in zip(files, files[1:], strict=False):
         if not (b.min_txid <= a.max_txid + 1 and b.max_txid > a.max_txid):
             raise LitestreamError(f"non-contiguous transaction ids in input files: {a} -> {b}")
-    decoders = [Decoder(io.BufferedReader(RemoteFileReader(client, f), 1 << 20), str(f))
+    # One read buffer per input, no larger than the input: BufferedReader allocates its whole
+    # buffer up front, so 1 MiB each made merging 50 small L0 files allocate 50 MiB.
+    decoders = [Decoder(io.BufferedReader(RemoteFileReader(client, f),
+                                          max(min(1 << 20, f.size), io.DEFAULT_BUFFER_SIZE)), str(f))
                 for f in files]
     last = decoders[-1].header
     for d in decoders:
