@@ -481,3 +481,24 @@ def test_a_second_writer_gets_conflict_error(tmp_path):
     finally:
         ltxvfs.registry.unregister("litestream-other")
         del vfs2
+
+
+def test_a_fetched_cursor_holds_no_read_transaction(tmp_path):
+    """As sqlite3 (one row read ahead): once the last row is fetched the statement is done, so a
+    reader is not stuck in a read transaction — it may time-travel, and it sees new TXIDs."""
+    url = (tmp_path / "replica").as_uri()
+    with dbapi.connect(url, write=True, buffer_path=str(tmp_path / "buf")) as w:
+        w.execute("CREATE TABLE t(x)")
+    w.close()
+    r = dbapi.connect(url)
+    cur = r.execute("SELECT count(*) FROM t")
+    assert cur.fetchone() == (0,)
+    assert not r.apsw.txn_state()  # no read transaction left open
+    r.execute("PRAGMA litestream_pin_txid = 1")  # would be refused inside a read transaction
+    cur = r.execute("SELECT name FROM sqlite_master UNION ALL SELECT 'end'")
+    assert cur.fetchone() == ("t",)
+    with pytest.raises(dbapi.OperationalError, match="inside a read transaction"):
+        r.execute("PRAGMA litestream_pin_txid = 'latest'")  # one row is still to come
+    assert cur.fetchall() == [("end",)]
+    r.execute("PRAGMA litestream_pin_txid = 'latest'")
+    r.close()

@@ -277,6 +277,8 @@ class Row:
         return f"<Row {self._values!r}>"
 
 
+_END = object()  # no row ahead
+
 # --- statements ----------------------------------------------------------------------------------
 
 _LEAD = re.compile(r"(?:\s+|--[^\n]*(?:\n|$)|/\*.*?(?:\*/|$))*", re.S)
@@ -556,6 +558,7 @@ class Cursor:
         self.lastrowid: int | None = None
         self.description: tuple | None = None
         self._cursor: apsw.Cursor | None = None
+        self._ahead: Any = _END
         self._closed = False
         self._statements = 0
         self._sql = ""
@@ -594,18 +597,17 @@ class Cursor:
             cur = self._new_cursor(trace=False)
             for _ in cur.execute(script):
                 pass
+        self._ahead = _END
         self.description = None
         self.rowcount = -1
         return self
 
     def fetchone(self):
-        cur = self._readable()
-        if cur is None:
+        self._connection_open()
+        row = self._ahead
+        if row is _END:
             return None
-        with _translated():
-            row = cur.fetchone()
-        if row is None:
-            return None
+        self._step()
         return self.row_factory(self, row) if self.row_factory else row
 
     def fetchmany(self, size: int | None = None) -> list:
@@ -619,11 +621,13 @@ class Cursor:
         return out
 
     def fetchall(self) -> list:
-        cur = self._readable()
-        if cur is None:
+        self._connection_open()
+        if self._ahead is _END:
             return []
+        rows = [self._ahead]
         with _translated():
-            rows = cur.fetchall()
+            rows.extend(self._cursor.fetchall())
+        self._ahead = _END
         if self.row_factory:
             return [self.row_factory(self, r) for r in rows]
         return rows
@@ -650,9 +654,12 @@ class Cursor:
             raise ProgrammingError("Cannot operate on a closed cursor.")
         return self.connection._con
 
-    def _readable(self) -> apsw.Cursor | None:
-        self._connection_open()
-        return self._cursor
+    def _step(self) -> None:
+        """Read one row ahead, as sqlite3 does: when the last row is fetched the statement has
+        already finished, so a connection holds no read transaction (and no replica view) for a
+        cursor whose rows were all fetched."""
+        with _translated():
+            self._ahead = next(self._cursor, _END) if self._cursor is not None else _END
 
     def _new_cursor(self, trace: bool) -> apsw.Cursor:
         if self._cursor is not None:
@@ -692,8 +699,10 @@ class Cursor:
         self.description = None
         self.rowcount = -1
         cur = self._new_cursor(trace=True)
+        self._ahead = _END
         with _translated():
             cur.execute(sql, parameters)
+        self._step()
         if self._statements == 0:  # empty SQL or only comments
             return
         if _is_dml(sql):
@@ -706,6 +715,7 @@ class Cursor:
             with _translated():
                 for _ in self._cursor:
                     pass
+        self._ahead = _END
 
 
 __all__ = [
