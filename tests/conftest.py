@@ -16,6 +16,9 @@ from moto.server import ThreadedMotoServer
 
 pytest_plugins = ["litestream_rig"]
 
+#: SQLAlchemy's compliance suite runs in a subprocess of its own (tests/test_sqlalchemy.py).
+collect_ignore = ["sqlalchemy_suite"]
+
 # Fake credentials for moto; real ones must never be needed or leaked by the test suite.
 TEST_ACCESS_KEY = "testing-access-key"
 TEST_SECRET_KEY = "testing-secret-key-do-not-log"

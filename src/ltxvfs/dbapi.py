@@ -1,0 +1,728 @@
+"""PEP 249 (DB-API 2.0) over apsw and the ``litestream`` VFS: what SQLAlchemy, pandas, Django and
+hand-written DB-API code expect, for a replica.
+
+    from ltxvfs import dbapi
+    con = dbapi.connect("s3://bucket/db")                      # read-only, follows the primary
+    con.execute("SELECT count(*) FROM users").fetchone()
+
+It behaves like the stdlib ``sqlite3`` module wherever PEP 249 leaves room (``isolation_level``,
+the ``autocommit`` attribute of Python 3.12, ``row_factory``, ``create_function``, ``qmark`` and
+named parameters, the error classes each SQLite result code maps to); the differences are listed
+in docs/integrations.md. Time travel stays a PRAGMA (``PRAGMA litestream_time``) and a
+``connect`` argument (``time=``, ``txid=``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+import time as _time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import quote
+
+import apsw
+
+from . import errors as _errors
+
+apilevel = "2.0"
+#: Threads may share the module and connections (apsw serializes calls on a connection with
+#: SQLite's own mutex); a cursor belongs to one thread at a time.
+threadsafety = 2
+paramstyle = "qmark"  # named (:name, @name, $name) and numbered (?NNN) work too, as in sqlite3
+
+sqlite_version = apsw.sqlite_lib_version()
+sqlite_version_info = tuple(int(p) for p in sqlite_version.split("."))
+version = "0.1.0"
+version_info = (0, 1, 0)
+
+#: sqlite3's value of ``autocommit`` that means "isolation_level decides" (the default).
+LEGACY_TRANSACTION_CONTROL = -1
+#: Accepted (sqlite3 compatibility) but converters are not implemented: see docs/integrations.md.
+PARSE_DECLTYPES = 1
+PARSE_COLNAMES = 2
+
+_ISOLATION_LEVELS = (None, "", "DEFERRED", "IMMEDIATE", "EXCLUSIVE")
+
+
+# --- exceptions (PEP 249) ------------------------------------------------------------------------
+
+
+class Warning(Exception):  # noqa: N818 - the name PEP 249 prescribes
+    """Important warnings (PEP 249); never raised by this module."""
+
+
+class Error(Exception):
+    """Base class of every error of this module. ``sqlite_errorcode`` / ``sqlite_errorname``
+    carry SQLite's extended result code where there is one, as in sqlite3."""
+
+    sqlite_errorcode: int | None = None
+    sqlite_errorname: str | None = None
+
+
+class InterfaceError(Error):
+    pass
+
+
+class DatabaseError(Error):
+    pass
+
+
+class DataError(DatabaseError):
+    pass
+
+
+class OperationalError(DatabaseError):
+    pass
+
+
+class IntegrityError(DatabaseError):
+    pass
+
+
+class InternalError(DatabaseError):
+    pass
+
+
+class ProgrammingError(DatabaseError):
+    pass
+
+
+class NotSupportedError(DatabaseError):
+    pass
+
+
+class ConflictError(OperationalError, _errors.ConflictError):
+    """Write mode: another writer moved the replica on (``ltxvfs.ConflictError`` too); nothing
+    was overwritten and the unsynced commits stay in the write buffer the message names."""
+
+
+# SQLite primary result codes -> class, exactly as CPython's Modules/_sqlite/util.c.
+_BY_CODE: dict[int, type[Error]] = {
+    2: InternalError, 12: InternalError,                      # INTERNAL, NOTFOUND
+    11: DatabaseError, 26: DatabaseError,                     # CORRUPT, NOTADB
+    18: DataError,                                            # TOOBIG
+    19: IntegrityError, 20: IntegrityError,                   # CONSTRAINT, MISMATCH
+    21: InterfaceError, 25: InterfaceError,                   # MISUSE, RANGE
+}
+for _code in (1, 3, 4, 5, 6, 8, 9, 10, 13, 14, 15, 16, 17):  # ERROR PERM ABORT BUSY LOCKED READONLY
+    _BY_CODE[_code] = OperationalError                       # INTERRUPT IOERR FULL CANTOPEN PROTOCOL
+#                                                              EMPTY SCHEMA
+_CODE_OF_CLASS = {type(apsw.exception_for(code)): code for code in range(1, 27)}
+_CLOSED = "Cannot operate on a closed database."  # sqlite3's words; SQLAlchemy's is_disconnect
+
+
+def _translate_error(exc: BaseException) -> BaseException:
+    """The PEP 249 exception for ``exc`` (an apsw or ltxvfs error), or ``exc`` itself."""
+    if isinstance(exc, Error):
+        return exc
+    if isinstance(exc, _errors.ConflictError):
+        err: Error = ConflictError(str(exc))
+    elif isinstance(exc, apsw.ConnectionClosedError):
+        err = ProgrammingError(_CLOSED)
+    elif isinstance(exc, apsw.CursorClosedError):
+        err = ProgrammingError("Cannot operate on a closed cursor.")
+    elif isinstance(exc, (apsw.BindingsError, apsw.ThreadingViolationError,
+                          apsw.ExecutionCompleteError, apsw.IncompleteExecutionError)):
+        err = ProgrammingError(str(exc))
+    elif isinstance(exc, apsw.Error):
+        code = getattr(exc, "result", None)
+        if code is None:  # raised by Python code (the VFS): the class says which code
+            code = _CODE_OF_CLASS.get(type(exc), -1)
+        cls = _BY_CODE.get(code, DatabaseError)
+        if isinstance(exc, apsw.NoMemError):
+            return MemoryError(str(exc))
+        err = cls(str(exc))
+        ext = getattr(exc, "extendedresult", None)
+        err.sqlite_errorcode = ext if ext is not None else code
+        err.sqlite_errorname = (apsw.mapping_extended_result_codes.get(err.sqlite_errorcode)
+                                or apsw.mapping_result_codes.get(code))
+    elif isinstance(exc, _errors.LitestreamError):
+        err = OperationalError(str(exc))
+    elif isinstance(exc, TypeError) and "binding" in str(exc).lower():
+        err = ProgrammingError(str(exc))
+    else:
+        return exc
+    err.__cause__ = exc
+    return err
+
+
+@contextmanager
+def _translated():
+    try:
+        yield
+    except (apsw.Error, _errors.LitestreamError, TypeError) as exc:
+        new = _translate_error(exc)
+        if new is exc:
+            raise
+        raise new from exc
+
+
+# --- types (PEP 249) -----------------------------------------------------------------------------
+
+Date = datetime.date
+Time = datetime.time
+Timestamp = datetime.datetime
+Binary = memoryview
+
+
+def DateFromTicks(ticks: float) -> datetime.date:  # noqa: N802 - PEP 249 names
+    return Date(*_time.localtime(ticks)[:3])
+
+
+def TimeFromTicks(ticks: float) -> datetime.time:  # noqa: N802
+    return Time(*_time.localtime(ticks)[3:6])
+
+
+def TimestampFromTicks(ticks: float) -> datetime.datetime:  # noqa: N802
+    return Timestamp(*_time.localtime(ticks)[:6])
+
+
+class _TypeObject:
+    """Compares equal to the declared column types of one SQLite affinity (``type_code`` in
+    ``cursor.description`` is the column's declared type, ``None`` for an expression)."""
+
+    def __init__(self, name: str, test) -> None:
+        self.name, self._test = name, test
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and self._test(other.upper())
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __repr__(self) -> str:
+        return f"<dbapi type {self.name}>"
+
+
+def _affinity(decl: str) -> str:
+    """SQLite's column affinity rules (https://sqlite.org/datatype3.html, 3.1)."""
+    if "INT" in decl:
+        return "INTEGER"
+    if any(s in decl for s in ("CHAR", "CLOB", "TEXT")):
+        return "TEXT"
+    if "BLOB" in decl or not decl:
+        return "BLOB"
+    if any(s in decl for s in ("REAL", "FLOA", "DOUB")):
+        return "REAL"
+    return "NUMERIC"
+
+
+STRING = _TypeObject("STRING", lambda d: _affinity(d) == "TEXT")
+BINARY = _TypeObject("BINARY", lambda d: _affinity(d) == "BLOB")
+NUMBER = _TypeObject("NUMBER", lambda d: _affinity(d) in ("INTEGER", "REAL", "NUMERIC"))
+DATETIME = _TypeObject("DATETIME", lambda d: "DATE" in d or "TIME" in d)
+ROWID = _TypeObject("ROWID", lambda d: d == "INTEGER")
+
+#: (type, protocol) -> adapter, as sqlite3.adapters; date and datetime have sqlite3's (ISO text).
+adapters: dict[tuple[type, Any], Any] = {
+    (datetime.date, None): lambda v: v.isoformat(),
+    (datetime.datetime, None): lambda v: v.isoformat(" "),
+}
+
+
+def register_adapter(type_: type, adapter) -> None:
+    """Values of ``type_`` are bound as ``adapter(value)`` (as ``sqlite3.register_adapter``)."""
+    adapters[(type_, None)] = adapter
+
+
+def _convert_binding(cursor, num: int, value: Any) -> Any:
+    adapter = adapters.get((type(value), None))
+    if adapter is None:
+        conform = getattr(value, "__conform__", None)
+        if conform is not None:
+            result = conform(None)
+            if result is not None:
+                return result
+        raise ProgrammingError(f"Error binding parameter {num}: type "
+                               f"'{type(value).__name__}' is not supported")
+    return adapter(value)
+
+
+class Row:
+    """A row indexable by position and (case-insensitive) column name, as ``sqlite3.Row``."""
+
+    __slots__ = ("_desc", "_values")
+
+    def __init__(self, cursor: Cursor, values: tuple) -> None:
+        self._desc = cursor.description
+        self._values = values
+
+    def keys(self) -> list[str]:
+        return [d[0] for d in self._desc] if self._desc else []
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            lowered = key.lower()
+            for i, d in enumerate(self._desc or ()):
+                if d[0].lower() == lowered:
+                    return self._values[i]
+            raise IndexError("No item with that key")
+        return self._values[key]
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __iter__(self) -> Iterator:
+        return iter(self._values)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Row) and self._desc == other._desc and self._values == other._values
+
+    def __hash__(self) -> int:
+        return hash((tuple(self.keys()), self._values))
+
+    def __repr__(self) -> str:
+        return f"<Row {self._values!r}>"
+
+
+_END = object()  # no row ahead
+
+# --- statements ----------------------------------------------------------------------------------
+
+_LEAD = re.compile(r"(?:\s+|--[^\n]*(?:\n|$)|/\*.*?(?:\*/|$))*", re.S)
+_EMPTY = re.compile(r"(?:\s+|--[^\n]*(?:\n|$)|/\*.*?(?:\*/|$)|;)*\Z", re.S)
+
+
+def _first_word(sql: str) -> str:
+    m = _LEAD.match(sql)
+    return sql[m.end():m.end() + 7].upper() if m else ""
+
+
+def _is_dml(sql: str) -> bool:
+    """As sqlite3: a statement that starts (after comments) with INSERT, UPDATE, DELETE or
+    REPLACE opens a transaction in legacy transaction control."""
+    return _first_word(sql).startswith(("INSERT", "UPDATE", "DELETE", "REPLACE"))
+
+
+# --- connection ----------------------------------------------------------------------------------
+
+
+def _sqlite_uri(replica_url: str, *, name: str, write: bool, hydration_path: str | None,
+                uri_params: dict[str, Any]) -> tuple[str, int]:
+    """(SQLite URI, open flags) for a replica URL, or for a SQLite URI given as it is."""
+    if replica_url.startswith("file:") and "vfs=" in replica_url.partition("?")[2]:
+        uri = replica_url  # already a SQLite URI: file:label?vfs=litestream&replica_url=…
+        if write and "write_enabled=" not in uri:
+            uri += "&write_enabled=true"
+    else:
+        params: dict[str, Any] = {"vfs": "litestream", "replica_url": replica_url}
+        if write:
+            params["write_enabled"] = True
+        if hydration_path is not None:
+            params["hydration_path"] = str(hydration_path)
+        params.update(uri_params)
+        parts = []
+        for key, value in params.items():
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            parts.append(f"{key}={quote(str(value), safe='')}")
+        uri = f"file:{quote(name)}?" + "&".join(parts)
+    if write:
+        flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
+    else:
+        flags = apsw.SQLITE_OPEN_READONLY
+    return uri, flags | apsw.SQLITE_OPEN_URI
+
+
+def connect(replica_url: str, *, write: bool = False, hydration_path: str | None = None,
+            time: str | None = None, txid: int | str | None = None, name: str = "db",
+            timeout: float = 5.0, isolation_level: str | None = "",
+            autocommit: bool | int = LEGACY_TRANSACTION_CONTROL, detect_types: int = 0,
+            check_same_thread: bool = False, cached_statements: int = 128, uri: bool = True,
+            factory: type | None = None, **uri_params: Any) -> Connection:
+    """Open a replica (``s3://…``, ``file:///…``) — or a SQLite URI naming the ``litestream``
+    VFS — as a PEP 249 connection.
+
+    ``write=True`` opens it read-write in write mode (``write_enabled=true``). ``time`` / ``txid``
+    pin the connection to a past state (``PRAGMA litestream_time`` / ``litestream_pin_txid``).
+    Other keyword arguments are the VFS's URI parameters (``poll_interval="5s"``,
+    ``cache_size="64MiB"``, …: docs/configuration.md), checked by the VFS (an unknown one is
+    refused). ``timeout``, ``isolation_level``, ``autocommit`` are sqlite3's. ``detect_types``,
+    ``check_same_thread``, ``cached_statements`` and ``uri`` are accepted for sqlite3
+    compatibility and ignored (``detect_types`` other than 0 is refused)."""
+    if detect_types:
+        raise NotSupportedError("detect_types (converters) is not supported; see docs/integrations.md")
+    from . import register
+
+    register()
+    sqlite_uri, flags = _sqlite_uri(replica_url, name=name, write=write,
+                                    hydration_path=hydration_path, uri_params=uri_params)
+    cls = factory or Connection
+    con = cls(sqlite_uri, flags, timeout=timeout, isolation_level=isolation_level,
+              autocommit=autocommit)
+    try:
+        if time is not None:
+            con._apsw.execute(f"PRAGMA litestream_time = '{str(time).replace(chr(39), chr(39) * 2)}'")
+        if txid is not None:
+            value = txid if isinstance(txid, str) else f"{txid:016x}"
+            con._apsw.execute(f"PRAGMA litestream_pin_txid = '{value}'")
+    except BaseException as exc:
+        con.close()
+        new = _translate_error(exc)
+        if new is exc:
+            raise
+        raise new from exc
+    return con
+
+
+class Connection:
+    """A PEP 249 connection over one ``apsw.Connection`` (``.apsw`` gives it, for apsw's own
+    API). Transactions as sqlite3's: see :meth:`commit` and docs/integrations.md."""
+
+    Warning = Warning
+    Error = Error
+    InterfaceError = InterfaceError
+    DatabaseError = DatabaseError
+    DataError = DataError
+    OperationalError = OperationalError
+    IntegrityError = IntegrityError
+    InternalError = InternalError
+    ProgrammingError = ProgrammingError
+    NotSupportedError = NotSupportedError
+
+    def __init__(self, sqlite_uri: str, flags: int, *, timeout: float = 5.0,
+                 isolation_level: str | None = "",
+                 autocommit: bool | int = LEGACY_TRANSACTION_CONTROL) -> None:
+        self._check_isolation_level(isolation_level)
+        self._check_autocommit(autocommit)
+        with _translated():
+            self._apsw: apsw.Connection | None = apsw.Connection(sqlite_uri, flags=flags)
+        self._apsw.set_busy_timeout(int(timeout * 1000))
+        self._apsw.convert_binding = _convert_binding
+        self._isolation_level = isolation_level
+        self._autocommit = autocommit
+        self.row_factory = None
+        self.text_factory = str
+        if autocommit is False:
+            self._begin()
+
+    # -- PEP 249 ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close; an open transaction is rolled back (sqlite3 does the same; with
+        ``autocommit=False`` too)."""
+        if self._apsw is not None:
+            con, self._apsw = self._apsw, None
+            with _translated():
+                if not con.get_autocommit():
+                    con.execute("ROLLBACK")
+                con.close()
+
+    def commit(self) -> None:
+        """Commit a pending transaction (nothing when there is none, or when ``autocommit`` is
+        True); with ``autocommit=False`` a new transaction begins."""
+        con = self._con
+        if self._autocommit is True:
+            return
+        with _translated():
+            if not con.get_autocommit():
+                con.execute("COMMIT")
+        if self._autocommit is False:
+            self._begin()
+
+    def rollback(self) -> None:
+        con = self._con
+        if self._autocommit is True:
+            return
+        with _translated():
+            if not con.get_autocommit():
+                con.execute("ROLLBACK")
+        if self._autocommit is False:
+            self._begin()
+
+    def cursor(self, factory: type | None = None) -> Cursor:
+        self._con  # noqa: B018 - raises on a closed connection
+        return (factory or Cursor)(self)
+
+    # -- sqlite3's extras ------------------------------------------------------------------
+
+    @property
+    def apsw(self) -> apsw.Connection:
+        return self._con
+
+    @property
+    def in_transaction(self) -> bool:
+        return not self._con.get_autocommit()
+
+    @property
+    def total_changes(self) -> int:
+        return self._con.total_changes()
+
+    @property
+    def isolation_level(self) -> str | None:
+        return self._isolation_level
+
+    @isolation_level.setter
+    def isolation_level(self, value: str | None) -> None:
+        self._check_isolation_level(value)
+        if value is None and self._autocommit == LEGACY_TRANSACTION_CONTROL and self.in_transaction:
+            with _translated():
+                self._con.execute("COMMIT")  # sqlite3: None commits a pending transaction
+        self._isolation_level = value
+
+    @property
+    def autocommit(self) -> bool | int:
+        return self._autocommit
+
+    @autocommit.setter
+    def autocommit(self, value: bool | int) -> None:
+        """As sqlite3 (3.12): True commits a pending transaction; False begins one."""
+        self._check_autocommit(value)
+        if value is True and self.in_transaction:
+            with _translated():
+                self._con.execute("COMMIT")
+        self._autocommit = value
+        if value is False and not self.in_transaction:
+            self._begin()
+
+    def execute(self, sql: str, parameters: Any = ()) -> Cursor:
+        return self.cursor().execute(sql, parameters)
+
+    def executemany(self, sql: str, seq_of_parameters: Iterable[Any]) -> Cursor:
+        return self.cursor().executemany(sql, seq_of_parameters)
+
+    def executescript(self, script: str) -> Cursor:
+        return self.cursor().executescript(script)
+
+    def create_function(self, name: str, narg: int, func, *, deterministic: bool = False) -> None:
+        with _translated():
+            self._con.create_scalar_function(name, func, narg, deterministic=deterministic)
+
+    def create_aggregate(self, name: str, n_arg: int, aggregate_class) -> None:
+        def factory():
+            inst = aggregate_class()
+            return inst, lambda _ctx, *args: inst.step(*args), lambda _ctx: inst.finalize()
+
+        with _translated():
+            self._con.create_aggregate_function(name, factory, n_arg)
+
+    def create_collation(self, name: str, callable_) -> None:
+        with _translated():
+            self._con.create_collation(name, callable_)
+
+    def interrupt(self) -> None:
+        self._con.interrupt()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """As sqlite3: commit on success, roll back on an exception; does not close."""
+        if exc_type is None:
+            self.commit()
+        else:
+            self.rollback()
+
+    # -- internals -------------------------------------------------------------------------
+
+    @property
+    def _con(self) -> apsw.Connection:
+        if self._apsw is None:
+            raise ProgrammingError(_CLOSED)
+        return self._apsw
+
+    def _begin(self, level: str | None = "") -> None:
+        with _translated():
+            self._con.execute(f"BEGIN {level or ''}".strip())
+
+    def _before_statement(self, sql: str) -> None:
+        """Legacy transaction control: BEGIN before DML outside a transaction."""
+        if (self._autocommit == LEGACY_TRANSACTION_CONTROL and self._isolation_level is not None
+                and self._con.get_autocommit() and _is_dml(sql)):
+            self._begin(self._isolation_level)
+
+    @staticmethod
+    def _check_isolation_level(value: str | None) -> None:
+        if value is not None and (not isinstance(value, str) or value.upper() not in _ISOLATION_LEVELS):
+            raise ValueError("isolation_level string must be '', 'DEFERRED', 'IMMEDIATE', or 'EXCLUSIVE'")
+
+    @staticmethod
+    def _check_autocommit(value: bool | int) -> None:
+        if value not in (True, False, LEGACY_TRANSACTION_CONTROL) or (
+                not isinstance(value, bool) and value != LEGACY_TRANSACTION_CONTROL):
+            raise ValueError("autocommit must be True, False, or dbapi.LEGACY_TRANSACTION_CONTROL")
+
+
+class Cursor:
+    """A PEP 249 cursor. Rows come as tuples (or through ``row_factory``); ``description`` is
+    set at ``execute`` (name, declared type, then five Nones); ``rowcount`` is the number of rows
+    an INSERT/UPDATE/DELETE/REPLACE changed (summed over ``executemany``), -1 otherwise."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.arraysize = 1
+        self.row_factory = connection.row_factory
+        self.rowcount = -1
+        self.lastrowid: int | None = None
+        self.description: tuple | None = None
+        self._cursor: apsw.Cursor | None = None
+        self._ahead: Any = _END
+        self._closed = False
+        self._statements = 0
+        self._sql = ""
+
+    # -- PEP 249 ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._cursor is not None:
+            with _translated():
+                self._cursor.close(force=True)
+            self._cursor = None
+        self._closed = True
+
+    def execute(self, sql: str, parameters: Any = ()) -> Cursor:
+        self._run(sql, parameters)
+        return self
+
+    def executemany(self, sql: str, seq_of_parameters: Iterable[Any]) -> Cursor:
+        total = 0
+        for parameters in seq_of_parameters:
+            self._run(sql, parameters)
+            total += max(self.rowcount, 0)
+        self.rowcount = total if _is_dml(sql) else -1
+        self._exhaust()
+        return self
+
+    def executescript(self, script: str) -> Cursor:
+        """As sqlite3: commits a pending transaction first (legacy control), then runs every
+        statement of ``script`` without implicit BEGINs."""
+        con = self._connection_open()
+        if not isinstance(script, str):
+            raise ValueError("script argument must be unicode.")
+        with _translated():
+            if self.connection._autocommit == LEGACY_TRANSACTION_CONTROL and not con.get_autocommit():
+                con.execute("COMMIT")
+            cur = self._new_cursor(trace=False)
+            for _ in cur.execute(script):
+                pass
+        self._ahead = _END
+        self.description = None
+        self.rowcount = -1
+        return self
+
+    def fetchone(self):
+        self._connection_open()
+        row = self._ahead
+        if row is _END:
+            return None
+        self._step()
+        return self.row_factory(self, row) if self.row_factory else row
+
+    def fetchmany(self, size: int | None = None) -> list:
+        n = self.arraysize if size is None else size
+        out = []
+        while len(out) < n:
+            row = self.fetchone()
+            if row is None:
+                break
+            out.append(row)
+        return out
+
+    def fetchall(self) -> list:
+        self._connection_open()
+        if self._ahead is _END:
+            return []
+        rows = [self._ahead]
+        with _translated():
+            rows.extend(self._cursor.fetchall())
+        self._ahead = _END
+        if self.row_factory:
+            return [self.row_factory(self, r) for r in rows]
+        return rows
+
+    def setinputsizes(self, sizes) -> None:
+        pass
+
+    def setoutputsize(self, size, column=None) -> None:
+        pass
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self):
+        row = self.fetchone()
+        if row is None:
+            raise StopIteration
+        return row
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _connection_open(self) -> apsw.Connection:
+        if self._closed:
+            raise ProgrammingError("Cannot operate on a closed cursor.")
+        return self.connection._con
+
+    def _step(self) -> None:
+        """Read one row ahead, as sqlite3 does: when the last row is fetched the statement has
+        already finished, so a connection holds no read transaction (and no replica view) for a
+        cursor whose rows were all fetched."""
+        with _translated():
+            self._ahead = next(self._cursor, _END) if self._cursor is not None else _END
+
+    def _new_cursor(self, trace: bool) -> apsw.Cursor:
+        if self._cursor is not None:
+            self._cursor.close(force=True)
+        self._cursor = self.connection._con.cursor()
+        if trace:
+            self._cursor.exec_trace = self._trace
+        return self._cursor
+
+    def _trace(self, cursor: apsw.Cursor, sql: str, bindings) -> bool:
+        """Called by apsw before each statement runs: one statement per execute (as sqlite3),
+        the implicit BEGIN, and the description while the statement is prepared."""
+        self._statements += 1
+        if self._statements == 1:
+            start = self._sql.find(sql)
+            tail = self._sql[start + len(sql):] if start >= 0 else ""
+            if tail and not _EMPTY.match(tail):
+                raise ProgrammingError("You can only execute one statement at a time.")
+        self.connection._before_statement(sql)
+        desc = cursor.description
+        self.description = tuple((d[0], d[1], None, None, None, None, None) for d in desc) or None
+        return True
+
+    def _run(self, sql: str, parameters: Any) -> None:
+        con = self._connection_open()
+        if not isinstance(sql, str):
+            raise ProgrammingError("operation must be a str")
+        if parameters is None:
+            parameters = ()
+        elif not isinstance(parameters, (dict, Sequence)) or isinstance(parameters, (str, bytes)):
+            if hasattr(parameters, "keys") and hasattr(parameters, "__getitem__"):
+                parameters = dict(parameters)
+            else:
+                raise ProgrammingError("parameters are of unsupported type")
+        self._statements = 0
+        self._sql = sql
+        self.description = None
+        self.rowcount = -1
+        cur = self._new_cursor(trace=True)
+        self._ahead = _END
+        with _translated():
+            cur.execute(sql, parameters)
+        self._step()
+        if self._statements == 0:  # empty SQL or only comments
+            return
+        if _is_dml(sql):
+            self.rowcount = con.changes()
+            if _first_word(sql).startswith(("INSERT", "REPLACE")):
+                self.lastrowid = con.last_insert_rowid()
+
+    def _exhaust(self) -> None:
+        if self._cursor is not None:
+            with _translated():
+                for _ in self._cursor:
+                    pass
+        self._ahead = _END
+
+
+__all__ = [
+    "BINARY", "DATETIME", "LEGACY_TRANSACTION_CONTROL", "NUMBER", "ROWID", "STRING", "Binary",
+    "ConflictError", "Connection", "Cursor", "DataError", "DatabaseError", "Date", "DateFromTicks",
+    "Error", "IntegrityError", "InterfaceError", "InternalError", "NotSupportedError",
+    "OperationalError", "ProgrammingError", "Row", "Time", "TimeFromTicks", "Timestamp",
+    "TimestampFromTicks", "Warning", "apilevel", "connect", "paramstyle", "register_adapter",
+    "sqlite_version", "sqlite_version_info", "threadsafety",
+]
