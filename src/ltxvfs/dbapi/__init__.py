@@ -14,17 +14,50 @@ in docs/integrations.md. Time travel stays a PRAGMA (``PRAGMA litestream_time``)
 
 from __future__ import annotations
 
-import datetime
 import re
-import time as _time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any
 from urllib.parse import quote
 
 import apsw
 
-from . import errors as _errors
+from .errors import (  # noqa: F401 - the PEP 249 names live here
+    _CLOSED,
+    _CODE_OF_CLASS,
+    ConflictError,
+    DatabaseError,
+    DataError,
+    Error,
+    IntegrityError,
+    InterfaceError,
+    InternalError,
+    NotSupportedError,
+    OperationalError,
+    ProgrammingError,
+    Warning,
+    _translate_error,
+    _translated,
+)
+from .types import (  # noqa: F401
+    _END,
+    BINARY,
+    DATETIME,
+    NUMBER,
+    ROWID,
+    STRING,
+    Binary,
+    Date,
+    DateFromTicks,
+    Row,
+    Time,
+    TimeFromTicks,
+    Timestamp,
+    TimestampFromTicks,
+    _affinity,
+    _convert_binding,
+    _TypeObject,
+    register_adapter,
+)
 
 apilevel = "2.0"
 #: Threads may share the module and connections (apsw serializes calls on a connection with
@@ -45,239 +78,6 @@ PARSE_COLNAMES = 2
 
 _ISOLATION_LEVELS = (None, "", "DEFERRED", "IMMEDIATE", "EXCLUSIVE")
 
-
-# --- exceptions (PEP 249) ------------------------------------------------------------------------
-
-
-class Warning(Exception):  # noqa: N818 - the name PEP 249 prescribes
-    """Important warnings (PEP 249); never raised by this module."""
-
-
-class Error(Exception):
-    """Base class of every error of this module. ``sqlite_errorcode`` / ``sqlite_errorname``
-    carry SQLite's extended result code where there is one, as in sqlite3."""
-
-    sqlite_errorcode: int | None = None
-    sqlite_errorname: str | None = None
-
-
-class InterfaceError(Error):
-    pass
-
-
-class DatabaseError(Error):
-    pass
-
-
-class DataError(DatabaseError):
-    pass
-
-
-class OperationalError(DatabaseError):
-    pass
-
-
-class IntegrityError(DatabaseError):
-    pass
-
-
-class InternalError(DatabaseError):
-    pass
-
-
-class ProgrammingError(DatabaseError):
-    pass
-
-
-class NotSupportedError(DatabaseError):
-    pass
-
-
-class ConflictError(OperationalError, _errors.ConflictError):
-    """Write mode: another writer moved the replica on (``ltxvfs.ConflictError`` too); nothing
-    was overwritten and the unsynced commits stay in the write buffer the message names."""
-
-
-# SQLite primary result codes -> class, exactly as CPython's Modules/_sqlite/util.c.
-_BY_CODE: dict[int, type[Error]] = {
-    2: InternalError, 12: InternalError,                      # INTERNAL, NOTFOUND
-    11: DatabaseError, 26: DatabaseError,                     # CORRUPT, NOTADB
-    18: DataError,                                            # TOOBIG
-    19: IntegrityError, 20: IntegrityError,                   # CONSTRAINT, MISMATCH
-    21: InterfaceError, 25: InterfaceError,                   # MISUSE, RANGE
-}
-for _code in (1, 3, 4, 5, 6, 8, 9, 10, 13, 14, 15, 16, 17):  # ERROR PERM ABORT BUSY LOCKED READONLY
-    _BY_CODE[_code] = OperationalError                       # INTERRUPT IOERR FULL CANTOPEN PROTOCOL
-#                                                              EMPTY SCHEMA
-_CODE_OF_CLASS = {type(apsw.exception_for(code)): code for code in range(1, 27)}
-_CLOSED = "Cannot operate on a closed database."  # sqlite3's words; SQLAlchemy's is_disconnect
-
-
-def _translate_error(exc: BaseException) -> BaseException:
-    """The PEP 249 exception for ``exc`` (an apsw or ltxvfs error), or ``exc`` itself."""
-    if isinstance(exc, Error):
-        return exc
-    if isinstance(exc, _errors.ConflictError):
-        err: Error = ConflictError(str(exc))
-    elif isinstance(exc, apsw.ConnectionClosedError):
-        err = ProgrammingError(_CLOSED)
-    elif isinstance(exc, apsw.CursorClosedError):
-        err = ProgrammingError("Cannot operate on a closed cursor.")
-    elif isinstance(exc, (apsw.BindingsError, apsw.ThreadingViolationError,
-                          apsw.ExecutionCompleteError, apsw.IncompleteExecutionError)):
-        err = ProgrammingError(str(exc))
-    elif isinstance(exc, apsw.Error):
-        code = getattr(exc, "result", None)
-        if code is None:  # raised by Python code (the VFS): the class says which code
-            code = _CODE_OF_CLASS.get(type(exc), -1)
-        cls = _BY_CODE.get(code, DatabaseError)
-        if isinstance(exc, apsw.NoMemError):
-            return MemoryError(str(exc))
-        err = cls(str(exc))
-        ext = getattr(exc, "extendedresult", None)
-        err.sqlite_errorcode = ext if ext is not None else code
-        err.sqlite_errorname = (apsw.mapping_extended_result_codes.get(err.sqlite_errorcode)
-                                or apsw.mapping_result_codes.get(code))
-    elif isinstance(exc, _errors.LitestreamError):
-        err = OperationalError(str(exc))
-    elif isinstance(exc, TypeError) and "binding" in str(exc).lower():
-        err = ProgrammingError(str(exc))
-    else:
-        return exc
-    err.__cause__ = exc
-    return err
-
-
-@contextmanager
-def _translated():
-    try:
-        yield
-    except (apsw.Error, _errors.LitestreamError, TypeError) as exc:
-        new = _translate_error(exc)
-        if new is exc:
-            raise
-        raise new from exc
-
-
-# --- types (PEP 249) -----------------------------------------------------------------------------
-
-Date = datetime.date
-Time = datetime.time
-Timestamp = datetime.datetime
-Binary = memoryview
-
-
-def DateFromTicks(ticks: float) -> datetime.date:  # noqa: N802 - PEP 249 names
-    return Date(*_time.localtime(ticks)[:3])
-
-
-def TimeFromTicks(ticks: float) -> datetime.time:  # noqa: N802
-    return Time(*_time.localtime(ticks)[3:6])
-
-
-def TimestampFromTicks(ticks: float) -> datetime.datetime:  # noqa: N802
-    return Timestamp(*_time.localtime(ticks)[:6])
-
-
-class _TypeObject:
-    """Compares equal to the declared column types of one SQLite affinity (``type_code`` in
-    ``cursor.description`` is the column's declared type, ``None`` for an expression)."""
-
-    def __init__(self, name: str, test) -> None:
-        self.name, self._test = name, test
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, str) and self._test(other.upper())
-
-    def __hash__(self) -> int:
-        return hash(self.name)
-
-    def __repr__(self) -> str:
-        return f"<dbapi type {self.name}>"
-
-
-def _affinity(decl: str) -> str:
-    """SQLite's column affinity rules (https://sqlite.org/datatype3.html, 3.1)."""
-    if "INT" in decl:
-        return "INTEGER"
-    if any(s in decl for s in ("CHAR", "CLOB", "TEXT")):
-        return "TEXT"
-    if "BLOB" in decl or not decl:
-        return "BLOB"
-    if any(s in decl for s in ("REAL", "FLOA", "DOUB")):
-        return "REAL"
-    return "NUMERIC"
-
-
-STRING = _TypeObject("STRING", lambda d: _affinity(d) == "TEXT")
-BINARY = _TypeObject("BINARY", lambda d: _affinity(d) == "BLOB")
-NUMBER = _TypeObject("NUMBER", lambda d: _affinity(d) in ("INTEGER", "REAL", "NUMERIC"))
-DATETIME = _TypeObject("DATETIME", lambda d: "DATE" in d or "TIME" in d)
-ROWID = _TypeObject("ROWID", lambda d: d == "INTEGER")
-
-#: (type, protocol) -> adapter, as sqlite3.adapters; date and datetime have sqlite3's (ISO text).
-adapters: dict[tuple[type, Any], Any] = {
-    (datetime.date, None): lambda v: v.isoformat(),
-    (datetime.datetime, None): lambda v: v.isoformat(" "),
-}
-
-
-def register_adapter(type_: type, adapter) -> None:
-    """Values of ``type_`` are bound as ``adapter(value)`` (as ``sqlite3.register_adapter``)."""
-    adapters[(type_, None)] = adapter
-
-
-def _convert_binding(cursor, num: int, value: Any) -> Any:
-    adapter = adapters.get((type(value), None))
-    if adapter is None:
-        conform = getattr(value, "__conform__", None)
-        if conform is not None:
-            result = conform(None)
-            if result is not None:
-                return result
-        raise ProgrammingError(f"Error binding parameter {num}: type "
-                               f"'{type(value).__name__}' is not supported")
-    return adapter(value)
-
-
-class Row:
-    """A row indexable by position and (case-insensitive) column name, as ``sqlite3.Row``."""
-
-    __slots__ = ("_desc", "_values")
-
-    def __init__(self, cursor: Cursor, values: tuple) -> None:
-        self._desc = cursor.description
-        self._values = values
-
-    def keys(self) -> list[str]:
-        return [d[0] for d in self._desc] if self._desc else []
-
-    def __getitem__(self, key):
-        if isinstance(key, str):
-            lowered = key.lower()
-            for i, d in enumerate(self._desc or ()):
-                if d[0].lower() == lowered:
-                    return self._values[i]
-            raise IndexError("No item with that key")
-        return self._values[key]
-
-    def __len__(self) -> int:
-        return len(self._values)
-
-    def __iter__(self) -> Iterator:
-        return iter(self._values)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Row) and self._desc == other._desc and self._values == other._values
-
-    def __hash__(self) -> int:
-        return hash((tuple(self.keys()), self._values))
-
-    def __repr__(self) -> str:
-        return f"<Row {self._values!r}>"
-
-
-_END = object()  # no row ahead
 
 # --- statements ----------------------------------------------------------------------------------
 
@@ -344,7 +144,7 @@ def connect(replica_url: str, *, write: bool = False, hydration_path: str | None
     compatibility and ignored (``detect_types`` other than 0 is refused)."""
     if detect_types:
         raise NotSupportedError("detect_types (converters) is not supported; see docs/integrations.md")
-    from . import register
+    from .. import register
 
     register()
     sqlite_uri, flags = _sqlite_uri(replica_url, name=name, write=write,
