@@ -98,6 +98,7 @@ def test_write_mode_configured_by_environment_alone(tmp_path):
         "LITESTREAM_SNAPSHOT_INTERVAL": "600ms",
         "LITESTREAM_SNAPSHOT_RETENTION": "1h",
         "LITESTREAM_L0_RETENTION": "0",
+        "LITESTREAM_SINGLE_WRITER": "verify",
     }
     config, state, levels, closed = _run(WRITER, env, tmp_path)
     assert config == {
@@ -105,7 +106,7 @@ def test_write_mode_configured_by_environment_alone(tmp_path):
         "open_timeout": 2.5, "log_level": "DEBUG", "write_enabled": True, "sync_interval": -1.0,
         "buffer_path": str(buffer), "compaction_levels": [0.15, 0.4], "snapshot_interval": 0.6,
         "snapshot_retention": 3600.0, "l0_retention": 0.0, "hydration_enabled": False,
-        "hydration_path": None, "hydration_persistent": False,
+        "hydration_path": None, "hydration_persistent": False, "single_writer": "verify",
     }
     assert state == {"write_enabled": "1", "buffer_exists_while_writing": True,
                      "buffer_mode": "0o600"}
