@@ -17,7 +17,8 @@ from moto.server import ThreadedMotoServer
 pytest_plugins = ["litestream_rig"]
 
 #: SQLAlchemy's compliance suite runs in a subprocess of its own (tests/test_sqlalchemy.py).
-collect_ignore = ["sqlalchemy_suite"]
+#: So does the Django project's (tests/test_django.py runs Django's test runner on it).
+collect_ignore = ["sqlalchemy_suite", "django_project"]
 
 # Fake credentials for moto; real ones must never be needed or leaked by the test suite.
 TEST_ACCESS_KEY = "testing-access-key"

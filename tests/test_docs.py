@@ -192,6 +192,15 @@ def test_python_blocks_run(doc, docs_env, tmp_path):
         restore(open_replica(url + "?endpoint=" + env["LITESTREAM_S3_ENDPOINT"]),
                 tmp_path / "app.db")
         assert rows_of(tmp_path / "app.db", "SELECT kind FROM events") == [("signup",)]
+    if doc == "integrations.md":  # the peewee and Django examples' writes, restored
+        restore(open_replica("s3://my-bucket/app?endpoint=" + env["LITESTREAM_S3_ENDPOINT"]),
+                tmp_path / "app.db")
+        assert rows_of(tmp_path / "app.db", "SELECT title, done FROM task ORDER BY id") == [
+            ("write docs", 0), ("ship", 0)]
+        assert "41\n42\n" in proc.stdout and "attempt to write a readonly database" in proc.stdout
+        # the Django example's read through the replica and its write through the writer
+        assert "('user 42',)\n0 000000000000002a\n" in proc.stdout
+        assert rows_of(tmp_path / "app.db", "SELECT path FROM visits") == [("/",)]
 
 
 def _commands(block: Block) -> list[tuple[str, str]]:
