@@ -124,7 +124,7 @@ class ReplicaTests(TransactionTestCase):
         self.writer.sync()
         self.assertEqual(Note.objects.count(), 1)
         with self.reader.cursor() as cur:
-            cur.execute("PRAGMA litestream_pin_txid = '%s'" % first)
+            cur.execute(f"PRAGMA litestream_pin_txid = '{first}'")
         self.assertEqual(sorted(Note.objects.values_list("body", flat=True)), ["first", "second"])
         with self.reader.cursor() as cur:
             cur.execute("PRAGMA litestream_pin_txid = 'latest'")
