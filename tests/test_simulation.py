@@ -41,6 +41,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
+    initialize,
     invariant,
     precondition,
     rule,
@@ -79,6 +80,15 @@ OPS = st.tuples(st.sampled_from(["insert", "update", "delete", "big", "schema"])
 IDX = st.integers(0, 7)
 
 
+def counted(fn):
+    """Count the rule's runs in the figures."""
+    def wrapper(self, *args, **kwargs):
+        FIGURES.rules[fn.__name__] += 1
+        return fn(self, *args, **kwargs)
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
 def ltxvfs_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("ltxvfs-")]
 
@@ -104,6 +114,7 @@ class Slot:
     began: int = 0  # step the transaction (or the pin) started
     pin: tuple[str, int] | None = None  # ("txid", T) or ("time", ms)
     pinned_at: int = 0
+    pin_gen: int = 0  # the replica's generation when pinned (a pinned state outlives a replace)
     last: int = 0  # highest TXID a follower view of this slot saw (monotonic)
     gen: int = 0
 
@@ -209,9 +220,17 @@ class Simulation(RuleBasedStateMachine):
 
     # --- rules: connections -------------------------------------------------------------------
 
+    @initialize(hydrate=st.booleans(), small=st.booleans(), follower=st.booleans())
+    def start(self, hydrate, small, follower):
+        """Most runs start with a writer on r1 (and maybe a follower of r2)."""
+        self.open_conn("r1", True, hydrate, small)
+        if follower:
+            self.open_conn("r2", False, hydrate, small)
+
     @precondition(lambda self: len(self.slots) < 4)
     @rule(rep=st.sampled_from(["r1", "r1", "r2"]), write=st.booleans(), hydrate=st.booleans(),
           small=st.booleans())
+    @counted
     def open_conn(self, rep, write, hydrate, small):
         write = write and rep == "r1"
         first = self.replica(rep) is None
@@ -223,9 +242,13 @@ class Simulation(RuleBasedStateMachine):
             self.expect(err, (), "open")
             return
         con.set_busy_timeout(0)
-        if small:
-            con.execute("PRAGMA cache_size = 10")
         self.slots.append(Slot(con, rep, write, gen=self.reps[rep].generation))
+        if small:  # SQLite's cache: 10 pages, so a large transaction spills
+            try:
+                con.execute("PRAGMA cache_size = 10")
+            except apsw.BusyError as err:  # it reads the schema: a committing writer blocks it
+                self.expect(err, (apsw.BusyError,) if any(
+                    s.txn == "write" for s in self.others(self.slots[-1])) else (), "cache_size")
         if first:
             self.opened[rep] = hydrate
             self.fresh[rep] = True
@@ -234,6 +257,7 @@ class Simulation(RuleBasedStateMachine):
 
     @precondition(lambda self: self.slots)
     @rule(i=IDX)
+    @counted
     def close_conn(self, i):
         slot = self.slots.pop(i % len(self.slots))
         last = not self.others(slot)
@@ -304,13 +328,24 @@ class Simulation(RuleBasedStateMachine):
             slot.txn = "read"
         where = f"{slot.rep} {slot.view} read at TXID {txid}"
         if slot.seen is not None:  # inside one transaction: the same database every time
-            assert (txid, d) == slot.seen, f"{where}: the transaction saw {slot.seen} first"
+            if slot.view == "writer":  # its TXID is the last synced one: a sync may move it
+                assert d == slot.seen[1] and txid >= slot.seen[0], \
+                    f"{where}: the transaction saw {slot.seen} first"
+            else:
+                assert (txid, d) == slot.seen, f"{where}: the transaction saw {slot.seen} first"
             return
         if slot.txn == "read":
             slot.seen = (txid, d)
         if slot.view == "writer":
             want = digest(m.oracle) if slot.txn == "write" else m.committed
             assert d == want, f"{where}: not the acknowledged state"
+            assert txid in m.history, f"{where}: no such TXID in the history"
+            if not m.unsynced and slot.txn != "write":
+                assert d == m.history[txid], f"{where}: all synced, yet not that TXID's state"
+            return
+        if slot.view == "pinned" and slot.pin_gen != m.generation:
+            history = m.old_histories[slot.pin_gen]  # pinned before the replica was replaced
+            assert history.get(txid) == d, f"{where}: not that TXID's state (pinned before replace)"
             return
         if not self.fresh.get(slot.rep, True) and m.history.get(txid) != d:
             # replaced, not polled since: the replica object may still hold the old history
@@ -333,17 +368,20 @@ class Simulation(RuleBasedStateMachine):
 
     @precondition(lambda self: self.slots)
     @rule(i=IDX)
+    @counted
     def read_any(self, i):
         self.read(self.slots[i % len(self.slots)])
 
     @precondition(lambda self: any(s.txn is None for s in self.slots))
     @rule(i=IDX)
+    @counted
     def begin_read(self, i):
         free = [s for s in self.slots if s.txn is None]
         self.read(free[i % len(free)], start=True)
 
     @precondition(lambda self: any(s.txn for s in self.slots))
     @rule(i=IDX, commit=st.booleans())
+    @counted
     def end_txn(self, i, commit):
         busy = [s for s in self.slots if s.txn]
         slot = busy[i % len(busy)]
@@ -365,14 +403,17 @@ class Simulation(RuleBasedStateMachine):
 
     def refusal(self, slot: Slot) -> tuple:
         """What starting a write transaction on ``slot`` must give, () if it must work."""
+        other_writer = any(s.txn == "write" for s in self.others(slot))
         if slot.rep != "r1" or not self.writer_on or not slot.may_write or slot.pin:
-            return (apsw.ReadOnlyError,)
-        if any(s.txn == "write" for s in self.others(slot)):
+            # a writer that spilled holds EXCLUSIVE: even reading the schema is busy then
+            return (apsw.ReadOnlyError, apsw.BusyError) if other_writer else (apsw.ReadOnlyError,)
+        if other_writer:
             return (apsw.BusyError,)
         return ()
 
     @precondition(lambda self: any(s.txn != "read" for s in self.slots))
     @rule(i=IDX, op=OPS, explicit=st.booleans(), seq=st.integers(0, 999))
+    @counted
     def write(self, i, op, explicit, seq):
         free = [s for s in self.slots if s.txn != "read"]
         slot = free[i % len(free)]
@@ -408,6 +449,7 @@ class Simulation(RuleBasedStateMachine):
 
     @precondition(lambda self: any(s.txn is None for s in self.slots))
     @rule(i=IDX)
+    @counted
     def vacuum(self, i):
         free = [s for s in self.slots if s.txn is None]
         slot = free[i % len(free)]
@@ -432,6 +474,7 @@ class Simulation(RuleBasedStateMachine):
 
     @precondition(lambda self: any(s.rep == "r1" for s in self.slots))
     @rule(i=IDX, on=st.booleans())
+    @counted
     def set_write_mode(self, i, on):
         r1 = [s for s in self.slots if s.rep == "r1"]
         slot = r1[i % len(r1)]
@@ -451,6 +494,7 @@ class Simulation(RuleBasedStateMachine):
 
     @precondition(lambda self: any(s.rep == "r1" for s in self.slots))
     @rule(i=IDX)
+    @counted
     def sync(self, i):
         r1 = [s for s in self.slots if s.rep == "r1"]
         _, err = self.pragma(r1[i % len(r1)], "litestream_sync")
@@ -461,6 +505,7 @@ class Simulation(RuleBasedStateMachine):
 
     @precondition(lambda self: any(s.txn is None for s in self.slots))
     @rule(i=IDX, k=st.integers(0, 99), by_time=st.booleans(), back=st.booleans())
+    @counted
     def travel(self, i, k, by_time, back):
         free = [s for s in self.slots if s.txn is None]
         slot = free[i % len(free)]
@@ -490,10 +535,11 @@ class Simulation(RuleBasedStateMachine):
             self.expect(err, refused, "pin txid")
             pin = ("txid", txid)
         if err is None:
-            slot.pin, slot.pinned_at, slot.gen = pin, self.step, m.generation
+            slot.pin, slot.pinned_at, slot.pin_gen = pin, self.step, m.generation
 
     @precondition(lambda self: self.slots)
     @rule(rep=st.sampled_from(["r1", "r2"]))
+    @counted
     def poll(self, rep):
         replica = self.replica(rep)
         if replica is None:
@@ -507,6 +553,7 @@ class Simulation(RuleBasedStateMachine):
 
     @precondition(lambda self: any(self.opened.values()))
     @rule(i=IDX)
+    @counted
     def wait_hydrated(self, i):
         """Wait (bounded) until the hydration file is current, then read through it."""
         for rep, hydrating in self.opened.items():
@@ -529,6 +576,7 @@ class Simulation(RuleBasedStateMachine):
     # --- rules: the outside world -------------------------------------------------------------
 
     @rule(rep=st.sampled_from(["r1", "r2", "r2"]), op=OPS, seq=st.integers(0, 999))
+    @counted
     def outside_commit(self, rep, op, seq):
         m = self.reps[rep]
         if rep == "r1" and (self.writer_on or m.unsynced):
@@ -537,6 +585,7 @@ class Simulation(RuleBasedStateMachine):
 
     @rule(rep=st.sampled_from(["r1", "r2"]),
           job=st.sampled_from(["l1", "l2", "snapshot", "l0-retention", "snapshot-retention"]))
+    @counted
     def compact(self, rep, job):
         client = self.reps[rep].client
         try:
@@ -554,6 +603,7 @@ class Simulation(RuleBasedStateMachine):
 
     @precondition(lambda self: not self.writer_on)
     @rule(rep=st.sampled_from(["r2", "r2", "r1"]), rows=st.integers(1, 40))
+    @counted
     def replace(self, rep, rows):
         m = self.reps[rep]
         if rep == "r1" and m.unsynced:
@@ -564,6 +614,7 @@ class Simulation(RuleBasedStateMachine):
 
     @precondition(lambda self: self.writer_on)
     @rule()
+    @counted
     def crash(self):
         """The process dies: no final sync; the buffer stays as kill -9 leaves it."""
         FIGURES.crashes += 1
@@ -598,6 +649,7 @@ class Simulation(RuleBasedStateMachine):
           action=st.sampled_from(["sync", "poll", "read", "open", "travel", "close", "write",
                                   "disable", "enable"]),
           i=IDX, data=st.data())
+    @counted
     def fault(self, kind, ops, times, action, i, data):
         self.faults.arm(kind, ops, times)
         self.faulted = True
@@ -632,6 +684,9 @@ class Simulation(RuleBasedStateMachine):
     def check_replicas(self) -> None:
         self.step += 1
         FIGURES.steps += 1
+        for slot in list(self.slots):  # every connection's view, every step
+            if slot.txn != "write":
+                self.read(slot)
         for m in self.reps.values():
             m.observe()
             if self.step % 3 == 0 or m.name == "r1":
