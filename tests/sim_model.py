@@ -219,8 +219,10 @@ class ReplicaModel:
         self.page_size = page_size
         self.oracle_path = root / f"{name}-oracle.db"
         self.primary = FakePrimary(root / f"{name}-primary.db", client, page_size)
+        self.last_ms = 0
         self.primary.commit(SCHEMA, _series(20) + "INSERT INTO t(v, b) SELECT 'init-' || x, "
-                                                  "zeroblob(x * 50) FROM s")
+                                                  "zeroblob(x * 50) FROM s",
+                            timestamp_ms=self.next_ms())
         shutil.copy(self.primary.path, self.oracle_path)
         self.oracle = apsw.Connection(str(self.oracle_path))
         self.oracle.execute("PRAGMA journal_mode = delete")
@@ -234,6 +236,16 @@ class ReplicaModel:
         self.unsynced = False  # acknowledged commits not known to be synced
         self.follow_floor = 1  # a follower read after a clean poll sees at least this TXID
         self.restores = 0
+
+    def next_ms(self) -> int:
+        """Strictly increasing LTX timestamps for the outside primary: a file:// object is told
+        apart from an earlier one of the same name by inode and mtime (the LTX timestamp, in
+        ms), so a history replaced within the same millisecond (only a simulation is that fast)
+        could reuse both — a known limit, not what this simulation is after."""
+        self.last_ms = max(int(time.time() * 1000), self.last_ms + 1,
+                           max(self.timestamps.values(), default=0) + 1
+                           if hasattr(self, "timestamps") else 0)
+        return self.last_ms
 
     def _timestamp(self, txid: int) -> int:
         for level in range(10):
@@ -289,7 +301,7 @@ class ReplicaModel:
         """The outside primary commits ``sql`` and publishes it as the next TXID."""
         if self.primary.txid != self.latest:
             self.rebase_primary()
-        info = self.primary.commit(*sql)
+        info = self.primary.commit(*sql, timestamp_ms=self.next_ms())
         with self.oracle:
             for s in sql:
                 self.oracle.execute(s)
@@ -311,7 +323,8 @@ class ReplicaModel:
         self.generation += 1
         self.old_histories.append(self.history)
         self.primary.commit(SCHEMA, _series(rows) + f"INSERT INTO t(v, b) SELECT "
-                                                    f"'gen{self.generation}-' || x, zeroblob(90) FROM s")
+                                                    f"'gen{self.generation}-' || x, zeroblob(90) FROM s",
+                            timestamp_ms=self.next_ms())
         self.oracle.close()
         self.oracle_path.unlink()
         shutil.copy(self.primary.path, self.oracle_path)
