@@ -73,6 +73,8 @@ from sim_model import (
 
 EXAMPLES = int(os.environ.get("LTXVFS_SIM_EXAMPLES", "0"))
 STEPS = int(os.environ.get("LTXVFS_SIM_STEPS", "0"))
+#: Replace a replica while this process has it open (off until the reported mixing is fixed).
+REPLACE_OPEN = bool(os.environ.get("LTXVFS_SIM_REPLACE_OPEN"))
 PARAMS = "poll_interval=1h&sync_interval=-1s&compaction_levels=off&snapshot_interval=0"
 FIGURES = Figures()
 OPS = st.tuples(st.sampled_from(["insert", "update", "delete", "big", "schema"]),
@@ -159,6 +161,7 @@ class Simulation(RuleBasedStateMachine):
         self.opened: dict[str, bool] = {}
         #: per replica: its Replica object was built or cleanly polled since the last replace
         self.fresh: dict[str, bool] = {}
+        self.polled_at: dict[str, int] = {}  # step of the replica's last open or clean poll
 
     def replica(self, rep: str):
         key = self.vfs_mod_identity(rep)
@@ -252,6 +255,7 @@ class Simulation(RuleBasedStateMachine):
         if first:
             self.opened[rep] = hydrate
             self.fresh[rep] = True
+            self.polled_at[rep] = self.step
         if write:
             self.writer_on = True
 
@@ -309,9 +313,10 @@ class Simulation(RuleBasedStateMachine):
             txid = int(con.execute("PRAGMA litestream_txid").fetchall()[0][0], 16)
             ok = integrity(con)
         except apsw.Error as err:
+            built = slot.pinned_at if slot.pin else min(slot.began, self.polled_at.get(
+                slot.rep, 0))  # when the state this view reads was built
             busy_ok = (any(s.txn == "write" for s in self.others(slot))
-                       or slot.view != "writer" and self.deleted_at[slot.rep] >= min(
-                           slot.began, slot.pinned_at if slot.pin else slot.began))
+                       or slot.view != "writer" and self.deleted_at[slot.rep] >= built)
             self.expect(err, (apsw.BusyError,) if busy_ok else (), "read")
             if outside and con.in_transaction:
                 con.execute("ROLLBACK")
@@ -558,6 +563,7 @@ class Simulation(RuleBasedStateMachine):
             assert replica.state.txid == self.reps[rep].latest, "a clean poll reaches the latest"
             self.reps[rep].follow_floor = self.reps[rep].latest
             self.fresh[rep] = True
+            self.polled_at[rep] = self.step
 
     @precondition(lambda self: any(self.opened.values()))
     @rule(i=IDX)
@@ -615,6 +621,10 @@ class Simulation(RuleBasedStateMachine):
     def replace(self, rep, rows):
         m = self.reps[rep]
         if rep == "r1" and m.unsynced:
+            return
+        if self.replica(rep) is not None and not REPLACE_OPEN:
+            # test_follow.py::test_a_read_transaction_never_mixes_a_replaced_history_into_its_own
+            # (reported): a state of the old history reads same-named files of the new one
             return
         m.replace(rows)
         self.deleted_at[rep] = self.step
