@@ -59,7 +59,6 @@ from ltxvfs.storage import open_replica
 
 from litestream_rig import litestream_restore
 from sim_model import (
-    FAULT_MARK,
     Faults,
     FaultyClient,
     Figures,
@@ -442,7 +441,8 @@ class Simulation(RuleBasedStateMachine):
                 self.expect(err, refused or ((apsw.BusyError,) if readers else ()), "write")
                 if con.in_transaction:
                     con.execute("ROLLBACK")
-                self.oracle_rollback(slot.rep)
+                if slot.txn == "write":  # the oracle's open transaction is this slot's
+                    self.oracle_rollback(slot.rep)
                 slot.txn, slot.view = None, None
                 return
             if refused:  # only a statement that changes nothing needs no write lock
