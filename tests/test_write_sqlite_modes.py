@@ -237,3 +237,40 @@ def test_each_open_has_its_own_name_and_journal(vfs, tmp_path):
     assert a.execute("PRAGMA database_list").fetchall()[0][2] == a.filename
     a.close()
     b.close()
+
+
+# --- found by the simulation (tests/test_simulation.py) -----------------------------------------
+
+@pytest.mark.parametrize("locking_mode", ["NORMAL", "EXCLUSIVE"])
+def test_a_rolled_back_transaction_leaves_nothing_to_sync_or_recover(vfs, tmp_path, locking_mode):
+    """A ROLLBACK of a transaction whose pages SQLite had spilled into the buffer made a commit
+    of its journal's playback at the unlock: a TXID nobody committed (same content) was
+    uploaded, and a process that crashed after only rolling back held "1 unsynced commit" — so
+    reopening after another writer moved on failed with ConflictError."""
+    url = (tmp_path / "replica").as_uri()
+    con = writer(url, tmp_path, sync_interval="-1s")
+    con.execute(f"PRAGMA locking_mode = {locking_mode}")
+    con.execute("PRAGMA cache_size = 10")  # the transaction below spills
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+    con.execute("INSERT INTO t VALUES (1, zeroblob(100))")
+    assert con.execute("PRAGMA litestream_sync").fetchall()[0][0] == f"{1:016x}"
+    buffer = next(r for r in vfs.replicas() if r.client.url == url).writer.buffer
+    con.execute("BEGIN IMMEDIATE")
+    con.execute("WITH RECURSIVE s(x) AS (SELECT 2 UNION ALL SELECT x + 1 FROM s WHERE x < 100) "
+                "INSERT INTO t SELECT x, zeroblob(700) FROM s")
+    assert buffer.in_transaction, "the test needs a transaction that spilled into the buffer"
+    con.execute("ROLLBACK")
+    if locking_mode == "NORMAL":  # under EXCLUSIVE SQLite keeps the lock: nothing to see yet
+        assert not buffer.in_transaction and not buffer.has_unsynced
+        fd = os.open(buffer.path, os.O_RDONLY)
+        try:  # what recovery after a crash now would find
+            assert buffer._scan(fd).commits == 0, "a crash now would recover a commit nobody made"
+        finally:
+            os.close(fd)
+    assert con.execute("PRAGMA litestream_sync").fetchall()[0][0] == ""
+    assert rows(con, "SELECT count(*) FROM t") == [(1,)]
+    con.close()
+    with open_replica(url) as client:
+        assert [f.max_txid for f in client.list_files(0)] == [1], "a rollback uploaded a TXID"
+    assert not (tmp_path / "buf").exists()
+    assert restored_rows(url, tmp_path / "out.db", "SELECT id FROM t") == [(1,)]

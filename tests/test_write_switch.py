@@ -417,3 +417,47 @@ def test_write_mode_switched_on_and_off_by_pragma_round_trip(vfs, tmp_path, monk
     assert rows(con) == [(0, "seed"), (1, "first"), (2, "second")]
     con.close()
     assert restored_rows(url, tmp_path / "out.db") == [(0, "seed"), (1, "first"), (2, "second")]
+
+
+def test_write_mode_is_not_turned_on_from_a_state_a_failed_poll_could_not_check(vfs, tmp_path,
+                                                                                 monkeypatch):
+    """Found by the simulation: turning write mode on polls first, but a poll that failed
+    (storage unavailable) went unnoticed, and the writer started from the follower's old state.
+    When the replica had been replaced meanwhile (a restored primary: a new history with fewer
+    TXIDs) the writer's reads showed the old history and its first sync uploaded TXID 4 on top of
+    the new TXID 1 — a replica that restores to nothing (a gap) or to a mix of two histories."""
+    from ltxvfs.plan import list_levels
+    from ltxvfs.storage import open_replica
+
+    from replicas import FakePrimary
+
+    url = (tmp_path / "replica").as_uri()
+    client = open_replica(url)
+    old = FakePrimary(tmp_path / "old.db", client)
+    old.commit("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)", "INSERT INTO t VALUES (1, 'old')")
+    old.commit("INSERT INTO t VALUES (2, 'old')")
+    old.commit("INSERT INTO t VALUES (3, 'old')")
+    con = apsw.Connection(f"file:db?vfs=litestream&replica_url={url}&poll_interval=1h"
+                          f"&sync_interval=-1s&buffer_path={tmp_path / 'buf'}", flags=RW)
+    assert rows(con) == [(1, "old"), (2, "old"), (3, "old")]
+    # The primary is restored from an older backup: a new history, TXID 1 only.
+    client.delete([f for fs in list_levels(client).values() for f in fs])
+    new = FakePrimary(tmp_path / "new.db", client)
+    new.commit("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)", "INSERT INTO t VALUES (1, 'new')")
+    replica = next(r for r in vfs.replicas() if r.client.url == url)
+
+    def unavailable(*args, **kwargs):
+        raise StorageError("storage unavailable (test)")
+
+    monkeypatch.setattr(replica.client, "list_files", unavailable)
+    with pytest.raises(apsw.SQLError, match="storage unavailable"):
+        con.execute("PRAGMA litestream_write_enabled = 1")
+    assert con.execute("PRAGMA litestream_write_enabled").fetchall() == [("0",)]
+    monkeypatch.undo()
+    con.execute("PRAGMA litestream_write_enabled = 1")  # storage is back: from the new history
+    assert rows(con) == [(1, "new")]
+    con.execute("INSERT INTO t VALUES (2, 'ours')")
+    assert con.execute("PRAGMA litestream_sync").fetchall() == [(f"{2:016x}",)]
+    con.close()
+    assert restored_rows(url, tmp_path / "out.db") == [(1, "new"), (2, "ours")]
+    client.close()

@@ -11,7 +11,9 @@ Records:
 * PAGE (1): u32 pgno, then the page bytes — written by ``xWrite``.
 * TRUNCATE (2): u32 size in pages — written by ``xTruncate``.
 * COMMIT (3): u32 size in pages, u64 sequence — the end of a SQLite transaction. Everything
-  before the last COMMIT is committed; anything after it is discarded on recovery.
+  before the last COMMIT is committed; anything after it is discarded on recovery. A rolled-back
+  transaction's records (pages SQLite spilled, then its journal's playback) are cut off the
+  file when SQLite unlocks.
 * SYNC (4): u64 TXID, u64 end offset, u64 LTX file checksum — "the committed records up to this
   offset are being uploaded as TXID": after a crash it tells our own upload from someone else's.
 
@@ -229,6 +231,25 @@ class WriteBuffer:
             if fsync:
                 os.fsync(self._fd)
             return changed
+
+    def rollback(self) -> None:
+        """SQLite rolled the open transaction back (its journal put the old pages back through
+        :meth:`write_page`): every record since the last COMMIT is void. They are cut off the
+        file — any SYNC mark among them (an upload begun meanwhile) is kept — so neither a sync
+        nor recovery after a crash takes them for a commit nobody made."""
+        with self._lock:
+            if not self._dirty_txn:
+                return
+            marks = [rec for _, rtype, rec in _records(self._fd, self._last_commit_end, self._end)
+                     if rtype == SYNC]
+            os.ftruncate(self._fd, self._last_commit_end)
+            self._end = self._last_commit_end
+            for rec in marks:
+                if os.pwrite(self._fd, rec, self._end) != len(rec):
+                    raise BufferError(f"short write to {self.path}")
+                self._end += len(rec)
+            self.pending = self.committed.copy()
+            self._dirty_txn = False
 
     def fsync(self) -> None:
         with self._lock:

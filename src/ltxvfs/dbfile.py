@@ -5,8 +5,10 @@
   replica's state, or a pinned past state); page 1 carries the connection's own change counter,
   which moves exactly when its view may show other bytes (view.py).
 * Write mode: SQLite's writes go to the write buffer. A transaction's records become a commit at
-  ``xSync`` (durable: fsynced), else at ``SQLITE_FCNTL_COMMIT_PHASETWO`` (every mode, including
-  ``synchronous=OFF`` and ``locking_mode=EXCLUSIVE``), else at the unlock (a rollback's playback).
+  ``SQLITE_FCNTL_COMMIT_PHASETWO`` (every mode, including ``synchronous=OFF`` and
+  ``locking_mode=EXCLUSIVE``), fsynced there if SQLite synced the file (``xSync``: not with
+  ``synchronous=OFF``). Records still open at the unlock belong to a rolled-back transaction
+  (spilled pages and the journal's playback, which SQLite also syncs) and are dropped.
   Locks follow SQLite's rules among this process's connections (locks.py).
 * Package errors become apsw errors here.
 """
@@ -54,6 +56,7 @@ class LitestreamFile:
         self._pinned: DatabaseState | None = None  # the pin for the next views
         self._pinned_time: datetime | None = None
         self._lock_level = NONE
+        self._durable = False  # SQLite synced the file in this write transaction (xSync)
         self._counter = Counter()
         self._page1: tuple[bytes | None, int, bytes] = (None, 0, b"")
         self._closed = False
@@ -172,7 +175,9 @@ class LitestreamFile:
 
     def xUnlock(self, level: int) -> None:  # noqa: N802
         if self._lock_level >= RESERVED > level:
-            self._commit(fsync=False)  # a rollback's playback, or a commit SQLite ended here
+            # Commits end at COMMIT_PHASETWO: what is still open was rolled back.
+            self._durable = False
+            self._rollback()
         self.replica.locks.unlock(id(self), level)
         self._lock_level = level
         if level == NONE:
@@ -188,6 +193,18 @@ class LitestreamFile:
             writer.commit(fsync=fsync)
         except LitestreamError as err:
             raise to_apsw_error(err) from err
+
+    def _rollback(self) -> None:
+        """End of a write transaction SQLite did not commit: its records are void."""
+        view = self._view
+        writer = view.writer if view is not None else None
+        if writer is None:
+            return
+        try:
+            writer.rollback()
+        except (LitestreamError, OSError) as err:
+            raise to_apsw_error(LitestreamError(str(err)) if isinstance(err, OSError) else err) \
+                from err
 
     def xCheckReservedLock(self) -> bool:  # noqa: N802
         return self.replica.locks.reserved_by_other(id(self))
@@ -231,7 +248,10 @@ class LitestreamFile:
 
     def xSync(self, flags: int) -> None:  # noqa: N802
         if self._lock_level >= RESERVED:
-            self._commit(fsync=True)  # SQLite syncs the database file only to commit
+            # SQLite syncs the database file in a commit's first phase — and after a rollback's
+            # journal playback. The commit mark waits for COMMIT_PHASETWO (only commits get it)
+            # and is fsynced there: one fsync per commit, none for a rollback.
+            self._durable = True
 
     def xSectorSize(self) -> int:  # noqa: N802
         return 0
@@ -254,7 +274,8 @@ class LitestreamFile:
             # The end of every committed write transaction, in every mode: with
             # synchronous=OFF there is no xSync, with locking_mode=EXCLUSIVE no xUnlock.
             if self._lock_level >= RESERVED:
-                self._commit(fsync=False)
+                durable, self._durable = self._durable, False
+                self._commit(fsync=durable)
             return False
         if op != apsw.SQLITE_FCNTL_PRAGMA:
             return False

@@ -121,9 +121,10 @@ class Replica:
         self._skipped = False
         self.poll()
 
-    def poll(self) -> DatabaseState:
+    def poll(self, strict: bool = False) -> DatabaseState:
         """Check for new LTX files and advance the latest state. Errors are logged and kept in
-        ``last_error``; the previous state stays in force."""
+        ``last_error``; the previous state stays in force (``strict``: and the error is raised,
+        for a caller that must start from the replica's newest state)."""
         with self._poll_lock:
             self.polls += 1
             start = self._state
@@ -132,6 +133,8 @@ class Replica:
             except LitestreamError as err:
                 self.last_error = str(err)
                 log.warning("poll of %s failed: %s", self.client.url, err)
+                if strict:
+                    raise
                 return self._state
             if not self.replace_state(start, state):  # a writer installed its upload meanwhile
                 state = self._state

@@ -322,9 +322,11 @@ class LitestreamVFS(apsw.VFS):
                                       "another replica in this process; give each its own")
                 self._buffer_paths[path] = replica.key
             self._stop_polling(replica)
-            replica.poll()  # start from the newest remote state
             writer = Writer(replica, path)
             try:
+                # Start from the newest remote state, never from one a failed poll left: the
+                # replica may have moved on or been replaced (a restored primary) meanwhile.
+                replica.poll(strict=True)
                 writer.open()
             except BaseException:
                 with self._lock:

@@ -167,6 +167,10 @@ class Writer:
         if self.buffer.commit(fsync):
             self.commits_made += 1
 
+    def rollback(self) -> None:
+        """SQLite ended a write transaction without committing it (ROLLBACK, or an error)."""
+        self.buffer.rollback()
+
     # --- syncing --------------------------------------------------------------------------------
 
     def sync(self) -> int | None:
