@@ -159,6 +159,9 @@ class FaultyClient(ReplicaClient):
     def identity(self) -> str:
         return self.inner.identity
 
+    def probe_create_only(self) -> str:  # write mode's store check (issue 16): the real store's
+        return self.inner.probe_create_only()
+
     def __getattr__(self, name):  # requests counters and the like
         return getattr(self.inner, name)
 

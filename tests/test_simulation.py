@@ -61,6 +61,7 @@ from sim_model import (
 
 import ltxvfs
 import ltxvfs.vfs as vfs_mod
+from ltxvfs import registry
 from ltxvfs.compact import compact_level, enforce_l0_retention, enforce_snapshot_retention, snapshot
 from ltxvfs.config import VFSConfig
 from ltxvfs.errors import ConflictError, LitestreamError
@@ -74,7 +75,7 @@ EXAMPLES = int(os.environ.get("LTXVFS_SIM_EXAMPLES", "0"))
 STEPS = int(os.environ.get("LTXVFS_SIM_STEPS", "0"))
 #: Replace a replica while this process has it open (off until the reported mixing is fixed).
 REPLACE_OPEN = bool(os.environ.get("LTXVFS_SIM_REPLACE_OPEN"))
-PARAMS = "poll_interval=1h&sync_interval=-1s&compaction_levels=off&snapshot_interval=0"
+PARAMS = "poll_interval=1h&sync_interval=-1s&compaction_levels=off&snapshot_interval=0&cache_size=32k"
 FIGURES = Figures()
 OPS = st.tuples(st.sampled_from(["insert", "update", "delete", "big", "schema"]),
                 st.integers(1, 12), st.sampled_from([0, 40, 300, 1500, 4000]))
@@ -132,9 +133,10 @@ class Simulation(RuleBasedStateMachine):
         self.root = Path(tempfile.mkdtemp(prefix="ltxvfs-sim-"))
         self.faults = Faults()
         self.faulted = False
-        self._saved = (vfs_mod.open_replica, vfs_mod.DISABLE_WAIT)
+        self._saved = (vfs_mod.open_replica, vfs_mod.DISABLE_WAIT, vfs_mod.LINGER)
         vfs_mod.open_replica = lambda url: FaultyClient(self._saved[0](url), self.faults)
         vfs_mod.DISABLE_WAIT = 0.2
+        vfs_mod.LINGER = 0  # the model: a replica closes with its last connection
         self.reps: dict[str, ReplicaModel] = {}
         for name, page_size in (("r1", 1024), ("r2", 4096)):
             if self.s3_endpoint and name == "r1":
@@ -183,9 +185,7 @@ class Simulation(RuleBasedStateMachine):
             u += "&write_enabled=true"
         if hydrate:
             u += "&hydration_enabled=true"
-        if small:
-            u += "&cache_size=32k"
-        return u
+        return u  # settings are per replica (issue 15): the small page cache is in PARAMS
 
     def others(self, slot: Slot) -> list[Slot]:
         return [s for s in self.slots if s is not slot and s.rep == slot.rep]
@@ -244,7 +244,9 @@ class Simulation(RuleBasedStateMachine):
             self.expect(err, (), "open")
             return
         con.set_busy_timeout(0)
-        self.slots.append(Slot(con, rep, write, gen=self.reps[rep].generation))
+        # Issue 15's rule: a connection opened read-write writes while its replica is in write
+        # mode, whoever turned it on (every slot here is opened read-write).
+        self.slots.append(Slot(con, rep, True, gen=self.reps[rep].generation))
         if small:  # SQLite's cache: 10 pages, so a large transaction spills
             try:
                 con.execute("PRAGMA cache_size = 10")
@@ -650,7 +652,7 @@ class Simulation(RuleBasedStateMachine):
             w.buffer.close()
         self.slots = []
         self.oracle_rollback("r1")
-        vfs_mod.unregister(self.vfs_name)
+        registry.unregister(self.vfs_name)
         self.crash_buffer = left is not None
         if left is None:
             path.unlink(missing_ok=True)
@@ -717,10 +719,10 @@ class Simulation(RuleBasedStateMachine):
         try:
             self._teardown()
         finally:
-            vfs_mod.open_replica, vfs_mod.DISABLE_WAIT = self._saved
+            vfs_mod.open_replica, vfs_mod.DISABLE_WAIT, vfs_mod.LINGER = self._saved
 
     def _teardown(self) -> None:
-        for slot in list(self.slots):
+        for _slot in list(self.slots):
             self.close_conn(0)
         m = self.reps["r1"]
         if m.unsynced or self.crash_buffer:  # reopening must give a crash's commits back
@@ -739,7 +741,7 @@ class Simulation(RuleBasedStateMachine):
             m.oracle.close()
             m.client.close()
         tmpdir = self.vfs._tmpdir
-        vfs_mod.unregister(self.vfs_name)
+        registry.unregister(self.vfs_name)
         assert tmpdir is None or not os.path.exists(tmpdir), "scratch directory left"
         for t in ltxvfs_threads():
             if t.ident not in self.threads0:
