@@ -766,7 +766,7 @@ def run(machine, examples: int, steps: int, name: str) -> None:
 
 
 def test_simulation_file_replicas():
-    run(Simulation, 30, 40, "simulation-file")
+    run(Simulation, 120, 60, "simulation-file")
 
 
 @pytest.mark.slow
@@ -776,4 +776,4 @@ def test_simulation_s3_replica(s3_server, s3_admin):
     class OnS3(Simulation):
         s3_endpoint = s3_server
 
-    run(OnS3, 6, 25, "simulation-s3")
+    run(OnS3, 12, 40, "simulation-s3")

@@ -816,3 +816,34 @@ def test_recovery_never_applies_a_buffer_to_another_history_with_the_same_txid(v
             con.close()  # (on the old code: syncs the mix as TXID 3)
     finally:
         client.close()
+
+
+def test_pages_sqlite_allocated_and_freed_in_one_transaction_are_in_the_replica(vfs, tmp_path):
+    """Found by the simulation: a transaction that grows the database and then frees the new
+    pages (an UPDATE that enlarges rows, then a DELETE) leaves pages SQLite never writes — it
+    extends the file by writing its last page only; the pages in between are a hole that reads
+    as zeros. The upload held the database size but not those pages: "page 18 is in no file of
+    the plan; the replica is incomplete" — neither ltxvfs nor litestream could restore it."""
+    url = (tmp_path / "replica").as_uri()
+    con = writer(url, tmp_path, sync_interval="-1s")
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT, b BLOB)")
+    con.execute("WITH RECURSIVE s(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM s WHERE x < 20) "
+                "INSERT INTO t(v, b) SELECT 'r' || x, zeroblob(x * 50) FROM s")
+    con.execute("PRAGMA litestream_sync")
+    before = rows(con, "PRAGMA page_count")[0][0]
+    con.execute("BEGIN IMMEDIATE")
+    con.execute("UPDATE t SET b = zeroblob(length(b) + 4000) WHERE id % 2 = 0")
+    con.execute("DELETE FROM t")
+    con.execute("COMMIT")
+    after = rows(con, "PRAGMA page_count")[0][0]
+    assert after > before + 1, "the test needs a transaction that grew the file past a hole"
+    con.execute("INSERT INTO t(v) VALUES ('after')")
+    assert rows(con, "PRAGMA integrity_check") == [("ok",)]
+    assert con.execute("PRAGMA litestream_sync").fetchall() == [(f"{2:016x}",)]
+    con.close()
+    with open_replica(url) as client:
+        out = restore(client, tmp_path / "out.db").path
+    assert integrity_check(out) == "ok"
+    assert _rows_file(out, "SELECT v FROM t") == [("after",)]
+    out = litestream_restore(url, tmp_path / "litestream.db")
+    assert _rows_file(out, "SELECT v FROM t") == [("after",)]

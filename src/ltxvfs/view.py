@@ -62,6 +62,8 @@ class View:
             if data is not None:
                 return data
             state = replica.state
+            if pgno > state.commit:  # a hole SQLite left growing the file: reads as zeros
+                return bytes(writer.page_size)
         else:
             state = self.state
             assert state is not None

@@ -243,7 +243,12 @@ class Writer:
         commit = pages.size  # the buffer's own size: never a (possibly stale) replica state's
         assert commit is not None
         lock = lock_pgno(page_size)
-        pgnos = sorted(p for p in pages.offsets if p <= commit and p != lock)
+        # Pages past the base's size that no record holds are a hole SQLite left: it grows the
+        # file by writing its last page only, and pages allocated and freed in one transaction
+        # are never written. A file reads them as zeros; the LTX file must hold them so.
+        holes = [p for p in range(self.buffer.base_size + 1, commit + 1)
+                 if p not in pages.offsets and p != lock]
+        pgnos = sorted([p for p in pages.offsets if p <= commit and p != lock] + holes)
         if txid == 1 and len(pgnos) != commit - (1 if commit >= lock else 0):
             raise LitestreamError("the first sync of a new database must hold every page")
         if self._attempt is not None and self._attempt[:2] == (txid, end):
@@ -257,8 +262,9 @@ class Writer:
             enc = Encoder(spool, header)
             written: dict[int, bytes] = {}  # seeds the cache: at most what it can hold
             room = self.replica.store.cache.capacity // max(page_size, 1)
+            zeros = bytes(page_size)
             for pgno in pgnos:
-                data = self.buffer.read_committed(pages, pgno)
+                data = self.buffer.read_committed(pages, pgno) if pgno in pages.offsets else zeros
                 enc.write_page(pgno, data)
                 if len(written) < room:
                     written[pgno] = data
