@@ -1040,7 +1040,7 @@ def soak_main(args: argparse.Namespace) -> int:
     import ltxvfs
 
     tracemalloc.start()
-    ltxvfs.register()
+    vfs = ltxvfs.register()
     writer = _connect_rw(args.uri)
     for sql in SOAK_SCHEMA:
         writer.execute(sql)
@@ -1089,6 +1089,7 @@ def soak_main(args: argparse.Namespace) -> int:
             fds = _fd_kinds()
             emit(json.dumps({"t": round(now - start, 2), "rss": _rss_bytes(), "heap": _heap_bytes(),
                              "traced": tracemalloc.get_traced_memory()[0],
+                             "cached": sum(r.store.cache.bytes for r in vfs.replicas()),
                              "fds": sum(fds.values()), **{f"fds_{k}": v for k, v in fds.items()},
                              "threads": threading.active_count(), **{
                                  f"threads_{k}": v for k, v in _thread_kinds().items()},
