@@ -99,6 +99,7 @@ def test_write_mode_configured_by_environment_alone(tmp_path):
         "LITESTREAM_SNAPSHOT_RETENTION": "1h",
         "LITESTREAM_L0_RETENTION": "0",
         "LITESTREAM_SINGLE_WRITER": "verify",
+        "LITESTREAM_CACHE_DIR_SIZE": "64MiB",
     }
     config, state, levels, closed = _run(WRITER, env, tmp_path)
     assert config == {
@@ -107,6 +108,7 @@ def test_write_mode_configured_by_environment_alone(tmp_path):
         "buffer_path": str(buffer), "compaction_levels": [0.15, 0.4], "snapshot_interval": 0.6,
         "snapshot_retention": 3600.0, "l0_retention": 0.0, "hydration_enabled": False,
         "hydration_path": None, "hydration_persistent": False, "single_writer": "verify",
+        "cache_dir": None, "cache_dir_size": 64 * 1024 * 1024,
     }
     assert state == {"write_enabled": "1", "buffer_exists_while_writing": True,
                      "buffer_mode": "0o600"}

@@ -122,6 +122,13 @@ class VFSConfig:
     #: Keep the hydration file (and its TXID) on close and resume from it next time.
     #: Env ``LITESTREAM_HYDRATION_PERSISTENT`` (ours; the default deletes it, as announced).
     hydration_persistent: bool = False
+    #: A directory shared by the processes of this host (frames, indexes, poll results, the
+    #: hydration lock) that survives restarts; None: nothing shared. Env ``LITESTREAM_CACHE_DIR``
+    #: (ours). Layout and safety rules: ``host/``.
+    cache_dir: str | None = None
+    #: Bytes the cache directory may hold per replica before it evicts. Env
+    #: ``LITESTREAM_CACHE_DIR_SIZE`` (ours).
+    cache_dir_size: int = 1024 * MIB
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> VFSConfig:
@@ -160,6 +167,10 @@ class VFSConfig:
                 if f.name == "open_timeout" and value < 0:  # type: ignore[operator]
                     raise ConfigError(f"invalid {label} {raw!r}: must not be negative (0: do "
                                       "not wait for an empty replica)")
+            elif f.name == "cache_dir_size":
+                value = parse_size(raw, label)
+                if value < MIB:  # type: ignore[operator]
+                    raise ConfigError(f"invalid {label} {raw!r}: at least 1MiB")
             elif f.name == "cache_size":
                 value = parse_size(raw, label)
                 if value < MIN_CACHE_SIZE:  # type: ignore[operator]
@@ -196,7 +207,7 @@ SQLITE_URI_PARAMETERS = frozenset({"vfs", "mode", "cache", "immutable", "nolock"
 
 #: Settings of a replica (not of one connection), by when they are in force: always; while
 #: write mode is on; while hydrating. ``open_timeout`` only matters to the first open.
-REPLICA_SETTINGS = ("poll_interval", "cache_size")
+REPLICA_SETTINGS = ("poll_interval", "cache_size", "cache_dir", "cache_dir_size")
 WRITE_SETTINGS = ("sync_interval", "buffer_path", "compaction_levels", "snapshot_interval",
                   "snapshot_retention", "l0_retention", "single_writer")
 HYDRATION_SETTINGS = ("hydration_path", "hydration_persistent")
