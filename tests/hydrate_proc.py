@@ -7,6 +7,7 @@ stdin with one JSON line on stdout:
 * ``read``: a new connection reads ``t`` in one transaction:
   ``{"txid", "rows", "digest", "progress", "file"}`` (``{"error"}`` if it fails);
 * ``poll``: polls the replica now: ``{"txid"}``;
+* ``stats``: ``PRAGMA litestream_stats`` of the held connection;
 * ``close``: closes the connections: ``{"closed": true}``, then exits.
 
 Log records (WARNING and up) go to stderr.
@@ -68,6 +69,8 @@ def main() -> int:
         elif cmd == "poll":
             (replica,) = vfs.replicas()
             answer = {"txid": f"{replica.poll().txid:016x}"}
+        elif cmd == "stats":
+            answer = json.loads(one(held, "PRAGMA litestream_stats"))
         elif cmd == "close":
             held.close()
             print(json.dumps({"closed": True}), flush=True)
