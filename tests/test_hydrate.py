@@ -529,7 +529,7 @@ def test_close_that_gives_up_waiting_leaves_the_descriptor_to_the_last_writer(ri
     assert ("write", fd) not in events[events.index(("close", fd)):], events
 
 
-# --- one hydration file, shared by the processes of a host ---------------------------------------------------------------
+# --- one hydration file, shared by the processes of a host ------------------------------------
 
 
 def _shared_path_uri(replica, target, poll: str) -> str:
