@@ -64,7 +64,6 @@ def _read(uri: str, flags: int, versioned: bool) -> dict:
     con = apsw.Connection(uri, flags=flags)
     try:
         con.execute("BEGIN")
-        txid = _one(con, "PRAGMA litestream_txid")
         if versioned:
             rows = con.execute("SELECT id, v, b FROM t ORDER BY id").fetchall()
             version, bad = check_rows(rows)
@@ -76,6 +75,9 @@ def _read(uri: str, flags: int, versioned: bool) -> dict:
             for row in rows:
                 h.update(repr(tuple(row)).encode())
             digest = h.hexdigest()
+        # Inside the transaction (after its first read): before it, the PRAGMA names the state
+        # a transaction would get at that moment, not the one the SELECT then chose.
+        txid = _one(con, "PRAGMA litestream_txid")
         con.execute("COMMIT")
         return {"txid": txid, "version": version, "rows": len(rows), "bad": bad[:5],
                 "digest": digest}
@@ -101,16 +103,15 @@ def _reader(conn, uri: str, opts: dict) -> None:
     hydrate.TAKEOVER_INTERVAL = opts.get("takeover", 0.05)
     if "run_bytes" in opts:
         hydrate.RUN_BYTES = opts["run_bytes"]
-    counts = {"finished": 0, "held": 0}
+    counts = {"started": 0, "finished": 0, "held": 0}
     if "hold_after" in opts:
         real, limit, forever = hydrate.Hydrator._fetch_run, opts["hold_after"], threading.Event()
         lock = threading.Lock()
 
         def fetch_run(self, state, run):
             with lock:
-                go = counts["finished"] + counts["held"] < limit
-                if not go:
-                    counts["held"] += 1
+                go = counts["started"] < limit
+                counts["started" if go else "held"] += 1
             if not go:
                 forever.wait()
                 return None

@@ -241,7 +241,8 @@ class Hydrator:
             lost = 0
             while not self._stop:
                 target = self.replica.state
-                if target is not self._written:
+                # (a resumed partial build: the file is of ``target`` but for some pages)
+                if target is not self._written or self._unsure:
                     self._mark(None)  # before the first write for a new target
                     try:
                         if not self._hydrate(target):
