@@ -15,10 +15,11 @@ whole life, and answers ``(command, arg)`` messages on ``conn``:
 
 ``opts``: ``takeover`` (seconds, ``hydrate.TAKEOVER_INTERVAL``), ``run_bytes``
 (``hydrate.RUN_BYTES``), ``hold_after`` (fetch tasks after the first N block forever: a builder
-that is slow, to be killed mid-build).
+that is slow, to be killed mid-build), ``fail_writes`` (writes to the copy fail: a full disk).
 
 ``writer(conn, uri, versions)``: write mode; for each version k in 1..versions rewrites every
-row to version k and syncs, sending ``(txid, k)`` after each; then ``("done", None)``.
+row to version k and syncs, sending ``(txid, k)`` after each; then ``("done", None)``, and
+closes when it receives anything.
 """
 
 from __future__ import annotations
@@ -87,6 +88,16 @@ def _read(uri: str, flags: int, versioned: bool) -> dict:
         con.close()
 
 
+class _OsWith:
+    """``os`` with some functions replaced (for hydrate.py only)."""
+
+    def __init__(self, **replaced):
+        self.__dict__.update(replaced)
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+
 def reader(conn, uri: str, opts: dict) -> None:
     try:
         _reader(conn, uri, opts)
@@ -121,6 +132,13 @@ def _reader(conn, uri: str, opts: dict) -> None:
             return None
 
         hydrate.Hydrator._fetch_run = fetch_run
+    if opts.get("fail_writes"):
+        import errno
+
+        def full(*args):
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+        hydrate.os = _OsWith(pwritev=full, pwrite=full)
     vfs, uri = _register(uri)
     flags = apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI
     versioned = bool(opts.get("versioned"))
@@ -175,8 +193,9 @@ def writer(conn, uri: str, versions: int) -> None:
                         " AS BLOB)", (k, ROW_BYTES, k))
             txid = _one(con, "PRAGMA litestream_sync")
             conn.send((txid, k))
-        con.close()
         conn.send(("done", None))
+        conn.recv()  # bye
+        con.close()
     except BaseException as err:
         conn.send(("error", f"{type(err).__name__}: {err}"))
         raise

@@ -153,10 +153,13 @@ def test_eight_processes_build_one_copy_and_all_read_it(ctx, procs, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_writer_process_commits_while_eight_processes_read_the_copy(ctx, procs, tmp_path):
+@pytest.mark.parametrize("builder", ["a-reader", "the-writer"])
+def test_a_writer_process_commits_while_eight_processes_read_the_copy(ctx, procs, tmp_path,
+                                                                     builder):
     """Rows carry their version; every read transaction must see one version, with every row
     holding exactly that version's bytes, at the TXID the writer synced it as — while the
-    builder (another process) rewrites the copy in place under the readers."""
+    builder (another process, or the writer itself, in write mode) rewrites the copy in place
+    under the readers."""
     url = (tmp_path / "r").as_uri()
     with open_replica(url) as client:
         primary = FakePrimary(tmp_path / "p.db", client)
@@ -165,13 +168,16 @@ def test_a_writer_process_commits_while_eight_processes_read_the_copy(ctx, procs
                        f"{proc.ROW_BYTES}, char(65 + value % 26)) AS BLOB) "
                        "FROM generate_series(1, 300)")
     target = tmp_path / "copy.db"
-    readers = start(ctx, procs, 8, url, target, {"versioned": True})
-    wait_for(lambda: all_at(readers), what="every reader at 100.0")
-    # The writer (write mode) joins the same copy; it reads it, it does not build it.
     w_uri = uri(url, target, write_enabled="true", sync_interval="-1s",
                 buffer_path=quote(str(tmp_path / "w.buffer"), safe=""))
-    writer = Proc(ctx, proc.writer, w_uri, 12)
-    procs.append(writer)
+    if builder == "the-writer":  # first to open: it builds the copy from its own syncs
+        writer = Proc(ctx, proc.writer, w_uri, 12)
+        procs.append(writer)
+    readers = start(ctx, procs, 8, url, target, {"versioned": True})
+    wait_for(lambda: all_at(readers), what="every reader at 100.0")
+    if builder == "a-reader":  # the writer joins the copy a reader builds, and reads it
+        writer = Proc(ctx, proc.writer, w_uri, 12)
+        procs.append(writer)
     before = sum(r.stats()["hydration_file_reads"] for r in readers)
     stop = tmp_path / "stop"
     for r in readers:
@@ -206,11 +212,37 @@ def test_a_writer_process_commits_while_eight_processes_read_the_copy(ctx, procs
         assert (res["txid"], res["version"], res["bad"]) == (final, 12, []), res
         assert r.stats()["hydration_file_reads"] > n
     roles = [r.stats()["hydration_role"] for r in readers]
-    assert roles.count("builder") == 1
-    for r in readers:
-        r.close()
+    assert roles.count("builder") == (1 if builder == "a-reader" else 0), roles
+    writer.conn.send("bye")
     writer.p.join(HOLD)
     assert writer.p.exitcode == 0
+    # The writer leaving hands the copy to a reader (no download: it is whole).
+    wait_for(lambda: [r.stats()["hydration_role"] for r in readers].count("builder") == 1,
+             what="a builder")
+    for r in readers:
+        assert r.ask("read")["version"] == 12
+        r.close()
+
+
+def test_a_builder_that_fails_lets_another_process_build(procs, tmp_path):
+    """Its writes fail (a full disk, in that process only): it says so, lets go of the builder
+    lock, and reads the copy another process then builds."""
+    ctx = multiprocessing.get_context("fork")
+    primary = random_replica(tmp_path)
+    target = tmp_path / "copy.db"
+    (failing,) = start(ctx, procs, 1, primary.url, target, {"fail_writes": True})
+    wait_for(lambda: failing.stats()["progress"].startswith("failed: "), what="failure")
+    assert "No space left on device" in failing.stats()["progress"]
+    (other,) = start(ctx, procs, 1, primary.url, target)
+    wait_for(lambda: all_at([other]), what="built by the other process")
+    assert other.stats()["hydration_role"] == "builder"
+    before = failing.stats()["hydration_file_reads"]
+    assert failing.ask("read")["digest"] == rows_digest(primary)
+    assert failing.stats()["hydration_file_reads"] > before
+    assert page_bytes(target) == page_bytes(primary.path)
+    failing.close()
+    other.close()
+    assert not target.exists()
 
 
 @pytest.mark.slow

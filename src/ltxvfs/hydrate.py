@@ -264,8 +264,20 @@ class Hydrator:
             self._mark(None)
             log.error("hydration of %s into %s failed; reads stay remote: %s",
                       self.replica.client.url, self.path, err)
+            self._stop_building()
         finally:
             self._thread_ended()
+
+    def _stop_building(self) -> None:
+        """After a failure (every task of the attempt has ended): let another process of the
+        host build (it retries; a full disk fails it too), and read what it publishes."""
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+            if self.copy.builder:
+                self.copy.stop_building()
+                self.role = "reader"
 
     def _await_turn(self) -> bool:
         """Wait (reading through the other process's copy meanwhile) until we hold the builder

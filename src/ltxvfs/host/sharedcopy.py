@@ -175,6 +175,12 @@ class SharedCopy:
             self._set(pid=os.getpid())
         return True
 
+    def stop_building(self) -> None:
+        """Let go of the builder lock (keep using the copy): another process may build it."""
+        if self.builder:
+            self.builder = False
+            fcntl.flock(self.rfd, fcntl.LOCK_UN)
+
     def open_writable(self) -> int:
         """A descriptor to write the copy through (the builder's); same inode as ``rfd``."""
         assert self.builder
