@@ -398,6 +398,39 @@ def test_a_read_overlapping_the_builders_next_target_is_refused(tmp_path, monkey
     assert not path.exists()
 
 
+def test_after_a_reboot_an_unsynced_copy_is_neither_read_nor_resumed(tmp_path, monkeypatch):
+    """The record says TXID 1 is complete, but it was written in another boot and never synced
+    (a host crash may have lost page-cache writes it counts): readers must not use it, and the
+    next builder must not resume from it."""
+    path = tmp_path / "copy.db"
+    c = sharedcopy.SharedCopy(path)
+    c.open()
+    one = b"1" * 16
+    try:
+        assert c.try_build()
+        fd = c.open_writable()
+        bits = c.begin(1, one, (0, 1), 4096, 1, None)
+        os.pwrite(fd, b"A" * 4096, 0)
+        c.written(bits, [1])
+        c.publish()
+        os.close(fd)
+        assert c.read(1, one, 4096, 1) == b"A" * 4096
+    finally:
+        c.close(keep=True)  # as if killed: kept, not synced
+    monkeypatch.setattr(sharedcopy, "_BOOT", bytes(range(16)))  # the host rebooted
+    r, b = sharedcopy.SharedCopy(path), sharedcopy.SharedCopy(path)
+    r.open()
+    b.open()
+    try:
+        assert r.read(1, one, 4096, 1) is None, "an unsynced copy of another boot was read"
+        assert b.try_build()
+        rec = b.record()
+        assert not rec.complete and not rec.txid, "the builder would resume from it"
+    finally:
+        r.close(keep=False)
+        b.close(keep=False)
+
+
 def test_an_unsynced_record_of_another_boot_is_not_trusted(tmp_path, monkeypatch):
     path = tmp_path / "copy.db"
     c = sharedcopy.SharedCopy(path)

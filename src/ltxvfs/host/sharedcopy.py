@@ -61,12 +61,14 @@ OPEN_WAIT = 30.0
 
 
 def boot_id() -> bytes:
-    """16 bytes naming this boot of the host (b'' where unknown)."""
+    """16 bytes naming this boot of the host (b'' where unknown: no record is then trusted
+    after its builder is gone unless it was synced)."""
     try:
         text = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        return bytes.fromhex(text.replace("-", ""))[:16]
+        raw = bytes.fromhex(text.replace("-", ""))
     except (OSError, ValueError):
         return b""
+    return raw if len(raw) == 16 else b""
 
 
 _BOOT = boot_id()
@@ -104,7 +106,7 @@ class Record:
     def trusted(self) -> bool:
         """Written in this boot of the host (the page cache held everything it counts), or
         synced to disk before it was left."""
-        return self.valid and (self.synced or (_BOOT != b"" and self.boot[:len(_BOOT)] == _BOOT))
+        return self.valid and (self.synced or self.boot == _BOOT)
 
 
 class SharedCopy:
@@ -168,12 +170,22 @@ class SharedCopy:
         except BlockingIOError:
             return False
         self.builder = True
-        if not self.record().valid:  # new, or an older format: start a record
+        rec = self.record()
+        if not rec.valid:  # new, or an older format: start a record
             self.map[:_HEAD.size] = _HEAD.pack(MAGIC, 0, 0, 0, 0, bytes(16), self._dev,
                                                self._ino, 0, 0, os.getpid(), 0, 0, 0, b"", _BOOT)
+        elif not rec.trusted():  # a host crash may have lost writes it counts: name nothing
+            self._invalidate()
+            self._set(pid=os.getpid())
         else:
             self._set(pid=os.getpid())
         return True
+
+    def _invalidate(self) -> None:
+        gen = _GEN.unpack_from(self.map, 8)[0]
+        if not gen & 1:
+            _GEN.pack_into(self.map, 8, gen + 1)  # readers stop using the copy from here on
+        self._set(txid=0, synced=0)
 
     def stop_building(self) -> None:
         """Let go of the builder lock (keep using the copy): another process may build it."""
@@ -230,9 +242,10 @@ class SharedCopy:
         """Page ``pgno`` from the copy if the copy equals the state (``txid``, ``ident``) from
         before the read until after it; else None (read it remotely)."""
         m = self.map
-        (magic, gen, rtxid, rsize, _, rident, _, ino, *_) = _HEAD.unpack_from(m)
+        (magic, gen, rtxid, rsize, _, rident, _, ino, _, _, _, synced, _, _, _,
+         boot) = _HEAD.unpack_from(m)
         if (gen & 1 or rtxid != txid or rident != ident or rsize != page_size or ino != self._ino
-                or magic != MAGIC):
+                or magic != MAGIC or not (synced or boot == _BOOT)):
             return None
         data = os.pread(self.rfd, page_size, (pgno - 1) * page_size)
         if _GEN.unpack_from(m, 8)[0] != gen or len(data) != page_size:
@@ -251,10 +264,8 @@ class SharedCopy:
         bitmap says which pages already hold its version (all but ``todo``; none when ``todo``
         is None: a build from nothing). Returns the bitmap (the builder sets bits in it)."""
         assert self.builder and self.map is not None
-        gen = _GEN.unpack_from(self.map, 8)[0]
-        if not gen & 1:
-            _GEN.pack_into(self.map, 8, gen + 1)  # readers stop using the copy from here on
-        self._set(txid=0, synced=0)  # a crash before the bitmap is whole: nothing to resume
+        self._invalidate()  # (and a crash before the bitmap is whole leaves nothing to resume)
+        self._set(boot=_BOOT)  # the pages are written in this boot
         nbytes = (commit + 7) // 8 + 1
         if todo is None:
             bits = bytearray(nbytes)
@@ -303,7 +314,7 @@ class SharedCopy:
         cur = list(_HEAD.unpack_from(m))
         for k, v in fields.items():
             cur[_NAMES.index(k)] = v
-        cur[0], cur[1], cur[15] = MAGIC, _GEN.unpack_from(m, 8)[0], _BOOT
+        cur[0], cur[1] = MAGIC, _GEN.unpack_from(m, 8)[0]
         cur[6], cur[7] = self._dev, self._ino
         raw = _HEAD.pack(*cur)
         m[16:_HEAD.size] = raw[16:]  # never the magic or gen: gen is only ever bumped by one
