@@ -448,3 +448,36 @@ def test_an_unsynced_record_of_another_boot_is_not_trusted(tmp_path, monkeypatch
         assert c.record().trusted()
     finally:
         c.close(keep=False)
+
+
+def _child_after_the_parent_let_go(conn, path, inherited):
+    conn.send(inherited.mfd == -1 and inherited.map is None)  # dropped at the fork
+    conn.recv()  # the parent has closed its handle
+    mine = sharedcopy.SharedCopy(path)
+    mine.open()
+    conn.send(mine.try_build())
+    mine.close(keep=False)
+
+
+def test_a_forked_child_does_not_keep_its_parents_locks(tmp_path):
+    """A process that opened the copy, then forked (a web server's master): the children's
+    inherited descriptors would hold the builder lock after the parent closed or died, and no
+    process could ever take over."""
+    path = tmp_path / "copy.db"
+    parent = sharedcopy.SharedCopy(path)
+    parent.open()
+    assert parent.try_build()
+    ctx = multiprocessing.get_context("fork")
+    conn, child_end = ctx.Pipe()
+    child = ctx.Process(target=_child_after_the_parent_let_go, args=(child_end, path, parent))
+    child.start()
+    try:
+        assert conn.poll(HOLD) and conn.recv() is True
+        parent.close(keep=True)
+        conn.send("go")
+        assert conn.poll(HOLD) and conn.recv() is True, "the child could not take the builder lock"
+        child.join(HOLD)
+        assert child.exitcode == 0
+    finally:
+        if child.is_alive():
+            child.kill()

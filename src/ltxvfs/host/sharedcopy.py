@@ -45,6 +45,7 @@ import mmap
 import os
 import struct
 import time
+import weakref
 from pathlib import Path
 
 #: The record's header; the bitmap of the target being built follows it.
@@ -109,6 +110,24 @@ class Record:
         return self.valid and (self.synced or self.boot == _BOOT)
 
 
+#: Open handles of this process: a child forked from it drops its inherited copies of them.
+_OPEN: weakref.WeakSet[SharedCopy] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child shares its parent's open file descriptions, and with them the parent's
+    locks: kept, they would keep the builder lock held after the parent died (no takeover) and
+    make the child a "user" that never leaves. Closing the child's descriptors leaves the
+    parent's locks alone (they belong to the description, which the parent still holds); the
+    child opens the copy anew if it uses it."""
+    for copy in list(_OPEN):
+        copy.forget()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class SharedCopy:
     """This process's handle on the copy at ``path``: the users lock, a read-only descriptor of
     the copy, the mapped record, and — when it holds the builder lock — a writable descriptor."""
@@ -145,6 +164,7 @@ class SharedCopy:
                 raise OSError(errno.EAGAIN, "the hydration record keeps being replaced",
                               str(self.meta_path))
         self.mfd = mfd
+        _OPEN.add(self)
         try:
             # Never shrinks it (others map it): posix_fallocate extends only.
             if os.fstat(mfd).st_size < HEADER:
@@ -224,7 +244,13 @@ class SharedCopy:
             self._close_fds()  # drops both locks
         return last
 
+    def forget(self) -> None:
+        """Drop the handle without unlocking or deleting anything (a forked child's copy)."""
+        self.builder = False
+        self._close_fds()
+
     def _close_fds(self) -> None:
+        _OPEN.discard(self)
         if self.map is not None:
             self.map.close()
             self.map = None
