@@ -177,7 +177,8 @@ class Hydrator:
             return None
         if self.state is state:  # we build it, and marked it as this very state
             with self._lock:
-                if self.state is not state or self._fd < 0:
+                # (no map: a forked child's inherited handle — the parent writes the file)
+                if self.state is not state or self._fd < 0 or self.copy.map is None:
                     return None
                 data = os.pread(self._fd, state.page_size, (pgno - 1) * state.page_size)
             if len(data) != state.page_size:
