@@ -171,7 +171,18 @@ def test_a_writer_process_commits_while_eight_processes_read_the_copy(ctx, procs
     holding exactly that version's bytes, at the TXID the writer synced it as — while the
     builder (another process, or the writer itself, in write mode) rewrites the copy in place
     under the readers."""
-    url = (tmp_path / "r").as_uri()
+    writer_and_readers(ctx, procs, tmp_path, (tmp_path / "r").as_uri(), builder, 8, 12)
+
+
+@pytest.mark.parametrize("builder", ["a-reader", "the-writer"])
+def test_a_writer_and_readers_share_a_copy_of_an_s3_replica(procs, tmp_path, s3_url, builder):
+    """The same on S3: the states match by ETag, also between the writer's own upload (PUT's
+    ETag) and the readers' listings (LIST's)."""
+    ctx = multiprocessing.get_context("spawn")
+    writer_and_readers(ctx, procs, tmp_path, s3_url, builder, 3, 4)
+
+
+def writer_and_readers(ctx, procs, tmp_path, url, builder, readers_n, versions):
     with open_replica(url) as client:
         primary = FakePrimary(tmp_path / "p.db", client)
         primary.commit("CREATE TABLE t(id INTEGER PRIMARY KEY, v INTEGER, b BLOB)",
@@ -182,12 +193,12 @@ def test_a_writer_process_commits_while_eight_processes_read_the_copy(ctx, procs
     w_uri = uri(url, target, write_enabled="true", sync_interval="-1s",
                 buffer_path=quote(str(tmp_path / "w.buffer"), safe=""))
     if builder == "the-writer":  # first to open: it builds the copy from its own syncs
-        writer = Proc(ctx, proc.writer, w_uri, 12)
+        writer = Proc(ctx, proc.writer, w_uri, versions)
         procs.append(writer)
-    readers = start(ctx, procs, 8, url, target, {"versioned": True})
+    readers = start(ctx, procs, readers_n, url, target, {"versioned": True})
     wait_for(lambda: all_at(readers), what="every reader at 100.0")
     if builder == "a-reader":  # the writer joins the copy a reader builds, and reads it
-        writer = Proc(ctx, proc.writer, w_uri, 12)
+        writer = Proc(ctx, proc.writer, w_uri, versions)
         procs.append(writer)
     before = sum(r.stats()["hydration_file_reads"] for r in readers)
     stop = tmp_path / "stop"
@@ -201,9 +212,8 @@ def test_a_writer_process_commits_while_eight_processes_read_the_copy(ctx, procs
         if txid == "done":
             break
         synced[txid] = version
-    assert len(synced) == 12
+    assert len(synced) == versions
     final = max(synced)
-    # Let the readers see the last version come from the copy before they stop.
     stop.write_text("")
     results = [r.recv() for r in readers]
     during = sum(r.stats()["hydration_file_reads"] for r in readers) - before
@@ -220,18 +230,21 @@ def test_a_writer_process_commits_while_eight_processes_read_the_copy(ctx, procs
         wait_for(lambda r=r: r.stats()["progress"] == "100.0", what="caught up")
         n = r.stats()["hydration_file_reads"]
         res = r.ask("read")
-        assert (res["txid"], res["version"], res["bad"]) == (final, 12, []), res
-        assert r.stats()["hydration_file_reads"] > n
+        assert (res["txid"], res["version"], res["bad"]) == (final, versions, []), res
+        assert r.stats()["hydration_file_reads"] > n, "the last version not read from the copy"
     roles = [r.stats()["hydration_role"] for r in readers]
     assert roles.count("builder") == (1 if builder == "a-reader" else 0), roles
+    fetched = sum(r.stats()["hydration_fetched_bytes"] for r in readers)
     writer.conn.send("bye")
     writer.p.join(HOLD)
     assert writer.p.exitcode == 0
-    # The writer leaving hands the copy to a reader (no download: it is whole).
+    # The writer leaving hands the copy to a reader (no download when it was the builder: the
+    # copy is whole, at the TXID the readers are at).
     wait_for(lambda: [r.stats()["hydration_role"] for r in readers].count("builder") == 1,
              what="a builder")
+    assert sum(r.stats()["hydration_fetched_bytes"] for r in readers) == fetched
     for r in readers:
-        assert r.ask("read")["version"] == 12
+        assert r.ask("read")["version"] == versions
         r.close()
 
 
