@@ -248,6 +248,27 @@ def writer_and_readers(ctx, procs, tmp_path, url, builder, readers_n, versions):
         r.close()
 
 
+def test_two_replicas_given_one_path_do_not_share_it(procs, tmp_path):
+    """Two applications given one hydration path for different replicas: the second says so
+    and reads remotely; the first one's copy is left alone."""
+    ctx = multiprocessing.get_context("fork")
+    one, two = random_replica(tmp_path, "one", rows=50), random_replica(tmp_path, "two", rows=60)
+    target = tmp_path / "copy.db"
+    (a,) = start(ctx, procs, 1, one.url, target)
+    wait_for(lambda: all_at([a]), what="built")
+    (b,) = start(ctx, procs, 1, two.url, target)
+    progress = b.stats()["progress"]
+    assert progress == (f"failed: hydration file {target} holds a copy of another replica, "
+                        "built by another process; reads stay remote"), progress
+    assert b.ask("read")["digest"] == rows_digest(two)
+    b.close()
+    assert page_bytes(target) == page_bytes(one.path)
+    assert a.ask("read")["digest"] == rows_digest(one)
+    assert a.stats()["progress"] == "100.0"
+    a.close()
+    assert not target.exists()
+
+
 def test_a_builder_that_fails_lets_another_process_build(procs, tmp_path):
     """Its writes fail (a full disk, in that process only): it says so, lets go of the builder
     lock, and reads the copy another process then builds."""

@@ -62,7 +62,7 @@ class Hydrator:
         self.path = Path(path)
         self.persistent = persistent
         self._pool = pool
-        self.copy = SharedCopy(self.path)
+        self.copy = SharedCopy(self.path, replica.key)
         self._fd = -1  # the builder's writable descriptor
         self._lock = threading.Lock()
         self._wake = threading.Condition()
@@ -97,7 +97,13 @@ class Hydrator:
         other process does, and work in the background."""
         self.copy.open()
         try:
-            if self.copy.try_build():
+            if self.copy.other_replica() and not self.copy.try_build():
+                self.error = (f"hydration file {self.path} holds a copy of another replica, "
+                              "built by another process; reads stay remote")
+                log.warning("%s (give each replica a hydration path of its own)", self.error)
+                self.copy.close(keep=True)
+                return
+            if self.copy.builder or self.copy.try_build():
                 self._become_builder()
             else:
                 self.role = "reader"
@@ -377,7 +383,7 @@ class Hydrator:
         """The state the file (partly) holds, or None (start over). Also sets which of its
         pages are not written yet (``_unsure``)."""
         rec = self.copy.record()
-        if not rec.valid or not rec.txid:
+        if not rec.valid or not rec.txid or rec.replica != self.copy.replica:
             return None
         if not rec.trusted():
             log.info("hydration file %s was left by an earlier boot without a sync; starting "

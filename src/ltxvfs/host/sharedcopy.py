@@ -52,10 +52,11 @@ from pathlib import Path
 HEADER = 4096
 MAGIC = b"LTXVHYD1"
 #: magic, gen, txid, page_size, commit, ident, dev, ino, done, total, builder pid, synced,
-#: the level and first TXID of the LTX file the state ends with (its tip), pad, boot
-_HEAD = struct.Struct("<8sQQII16sQQIIIBBQ6s16s")
+#: the level and first TXID of the LTX file the state ends with (its tip), pad, boot, and which
+#: replica the copy is of (a hash of its location)
+_HEAD = struct.Struct("<8sQQII16sQQIIIBBQ6s16s16s")
 _NAMES = ("magic", "gen", "txid", "page_size", "commit", "ident", "dev", "ino", "done", "total",
-          "pid", "synced", "tip_level", "tip_min", "pad", "boot")
+          "pid", "synced", "tip_level", "tip_min", "pad", "boot", "replica")
 _GEN = struct.Struct("<Q")
 #: Bounded wait for the users lock at open (the last one out holds it while it deletes / fsyncs).
 OPEN_WAIT = 30.0
@@ -89,12 +90,12 @@ class Record:
     """What the record says (a snapshot of its header)."""
 
     __slots__ = ("gen", "txid", "page_size", "commit", "ident", "ino", "done", "total", "pid",
-                 "synced", "tip_level", "tip_min", "boot", "valid")
+                 "synced", "tip_level", "tip_min", "boot", "replica", "valid")
 
     def __init__(self, raw: bytes) -> None:
         (magic, self.gen, self.txid, self.page_size, self.commit, self.ident, _, self.ino,
          self.done, self.total, self.pid, synced, self.tip_level, self.tip_min, _,
-         boot) = _HEAD.unpack_from(raw)
+         boot, self.replica) = _HEAD.unpack_from(raw)
         self.valid = magic == MAGIC
         self.synced = bool(synced)
         self.boot = boot
@@ -132,8 +133,11 @@ class SharedCopy:
     """This process's handle on the copy at ``path``: the users lock, a read-only descriptor of
     the copy, the mapped record, and — when it holds the builder lock — a writable descriptor."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, replica: str = "") -> None:
         self.path = Path(path)
+        #: Which replica this process hydrates (its location, hashed): a record of another
+        #: replica is never resumed, and the copy is not shared with its processes.
+        self.replica = hashlib.sha256(replica.encode()).digest()[:16]
         self.meta_path = self.path.with_name(self.path.name + ".meta")
         self.mfd = -1  # the record: users lock (shared) lives here
         self.rfd = -1  # the copy, read-only: builder lock (exclusive) lives here
@@ -181,6 +185,11 @@ class SharedCopy:
             self._close_fds()
             raise
 
+    def other_replica(self) -> bool:
+        """The record names a copy of another replica (two applications given one path)."""
+        rec = self.record()
+        return rec.valid and rec.replica not in (bytes(16), self.replica)
+
     def try_build(self) -> bool:
         """Take the builder lock if it is free (one system call); True when we hold it."""
         if self.builder:
@@ -193,7 +202,8 @@ class SharedCopy:
         rec = self.record()
         if not rec.valid:  # new, or an older format: start a record
             self.map[:_HEAD.size] = _HEAD.pack(MAGIC, 0, 0, 0, 0, bytes(16), self._dev,
-                                               self._ino, 0, 0, os.getpid(), 0, 0, 0, b"", _BOOT)
+                                               self._ino, 0, 0, os.getpid(), 0, 0, 0, b"", _BOOT,
+                                               self.replica)
         elif not rec.trusted():  # a host crash may have lost writes it counts: name nothing
             self._invalidate()
             self._set(pid=os.getpid())
@@ -269,7 +279,7 @@ class SharedCopy:
         before the read until after it; else None (read it remotely)."""
         m = self.map
         (magic, gen, rtxid, rsize, _, rident, _, ino, _, _, _, synced, _, _, _,
-         boot) = _HEAD.unpack_from(m)
+         boot, _) = _HEAD.unpack_from(m)
         if (gen & 1 or rtxid != txid or rident != ident or rsize != page_size or ino != self._ino
                 or magic != MAGIC or not (synced or boot == _BOOT)):
             return None
@@ -291,7 +301,7 @@ class SharedCopy:
         is None: a build from nothing). Returns the bitmap (the builder sets bits in it)."""
         assert self.builder and self.map is not None
         self._invalidate()  # (and a crash before the bitmap is whole leaves nothing to resume)
-        self._set(boot=_BOOT)  # the pages are written in this boot
+        self._set(boot=_BOOT, replica=self.replica)  # pages of our replica, written this boot
         nbytes = (commit + 7) // 8 + 1
         if todo is None:
             bits = bytearray(nbytes)
