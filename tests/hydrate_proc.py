@@ -43,8 +43,10 @@ def read(uri: str) -> dict:
     con = apsw.Connection(uri, flags=FLAGS)
     try:
         con.execute("BEGIN")
-        txid = one(con, "PRAGMA litestream_txid")
         rows = con.execute("SELECT id, b FROM t ORDER BY id").fetchall()
+        # After the first read: before it, the PRAGMA names the state a transaction would get
+        # at that moment, not necessarily the one the SELECT then chose.
+        txid = one(con, "PRAGMA litestream_txid")
         con.execute("COMMIT")
         return {"txid": txid, "rows": len(rows), "digest": digest(rows),
                 "progress": one(con, "PRAGMA litestream_hydration_progress"),
