@@ -31,8 +31,9 @@ flag set after ``fsync`` of the copy; a record of another boot that is not synce
 
 Why plain ``fcntl.flock`` rather than the ``filelock`` package: we need a *shared* lock (users)
 and an exclusive one (builder), held on descriptors we also read and ``mmap`` and whose inode we
-check against the path after locking; ``filelock`` offers exclusive locks on a file of its own,
-and its timeouts are a poll loop we can write in three lines. It would add a dependency for less.
+check against the path after locking; ``filelock``'s ``UnixFileLock`` is ``flock(LOCK_EX |
+LOCK_NB)`` on a lock file it opens itself (with ``O_TRUNC``: it could not be the record), polled
+until a timeout. It would add a dependency for less.
 The locks need a local file system (``flock`` over NFS is emulated with POSIX locks).
 """
 
