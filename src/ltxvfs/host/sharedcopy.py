@@ -25,6 +25,11 @@ page, then reads ``gen`` again: unchanged, the page is of its state; changed, it
 remotely instead. So no reader ever gets a page of another TXID than its own, while the builder
 updates the copy in place under it.
 
+Memory ordering: the record's fields are plain stores and loads of a shared mapping (``gen`` an
+aligned 8-byte word), with the copy's ``pwrite``/``pread`` system calls between them. On x86-64
+(total store order) that is the kernel's seqlock; elsewhere the system calls serve as the
+barriers. Tested on x86-64.
+
 A host crash can lose page-cache writes the record already counts: the record carries the boot
 it was written in (``/proc/sys/kernel/random/boot_id``) and, after a persistent close, a *synced*
 flag set after ``fsync`` of the copy; a record of another boot that is not synced is not trusted.
