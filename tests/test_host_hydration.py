@@ -515,3 +515,58 @@ def test_a_forked_child_does_not_keep_its_parents_locks(tmp_path):
     finally:
         if child.is_alive():
             child.kill()
+
+
+def _flip_versions(path, versions, ready):
+    """A builder that rewrites the copy's pages to each version in turn, as fast as it can."""
+    b = sharedcopy.SharedCopy(path, "r")
+    b.open()
+    assert b.try_build()
+    fd = b.open_writable()
+    ready.set()
+    for v in range(1, versions + 1):
+        b.begin(v, v.to_bytes(16, "big"), (0, v), 4096, 8, None)
+        for p in range(8):
+            os.pwrite(fd, bytes([v % 251]) * 4096, p * 4096)
+        b.publish()
+    os.close(fd)
+    b.close(keep=True)
+
+
+def test_reads_racing_a_builder_in_another_process_never_mix_versions(tmp_path):
+    """No interleaving forced: a builder process rewrites the pages for version after version
+    while this process reads whatever version the record names, thousands of times. Each read
+    must be refused or be exactly that version's page."""
+    path = tmp_path / "copy.db"
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    builder = ctx.Process(target=_flip_versions, args=(path, 3000, ready))
+    builder.start()
+    reader = sharedcopy.SharedCopy(path, "r")
+    try:
+        assert ready.wait(HOLD)
+        reader.open()
+        served = refused = 0
+        wrong = []
+        while builder.is_alive() or served == 0:
+            v = reader.record().txid
+            if not v:
+                continue
+            for p in range(1, 9):
+                data = reader.read(v, v.to_bytes(16, "big"), 4096, p)
+                if data is None:
+                    refused += 1
+                elif data != bytes([v % 251]) * 4096:
+                    wrong.append((v, p, data[0], data[-1]))
+                else:
+                    served += 1
+            if not builder.is_alive() and served:
+                break
+        builder.join(HOLD)
+        assert builder.exitcode == 0
+        assert not wrong, f"pages of another version read: {wrong[:5]} ({len(wrong)})"
+        assert served > 0, (served, refused)  # (how many were refused depends on timing)
+    finally:
+        if builder.is_alive():
+            builder.kill()
+        reader.close(keep=False)
