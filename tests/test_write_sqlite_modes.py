@@ -5,7 +5,9 @@ What each ``synchronous`` level guarantees in write mode (docs/write-mode.md):
 
 * every level, every ``locking_mode``: a commit is in the write buffer (``write()``) before
   COMMIT returns, so a process crash (kill -9) loses no acknowledged commit;
-* NORMAL, FULL, EXTRA: the buffer is also fsynced before COMMIT returns (power loss);
+* NORMAL, FULL, EXTRA: the buffer is also fsynced before COMMIT returns (power loss) — with
+  one ``fdatasync``, which flushes the data alone while the commit stays inside the buffer's
+  preallocated zero tail (the file's size does not change);
 * OFF: no fsync — an operating-system crash or power loss can lose recent commits.
 """
 
@@ -21,12 +23,14 @@ import apsw
 import pytest
 
 import ltxvfs
+from ltxvfs.bufferlog import HEADER, scan
 from ltxvfs.restore import restore
 from ltxvfs.storage import open_replica
 
 from test_write import RW, rows, uri, writer
 
 HERE = Path(__file__).parent
+PREALLOC = 16 << 10  # the kill -9 tests' writers grow the zero tail every few commits
 MODES = [(sync, lock) for sync in ("OFF", "NORMAL", "FULL", "EXTRA")
          for lock in ("NORMAL", "EXCLUSIVE")]
 
@@ -76,20 +80,28 @@ def test_every_commit_reaches_the_buffer_and_the_replica(vfs, tmp_path, synchron
 @pytest.mark.parametrize(("synchronous", "locking_mode"), MODES)
 def test_fsync_before_commit_returns_unless_synchronous_is_off(vfs, tmp_path, monkeypatch,
                                                                synchronous, locking_mode):
+    """One ``fdatasync`` of the buffer per commit (none at OFF), no ``fsync``; the buffer file's
+    size stays the same from commit to commit inside its preallocated tail, so that
+    ``fdatasync`` has no metadata to journal."""
     url = (tmp_path / "replica").as_uri()
     con = writer(url, tmp_path, sync_interval="-1s")
     con.execute(f"PRAGMA synchronous = {synchronous}")
     con.execute(f"PRAGMA locking_mode = {locking_mode}")
     con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
-    buffer_fd = next(r for r in vfs.replicas() if r.client.url == url).writer.buffer._fd
-    synced = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    buffer = next(r for r in vfs.replicas() if r.client.url == url).writer.buffer
+    buffer_fd, size = buffer._fd, os.fstat(buffer._fd).st_size
+    assert size - buffer._end > 3 * 3 * 4200, "the tail has room for the commits below"
+    calls: list[tuple[str, int]] = []
+    for name in ("fsync", "fdatasync"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda fd, name=name, real=real: (calls.append((name, fd)),
+                                                                        real(fd))[1])
     for i in range(3):
-        before = len([fd for fd in synced if fd == buffer_fd])
+        before = len(calls)
         con.execute("INSERT INTO t VALUES (?, 'x')", (i,))
-        after = len([fd for fd in synced if fd == buffer_fd])
-        assert after - before == (0 if synchronous == "OFF" else 1), (synchronous, synced)
+        mine = [name for name, fd in calls[before:] if fd == buffer_fd]
+        assert mine == ([] if synchronous == "OFF" else ["fdatasync"]), (synchronous, calls)
+        assert os.fstat(buffer_fd).st_size == size, "the buffer file grew at a commit"
     monkeypatch.undo()
     con.close()
 
@@ -98,7 +110,8 @@ def test_fsync_before_commit_returns_unless_synchronous_is_off(vfs, tmp_path, mo
 def test_no_acknowledged_commit_is_lost_to_kill_nine(tmp_path, synchronous, locking_mode):
     url = (tmp_path / "replica").as_uri()
     u = uri(url, tmp_path / "buf", sync_interval="-1s")
-    env = {**os.environ, "WRITER_PRAGMAS": f"synchronous={synchronous};locking_mode={locking_mode}"}
+    env = {**os.environ, "WRITER_PRAGMAS": f"synchronous={synchronous};locking_mode={locking_mode}",
+           "WRITER_PREALLOC": str(PREALLOC)}
     p = subprocess.Popen([sys.executable, str(HERE / "writer_proc.py"), u, "1", "100000"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     seen = []
@@ -111,6 +124,17 @@ def test_no_acknowledged_commit_is_lost_to_kill_nine(tmp_path, synchronous, lock
     p.send_signal(signal.SIGKILL)
     p.wait(30)
     assert len(seen) == 30, p.stderr.read() if p.stderr else ""
+    # What the crash left: committed records, then the zero tail (no phantom record in it).
+    fd = os.open(tmp_path / "buf", os.O_RDONLY)
+    try:
+        found = scan(fd, tmp_path / "buf", HEADER.unpack(os.pread(fd, HEADER.size, 0))[5])
+        size = os.fstat(fd).st_size
+        assert size % PREALLOC == 0 and size > found.end, "no preallocated tail at the crash"
+        # A kill does not tear a write: what follows the records is the zero tail, untouched.
+        assert os.pread(fd, size - found.end, found.end) == bytes(size - found.end)
+    finally:
+        os.close(fd)
+    assert found.commits >= len(seen) + 1  # CREATE TABLE, then each acknowledged row at least
     ltxvfs.register()
     con = apsw.Connection(u, flags=RW)  # recovers the buffer and syncs it
     got = [r[0] for r in con.execute("SELECT id FROM t ORDER BY id")]
