@@ -23,6 +23,7 @@ import apsw
 import pytest
 
 import ltxvfs
+import ltxvfs.journal
 from ltxvfs.bufferlog import HEADER, scan
 from ltxvfs.restore import restore
 from ltxvfs.storage import open_replica
@@ -191,7 +192,13 @@ def test_rollback_journals_are_not_shared_between_replicas_of_one_name(vfs, tmp_
     assert {v for _, v in restored_rows(y, tmp_path / "y.db", "SELECT id, v FROM t")} == {"b"}
 
 
-def test_journals_and_their_stand_ins_go_when_the_database_closes(vfs, tmp_path):
+@pytest.mark.parametrize("where", ["memory", "file"])
+def test_journals_and_their_stand_ins_go_when_the_database_closes(vfs, tmp_path, monkeypatch,
+                                                                  where):
+    """A journal lives in memory until it outgrows SPILL, then in the private directory; either
+    way it goes when the database closes (PERSIST keeps it until then)."""
+    if where == "file":
+        monkeypatch.setattr(ltxvfs.journal, "SPILL", 0)
     url = (tmp_path / "replica").as_uri()
     scratch_before = set(os.listdir(vfs._private_dir()))
     for _ in range(3):
@@ -199,9 +206,41 @@ def test_journals_and_their_stand_ins_go_when_the_database_closes(vfs, tmp_path)
         con.execute("PRAGMA journal_mode = PERSIST")  # leaves its journal behind
         con.execute("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY)")
         con.execute("INSERT INTO t DEFAULT VALUES")
-        assert set(os.listdir(vfs._private_dir())) - scratch_before, "the journal lives there"
+        journal = con.filename + "-journal"
+        assert vfs.journals.exists(journal), "PERSIST keeps the journal"
+        on_disk = {n for n in set(os.listdir(vfs._private_dir())) - scratch_before
+                   if n.endswith("-journal")}
+        assert len(on_disk) == (1 if where == "file" else 0)
         con.close()
+        assert not vfs.journals.exists(journal)
         assert set(os.listdir(vfs._private_dir())) == scratch_before
+
+
+@pytest.mark.parametrize("spill", [1 << 20, 0, 64 << 10])  # memory / file / moved mid-transaction
+@pytest.mark.parametrize("journal_mode", ["DELETE", "PERSIST", "TRUNCATE"])
+def test_a_rollback_plays_the_journal_back_wherever_it_lives(vfs, tmp_path, monkeypatch, spill,
+                                                              journal_mode):
+    monkeypatch.setattr(ltxvfs.journal, "SPILL", spill)
+    url = (tmp_path / "replica").as_uri()
+    con = writer(url, tmp_path, sync_interval="-1s")
+    con.execute(f"PRAGMA journal_mode = {journal_mode}")
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT, pad BLOB)")
+    con.execute("WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < 400)"
+                " INSERT INTO t SELECT i, 'old', randomblob(400) FROM s")
+    original = rows(con, "SELECT id, v, pad FROM t ORDER BY id")
+    con.execute("PRAGMA cache_size = 10")
+    for _ in range(2):  # the second time reuses what PERSIST/TRUNCATE left
+        con.execute("BEGIN")
+        con.execute("UPDATE t SET v = 'new'")  # spills pages: the journal is played back
+        con.execute("DELETE FROM t WHERE id > 200")
+        con.execute("ROLLBACK")
+        assert rows(con, "SELECT id, v, pad FROM t ORDER BY id") == original
+        assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    con.execute("UPDATE t SET v = 'committed' WHERE id = 1")
+    con.execute("PRAGMA litestream_sync")
+    con.close()
+    want = [(1, "committed"), *((i, v) for i, v, _ in original[1:])]
+    assert restored_rows(url, tmp_path / "out.db", "SELECT id, v FROM t ORDER BY id") == want
 
 
 def test_changing_the_page_size_is_refused_not_accepted_and_then_every_write_fails(vfs, tmp_path):

@@ -3,9 +3,10 @@
 * Main databases open on a :class:`~ltxvfs.follow.Replica` — one per replica URL, shared by its
   connections in this process: one page cache, one poller (read mode) or one writer (write mode).
   The file object SQLite uses is :class:`~ltxvfs.dbfile.LitestreamFile`.
-* Journals and temp files are ordinary local files (the base VFS); WAL files are refused, and
-  page 1 always says rollback-journal mode. In write mode the rollback journal stays local: the
-  write buffer, not the journal, is what makes commits durable and recoverable.
+* Rollback journals stay local, in memory while small (journal.py); temp files are ordinary
+  local files (the base VFS); neither is ever synced. WAL files are refused, and page 1 always
+  says rollback-journal mode. The write buffer, not the journal, is what makes commits durable
+  and recoverable.
 * Background work (polls, syncs) of every database runs on one shared scheduler and pool.
 """
 
@@ -40,6 +41,7 @@ from .follow import Replica
 from .hydrate import PARALLEL as HYDRATION_PARALLEL
 from .hydrate import Hydrator
 from .jobs import JOB_THREADS, POOL_THREADS, Scheduler
+from .journal import Journals, LocalFile
 from .pages import DatabaseState, PageStore, state_at
 from .plan import list_levels
 from .scratch import make_scratch_dir, remove_scratch_dir
@@ -73,15 +75,6 @@ def display_name(name: str) -> str:
     return _OPEN_MARK_RE.sub("", name)
 
 
-class _LocalFile(apsw.VFSFile):
-    """A journal or temp file on local disk, with no fsync: crash recovery never uses them (the
-    write buffer does, and hot journals are hidden by ``xAccess``), so syncing them would only
-    make every commit wait for two more disk flushes."""
-
-    def xSync(self, flags: int) -> None:  # noqa: N802
-        pass
-
-
 class LitestreamVFS(apsw.VFS):
     """Register with :func:`ltxvfs.register`; keep a reference (APSW drops unreferenced VFSes)."""
 
@@ -109,6 +102,8 @@ class LitestreamVFS(apsw.VFS):
         self._hydration_paths: dict[Path, int] = {}  # path -> id of the replica hydrating there
         self._tmpdir: str | None = None
         self._lock = threading.RLock()
+        #: Main rollback journals: in memory, spilled to the scratch directory when large.
+        self.journals = Journals(self._spill_path)
         # Two pools, so that no task ever waits on a task queued behind it: jobs (polls, syncs,
         # compaction) wait for I/O (index fetches, prefetches); I/O tasks wait for nothing.
         self.pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="ltxvfs-io")
@@ -141,9 +136,12 @@ class LitestreamVFS(apsw.VFS):
                                   may_write=bool(flags[1] & apsw.SQLITE_OPEN_READWRITE))
         if flags[0] & apsw.SQLITE_OPEN_WAL:
             raise apsw.CantOpenError("litestream: WAL mode is not supported (rollback journal only)")
+        if flags[0] & apsw.SQLITE_OPEN_MAIN_JOURNAL and name is not None:
+            flags[1] = flags[0]
+            return self.journals.open(str(name))
         if name is not None:
             name = self._local_path(str(name))
-        return _LocalFile("", name, flags)
+        return LocalFile("", name, flags)
 
     def xSleep(self, microseconds: int) -> int:  # noqa: N802
         """SQLite's busy handler sleeps here. apsw's inherited xSleep holds the GIL while it
@@ -157,6 +155,8 @@ class LitestreamVFS(apsw.VFS):
         return super().xAccess(self._local_path(pathname), flags)
 
     def xDelete(self, filename, syncdir):  # noqa: N802
+        if self.journals.delete(filename):
+            return None
         return super().xDelete(self._local_path(filename), syncdir)
 
     def _private_dir(self) -> str:
@@ -180,11 +180,18 @@ class LitestreamVFS(apsw.VFS):
             os.close(os.open(stem, os.O_WRONLY | os.O_CREAT, 0o600))
         return stem + name[cut:]
 
+    def _spill_path(self, journal_name: str) -> str:
+        """Where a journal that outgrew memory goes: beside the others, 0700 directory."""
+        cut = journal_name.rfind("-")
+        return self._stem(journal_name[:cut]) + journal_name[cut:]
+
     def _stem(self, db_name: str) -> str:
         return os.path.join(self._private_dir(), hashlib.sha256(db_name.encode()).hexdigest()[:20])
 
     def forget_local_files(self, db_name: str) -> None:
-        """A closed database's stand-in and leftover journals go (its name is never reused)."""
+        """A closed database's journal, stand-in and leftover files go (its name is never
+        reused)."""
+        self.journals.delete(db_name + "-journal")
         if self._tmpdir is None:
             return
         stem = self._stem(db_name)
