@@ -279,7 +279,7 @@ def render(results: list[dict], stores: list[str], cases: list[str], systems: li
          f"Software: {software}; ltxvfs {label}  ",
          f"Command: `python bench/commits.py --runs {args.runs} --commits {args.commits} "
          f"--store {','.join(stores)}` (median of {args.runs} run(s) per cell; commits/s of the "
-         "timed loop; the fsync columns: see the text)", ""]
+         "timed loop)", ""]
     head = ["case", *systems, "ltxvfs / go"]
     for store in stores:
         out += [f"**{store} replica**", "", "| " + " | ".join(head) + " |",
