@@ -94,6 +94,9 @@ def child(spec: dict) -> dict:
     con.execute(f"PRAGMA locking_mode = {locking}")
     mode = con.execute(f"PRAGMA journal_mode = {journal}").fetchall()[0][0]
     start = con.execute("SELECT count(*) FROM t").fetchall()[0][0]
+    replica_dir = spec.get("replica_dir")
+    l0 = (Path(replica_dir) / "ltx" / "0") if replica_dir else None
+    l0_before = len(list(l0.glob("*.ltx"))) if l0 else 0
     rng = random.Random(1)
     batch = [_row(rng) for _ in range(per_txn)]
     cur = con.cursor()
@@ -117,9 +120,8 @@ def child(spec: dict) -> dict:
         raise RuntimeError(f"{rows} rows after {done} commits of {per_txn} on {start}")
     out = {"commits": done, "seconds": elapsed, "commits_per_s": done / elapsed,
            "rows_per_s": done * per_txn / elapsed, "journal_mode": mode}
-    replica_dir = spec.get("replica_dir")
-    if replica_dir:
-        out["l0_files"] = len(list((Path(replica_dir) / "ltx" / "0").glob("*.ltx")))
+    if l0:  # uploads made during the loop (file:// replicas)
+        out["syncs"] = len(list(l0.glob("*.ltx"))) - l0_before
     con.close()
     return out
 
@@ -291,9 +293,13 @@ def render(results: list[dict], stores: list[str], cases: list[str], systems: li
                        r["case"] == case and r["system"] == system and "commits_per_s" in r]
                 errs = [r for r in results if r["store"] == store and r["case"] == case and
                         r["system"] == system and "error" in r]
+                syncs = [r["syncs"] for r in results if r["store"] == store and
+                         r["case"] == case and r["system"] == system and "syncs" in r]
                 if got:
                     med[system] = statistics.median(got)
-                    cells.append(f"{med[system]:,.0f}")
+                    note = f" ({max(syncs)} syncs)" if case == "full_sustained" and syncs and \
+                        not system.startswith("local") else ""
+                    cells.append(f"{med[system]:,.0f}{note}")
                 else:
                     cells.append("error" if errs else "—")
             ratio = med.get("ltxvfs", 0) / med["go"] if med.get("go") else None

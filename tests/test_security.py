@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from test_chaos import vfs_uri
 
 import ltxvfs
-import ltxvfs.journal
+import ltxvfs.localfiles
 from ltxvfs.errors import ReplicaURLError, StorageError
 from ltxvfs.storage import FileInfo, FileReplicaClient, open_replica, parse_replica_url
 from ltxvfs.storage.base import check_level, ltx_filename, parse_ltx_filename
@@ -260,7 +260,7 @@ def test_buffer_files_are_private(vfs, tmp_path, monkeypatch, open_umask):
     assert [(p.name, _mode(p)) for p in buffers.iterdir()] == [(buf.name, 0o600)]
     # The rollback journal of a write transaction lives in memory, and once it outgrows that
     # (here at once) in a private directory.
-    monkeypatch.setattr(ltxvfs.journal, "SPILL", 0)
+    monkeypatch.setattr(ltxvfs.localfiles, "SPILL", 0)
     con.execute("BEGIN")
     con.execute("INSERT INTO t VALUES (2)")
     journals = [p for d in {Path(vfs._private_dir())} for p in d.iterdir()

@@ -23,7 +23,7 @@ import apsw
 import pytest
 
 import ltxvfs
-import ltxvfs.journal
+import ltxvfs.localfiles
 from ltxvfs.bufferlog import HEADER, scan
 from ltxvfs.restore import restore
 from ltxvfs.storage import open_replica
@@ -198,7 +198,7 @@ def test_journals_and_their_stand_ins_go_when_the_database_closes(vfs, tmp_path,
     """A journal lives in memory until it outgrows SPILL, then in the private directory; either
     way it goes when the database closes (PERSIST keeps it until then)."""
     if where == "file":
-        monkeypatch.setattr(ltxvfs.journal, "SPILL", 0)
+        monkeypatch.setattr(ltxvfs.localfiles, "SPILL", 0)
     url = (tmp_path / "replica").as_uri()
     scratch_before = set(os.listdir(vfs._private_dir()))
     for _ in range(3):
@@ -220,7 +220,7 @@ def test_journals_and_their_stand_ins_go_when_the_database_closes(vfs, tmp_path,
 @pytest.mark.parametrize("journal_mode", ["DELETE", "PERSIST", "TRUNCATE"])
 def test_a_rollback_plays_the_journal_back_wherever_it_lives(vfs, tmp_path, monkeypatch, spill,
                                                               journal_mode):
-    monkeypatch.setattr(ltxvfs.journal, "SPILL", spill)
+    monkeypatch.setattr(ltxvfs.localfiles, "SPILL", spill)
     url = (tmp_path / "replica").as_uri()
     con = writer(url, tmp_path, sync_interval="-1s")
     con.execute(f"PRAGMA journal_mode = {journal_mode}")

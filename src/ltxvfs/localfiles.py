@@ -1,4 +1,5 @@
-"""Rollback journals and temp files of replica databases: local, never synced.
+"""The local files of replica databases — rollback journals, temp files — in the VFS's private
+(0700) scratch directory, or in memory; never synced.
 
 Crash recovery never uses a journal: the write buffer's COMMIT marks make a transaction atomic
 (recovery drops whatever follows the last one), and ``xAccess`` hides hot journals, so a journal
@@ -12,10 +13,14 @@ process. So:
   that name would: until ``xDelete`` or the database's close (:meth:`Journals.forget`).
 * :class:`LocalFile` is an ordinary local file (temp files, statement journals) whose ``xSync``
   does nothing.
+* :class:`LocalFiles` names them: after a hash of the database's full name, which is unique per
+  open (``xFullPathname``), so connections to two replicas that share a name never share a
+  journal; and removes them when the database closes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from collections.abc import Callable
@@ -168,3 +173,57 @@ class Journal(apsw.VFSFile):
 
     def xClose(self) -> None:  # noqa: N802
         pass  # the contents stay until xDelete (or the database's close), as a file's would
+
+
+class LocalFiles:
+    """One VFS's local files. ``scratch(create)`` is its private directory (None if not made yet
+    and ``create`` is false)."""
+
+    def __init__(self, scratch: Callable[[bool], str | None]) -> None:
+        self._scratch = scratch
+        self.journals = Journals(self._spill_path)
+
+    def open(self, name: str | None, flags: list[int]) -> apsw.VFSFile:
+        """xOpen of anything but a main database (WAL files are refused before)."""
+        if flags[0] & apsw.SQLITE_OPEN_MAIN_JOURNAL and name is not None:
+            flags[1] = flags[0]
+            return self.journals.open(name)
+        return LocalFile("", None if name is None else self.path(name), flags)
+
+    def path(self, name: str) -> str:
+        """Where a local file of a replica database lives. The unix VFS gives a file the
+        permissions of the one its name minus '-suffix' names, so an empty 0600 stand-in is
+        created for that (removed when the database closes)."""
+        cut = name.rfind("-")
+        if cut <= 0:
+            return name
+        stem = self._stem(name[:cut])
+        if not os.path.exists(stem):
+            os.close(os.open(stem, os.O_WRONLY | os.O_CREAT, 0o600))
+        return stem + name[cut:]
+
+    def delete(self, name: str) -> str | None:
+        """xDelete: a journal is forgotten here (None); anything else's path is returned."""
+        return None if self.journals.delete(name) else self.path(name)
+
+    def forget(self, db_name: str) -> None:
+        """A closed database's journal, stand-in and leftover files go (its name is never
+        reused)."""
+        self.journals.delete(db_name + "-journal")
+        if self._scratch(False) is None:
+            return
+        stem = self._stem(db_name)
+        for suffix in ("", "-journal"):
+            try:
+                os.unlink(stem + suffix)
+            except FileNotFoundError:
+                pass
+
+    def _spill_path(self, journal_name: str) -> str:
+        cut = journal_name.rfind("-")
+        return self._stem(journal_name[:cut]) + journal_name[cut:]
+
+    def _stem(self, db_name: str) -> str:
+        scratch = self._scratch(True)
+        assert scratch is not None
+        return os.path.join(scratch, hashlib.sha256(db_name.encode()).hexdigest()[:20])
