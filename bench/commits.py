@@ -74,7 +74,7 @@ def child(spec: dict) -> dict:
     sync, locking, journal, per_txn, interval, seconds = CASES[spec["case"]]
     system = spec["system"]
     flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_URI
-    if system == "ltxvfs":
+    if system.startswith("ltxvfs"):  # ltxvfs, or ltxvfs-before (--before REV)
         import ltxvfs
         ltxvfs.register()
         q = {"vfs": "litestream", "replica_url": spec["replica_url"], "write_enabled": "true",
@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--ltxvfs", default="HEAD", help="commit to measure, or 'worktree'")
+    ap.add_argument("--before", help="also measure this commit (column ltxvfs-before)")
     ap.add_argument("--data-dir", type=Path, default=Path("/tmp/ltxvfs-bench-commits"))
     ap.add_argument("--doc", type=Path)
     ap.add_argument("--json", type=Path)
@@ -199,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     label, pythonpath = export_ltxvfs(args.ltxvfs, work / "src")
     base_env = child_env({"PYTHONPATH": str(pythonpath) if pythonpath else None})
     systems = [s for s in args.systems.split(",") if s]
+    before_env = None
+    if args.before:
+        before_label, before_path = export_ltxvfs(args.before, work / "src")
+        before_env = child_env({"PYTHONPATH": str(before_path) if before_path else None})
+        systems.insert(1, "ltxvfs-before")
+        label += f" (ltxvfs-before: {before_label})"
     cases = [c for c in args.cases.split(",") if c]
     stores = [s for s in args.store.split(",") if s]
     stub = None
@@ -239,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                             spec["replica_url"] = s3_url(stub.url, "bench", prefix)
                         shutil.copy(seeds[store][1], tmp / "local.db")
                         spec["local_db"] = str(tmp / "local.db")
-                        env = dict(base_env)
+                        env = dict(before_env if system == "ltxvfs-before" else base_env)
                         if system == "go":
                             env.update({
                                 "LITESTREAM_REPLICA_URL": spec["replica_url"],
@@ -280,7 +287,8 @@ def render(results: list[dict], stores: list[str], cases: list[str], systems: li
     out = [f"Machine: {machine}; data dir on {' '.join(fs)}  ",
          f"Software: {software}; ltxvfs {label}  ",
          f"Command: `python bench/commits.py --runs {args.runs} --commits {args.commits} "
-         f"--store {','.join(stores)}` (median of {args.runs} run(s) per cell; commits/s of the "
+         f"--store {','.join(stores)}{' --before ' + args.before if args.before else ''}` "
+         f"(median of {args.runs} run(s) per cell; commits/s of the "
          "timed loop)", ""]
     head = ["case", *systems, "ltxvfs / go"]
     for store in stores:

@@ -225,14 +225,14 @@ class WriteBuffer:
             cut = self._last_commit_end
             if self._written > cut:  # some of them are in the file: zero them there
                 self._flush()
-                marks = [bytes(rec) for _, rtype, rec in records(self._fd, cut, self._end)
-                         if rtype == SYNC]
-                self._zero(cut, self._end)
-                self._end = self._written = cut
-                for rec in marks:
-                    self._mem += rec
-                    self._end += len(rec)
-                self._flush()
+                marks = b"".join(bytes(rec) for _, rtype, rec in records(self._fd, cut, self._end)
+                                 if rtype == SYNC)
+                # The marks first (a crash between the two leaves them followed by records
+                # without a COMMIT, which recovery drops), then zeros over the rest.
+                if marks and os.pwrite(self._fd, marks, cut) != len(marks):
+                    raise BufferError(f"short write to {self.path}")
+                self._zero(cut + len(marks), self._end)
+                self._end = self._written = cut + len(marks)
             else:  # all in memory (a SYNC mark is always written at once: none among them)
                 self._mem.clear()
                 self._end = cut
