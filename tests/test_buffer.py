@@ -531,3 +531,24 @@ def test_open_transaction_pages_are_read_from_memory_before_they_are_written(tmp
     assert buf._written == buf._end
     assert buf.read_page(3) == page(3, 1)
     buf.close()
+
+
+def test_a_large_commit_grows_the_file_without_a_zero_tail(tmp_path, monkeypatch):
+    """Only small commits grow the tail (its zeros are flushed too): a large one appends."""
+    monkeypatch.setattr(buffer_mod, "PREALLOC", 64 << 10)
+    monkeypatch.setattr(buffer_mod, "SMALL_COMMIT", 8 * PAGE)
+    path = tmp_path / "buf"
+    buf = new_buffer(path)
+    start = path.stat().st_size
+    for pgno in range(1, 40):  # ~160 KiB: past the tail
+        buf.write_page(pgno, page(pgno, 1))
+    buf.commit(fsync=True)
+    assert path.stat().st_size == buf._end > start
+    buf.write_page(1, page(1, 2))  # a small one: a tail again
+    buf.commit(fsync=True)
+    assert path.stat().st_size % (64 << 10) == 0 and path.stat().st_size > buf._end
+    end = buf._end
+    buf.close()
+    buf, found = reopen(path)
+    assert found.commits == 2 and found.end == end
+    buf.close()

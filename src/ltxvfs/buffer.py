@@ -6,8 +6,8 @@ written) and go to the file with its COMMIT record in one ``pwrite`` before the 
 ends the transaction returns — so a process crash loses nothing committed — and are
 ``fdatasync``-ed there when SQLite asks for durability (``PRAGMA synchronous`` keeps its
 meaning). The file is kept ahead of its records by a tail of zeros, grown ``PREALLOC`` bytes at a
-time: a commit then overwrites blocks that already exist, so its ``fdatasync`` flushes the data
-alone, with no file-size or block-allocation change to journal. (Zeros, not ``fallocate``:
+time by small commits: a commit then overwrites blocks that already exist, so its ``fdatasync``
+flushes the data alone, with no file-size or block-allocation change to journal. (Zeros, not ``fallocate``:
 writing into a filesystem's unwritten extents is itself a metadata change.) Reads of the open
 transaction's pages come from memory while they are not yet written.
 
@@ -51,6 +51,11 @@ from .errors import WriteBufferError as BufferError  # the name this module has 
 
 #: The zero tail is grown this many bytes at a time (rounded up to cover the write).
 PREALLOC = 1 << 20
+#: ... by commits of at most this many bytes of records. The zeros are flushed too (by the next
+#: fdatasync): for small commits that costs little and spares each later one a metadata change;
+#: a large commit would flush twice its size for a saving it hardly needs (it changes the size
+#: once per PREALLOC at best), so it just grows the file.
+SMALL_COMMIT = 64 << 10
 #: An open transaction's records are written once this many bytes collect in memory.
 FLUSH = 256 << 10
 
@@ -139,22 +144,24 @@ class WriteBuffer:
         self._mem += rec
         self._end += len(rec)
         if len(self._mem) >= FLUSH:
-            self._flush()
+            self._flush(grow=False)
         return offset + bufferlog.REC.size
 
-    def _flush(self) -> None:
+    def _flush(self, grow: bool) -> None:
         """Write the records collected in memory, in one ``pwrite``; then, if they reached the
-        end of the zero tail, grow it (by ``PREALLOC`` at least)."""
+        end of the zero tail and ``grow``, grow it (by ``PREALLOC`` at least)."""
         if not self._mem:
             return
         if os.pwrite(self._fd, self._mem, self._written) != len(self._mem):
             raise BufferError(f"short write to {self.path}")
         self._written = self._end
         self._mem.clear()
-        if self._end >= self._alloc:  # the write grew the file: grow the tail ahead of it
-            size = -(-(self._end + PREALLOC) // PREALLOC) * PREALLOC
-            self._zero(self._end, size)
-            self._alloc = size
+        if self._end >= self._alloc:  # the write grew the file
+            self._alloc = self._end
+            if grow:  # a tail of zeros ahead of it
+                size = -(-(self._end + PREALLOC) // PREALLOC) * PREALLOC
+                self._zero(self._end, size)
+                self._alloc = size
 
     def _zero(self, start: int, stop: int) -> None:
         """Write zeros over [start, stop) of the file."""
@@ -203,7 +210,7 @@ class WriteBuffer:
             if self._dirty_txn:
                 self.commits += 1
                 self._append(COMMIT, COMMIT_PAYLOAD.pack(self.size_pages(), self.commits))
-                self._flush()
+                self._flush(grow=self._end - self._last_commit_end <= SMALL_COMMIT)
                 self._last_commit_end = self._end
                 self.committed = self.pending.copy()
                 self._dirty_txn = False
@@ -224,7 +231,7 @@ class WriteBuffer:
                 return
             cut = self._last_commit_end
             if self._written > cut:  # some of them are in the file: zero them there
-                self._flush()
+                self._flush(grow=False)
                 marks = b"".join(bytes(rec) for _, rtype, rec in records(self._fd, cut, self._end)
                                  if rtype == SYNC)
                 # The marks first (a crash between the two leaves them followed by records
@@ -241,7 +248,7 @@ class WriteBuffer:
 
     def fsync(self) -> None:
         with self._lock:
-            self._flush()
+            self._flush(grow=False)
             os.fdatasync(self._fd)
 
     @property
@@ -286,7 +293,7 @@ class WriteBuffer:
         """Durably note that the records up to ``end`` are being uploaded as ``txid``."""
         with self._lock:
             self._append(SYNC, SYNC_PAYLOAD.pack(txid, end, checksum))
-            self._flush()
+            self._flush(grow=False)
             os.fdatasync(self._fd)
             self.marks.append(SyncMark(txid, end, checksum))
 
@@ -306,7 +313,7 @@ class WriteBuffer:
         scanned before it is renamed into place; once it is, the buffer uses it — so a failure
         leaves the buffer either wholly on the old file or wholly on the new one."""
         if self._fd >= 0:
-            self._flush()  # the records to keep (an open transaction's too) are in the file
+            self._flush(grow=False)  # the records to keep (an open transaction's too) are in the file
         tmp = self.path.with_name(self.path.name + ".tmp")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
