@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -103,6 +104,7 @@ def child(spec: dict) -> dict:
     n = max(int(spec["commits"]) // min(per_txn, 10), 1)  # 100-row transactions: a tenth
     cap = float(spec["cap"])
     done = 0
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     while True:
         if per_txn == 1:
@@ -115,11 +117,14 @@ def child(spec: dict) -> dict:
         elapsed = time.perf_counter() - t0
         if (seconds and elapsed >= seconds) or (not seconds and (done >= n or elapsed >= cap)):
             break
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = ru1.ru_utime - ru0.ru_utime + ru1.ru_stime - ru0.ru_stime  # every thread's
     rows = con.execute("SELECT count(*) FROM t").fetchall()[0][0]
     if rows != start + done * per_txn:
         raise RuntimeError(f"{rows} rows after {done} commits of {per_txn} on {start}")
     out = {"commits": done, "seconds": elapsed, "commits_per_s": done / elapsed,
-           "rows_per_s": done * per_txn / elapsed, "journal_mode": mode}
+           "rows_per_s": done * per_txn / elapsed, "journal_mode": mode,
+           "cpu_us_per_commit": cpu / done * 1e6}
     if l0:  # uploads made during the loop (file:// replicas)
         out["syncs"] = len(list(l0.glob("*.ltx"))) - l0_before
     con.close()
@@ -288,6 +293,7 @@ def render(results: list[dict], stores: list[str], cases: list[str], systems: li
     out = [f"Machine: {machine}; data dir on {' '.join(fs)}  ",
          f"Software: {software}; ltxvfs {label}  ",
          f"Command: `python bench/commits.py --runs {args.runs} --commits {args.commits} "
+         f"--cap {args.cap:g} "
          f"--store {','.join(stores)}{' --before ' + args.before if args.before else ''}` "
          f"(median of {args.runs} run(s) per cell; commits/s of the "
          "timed loop)", ""]
@@ -323,6 +329,18 @@ def render(results: list[dict], stores: list[str], cases: list[str], systems: li
                          f" (median {statistics.median(pairs):.2f}x)" if pairs else "—")
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
+        cpu_rows = []
+        for case in cases:
+            cells = [CASE_TEXT[case]]
+            for system in systems:
+                got = [r["cpu_us_per_commit"] for r in results if r["store"] == store and
+                       r["case"] == case and r["system"] == system and "cpu_us_per_commit" in r]
+                cells.append(f"{statistics.median(got):,.0f}" if got else "—")
+            cpu_rows.append("| " + " | ".join(cells) + " |")
+        out += [f"CPU time per commit ({store} replica; µs, user + system of every thread of the "
+                "process, median) — less sensitive to the machine's load than the rates:", "",
+                "| " + " | ".join(["case", *systems]) + " |", "|" + "---|" * (len(systems) + 1),
+                *cpu_rows, ""]
     errors = [r for r in results if "error" in r]
     for r in errors[:10]:
         out.append(f"- error: {r['store']} / {r['case']} / {r['system']}: `{r['error'][-300:]}`")
