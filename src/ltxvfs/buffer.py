@@ -60,6 +60,13 @@ SMALL_COMMIT = 64 << 10
 FLUSH = 256 << 10
 
 
+def _datasync(fd: int) -> None:
+    """``fdatasync``: the data and what reading it back needs (the size), not the timestamps.
+    Where there is none (macOS), ``fsync``."""
+    sync = getattr(os, "fdatasync", None) or os.fsync
+    sync(fd)
+
+
 class WriteBuffer:
     """One replica's buffer file. Thread-safe; every method runs under one lock."""
 
@@ -218,7 +225,7 @@ class WriteBuffer:
             else:
                 changed = False
             if fsync:
-                os.fdatasync(self._fd)
+                _datasync(self._fd)
             return changed
 
     def rollback(self) -> None:
@@ -249,7 +256,7 @@ class WriteBuffer:
     def fsync(self) -> None:
         with self._lock:
             self._flush(grow=False)
-            os.fdatasync(self._fd)
+            _datasync(self._fd)
 
     @property
     def in_transaction(self) -> bool:
@@ -294,7 +301,7 @@ class WriteBuffer:
         with self._lock:
             self._append(SYNC, SYNC_PAYLOAD.pack(txid, end, checksum))
             self._flush(grow=False)
-            os.fdatasync(self._fd)
+            _datasync(self._fd)
             self.marks.append(SyncMark(txid, end, checksum))
 
     def synced(self, txid: int, end: int, size: int) -> None:
