@@ -23,6 +23,7 @@ import apsw
 
 from .errors import ConflictError, LitestreamError, LTXError, ObjectNotFoundError, StorageError
 from .follow import Replica
+from .host.frames import DiskCache
 from .locks import NONE, RESERVED, SHARED
 from .pages import DatabaseState, PageNotFoundError
 from .pragmas import PragmaError, format_time, handle_pragma
@@ -402,6 +403,7 @@ class LitestreamFile:
             "sync_error": (writer.last_error or "") if writer else "",
             "hydration": hydrator.progress() if hydrator else "off",
             "requests": requests.snapshot() if requests is not None else {},
+            **(store.disk.stats() if store.disk is not None else DiskCache.off_stats()),
         }
 
     def sync_error(self) -> str:

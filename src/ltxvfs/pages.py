@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import lz4.block
 
@@ -40,6 +41,9 @@ from .ltx import (
 )
 from .plan import Plan, compute_plan
 from .storage.base import FileInfo, ReplicaClient
+
+if TYPE_CHECKING:
+    from .host.frames import DiskCache
 
 #: Readahead streams remembered, pages a stream may skip, bytes of unwanted frames read over.
 _STREAMS, _SLACK, _MAX_GAP = 8, 8, 64 * 1024
@@ -125,22 +129,17 @@ def tail_size(file_size: int) -> int:
     return min(max(ESTIMATED_INDEX_TAIL, file_size // 256), MAX_TAIL)
 
 
-def fetch_file_index(client: ReplicaClient, info: FileInfo, want_header: bool = False
-                     ) -> FileIndex:
+def fetch_file_index(client: ReplicaClient, info: FileInfo, want_header: bool = False,
+                     disk: DiskCache | None = None) -> FileIndex:
     """Read a file's page index from its tail: one ranged GET, two if the index is larger than
     the tail. A file up to ``WHOLE_FILE`` bytes comes whole in that GET (header, pages and
-    all: verified, and its pages cached), since a few more KiB cost no extra round trip."""
-    start = 0 if info.size <= WHOLE_FILE else info.size - tail_size(info.size)
-    tail = client.read(info.level, info.min_txid, info.max_txid, start, info.size - start)
-    if len(tail) != info.size - start:
-        raise TruncatedError(f"{info}: read {len(tail)} bytes of the tail, expected "
-                             f"{info.size - start} (object changed or truncated)")
-    try:
-        pages = parse_page_index(tail, info.size, start)
-    except TruncatedError:
-        begin = page_index_start(tail, info.size)
-        more = client.read(info.level, info.min_txid, info.max_txid, begin, start - begin)
-        pages = parse_page_index(more + tail, info.size, begin)
+    all: verified, and its pages cached), since a few more KiB cost no extra round trip.
+    With ``disk`` (the host's cache directory) the bytes come from there when some process of
+    the host fetched them before."""
+    if disk is None:
+        start, tail, pages = _read_index_bytes(client, info)
+    else:
+        start, tail, pages = _index_bytes_via_disk(client, info, disk)
     header = None
     if start == 0:
         whole = decode_file(tail, name=str(info))
@@ -148,8 +147,56 @@ def fetch_file_index(client: ReplicaClient, info: FileInfo, want_header: bool = 
             raise MalformedIndexError(f"{info}: page index does not match the page frames")
         return FileIndex(info, pages, whole.header, whole.pages, bytes(tail))
     if want_header:
-        header = Header.unpack(client.read(info.level, info.min_txid, info.max_txid, 0, HEADER_SIZE))
+        header = Header.unpack(_read_header(client, info, disk))
     return FileIndex(info, pages, header)
+
+
+def _read_index_bytes(client: ReplicaClient, info: FileInfo
+                      ) -> tuple[int, bytes, dict[int, tuple[int, int]]]:
+    """(offset, bytes from there to the end, the page index they hold): the tail GET, and a
+    second GET for the rest of an index larger than the tail."""
+    start = 0 if info.size <= WHOLE_FILE else info.size - tail_size(info.size)
+    tail = client.read(info.level, info.min_txid, info.max_txid, start, info.size - start)
+    if len(tail) != info.size - start:
+        raise TruncatedError(f"{info}: read {len(tail)} bytes of the tail, expected "
+                             f"{info.size - start} (object changed or truncated)")
+    try:
+        return start, tail, parse_page_index(tail, info.size, start)
+    except TruncatedError:
+        begin = page_index_start(tail, info.size)
+        more = client.read(info.level, info.min_txid, info.max_txid, begin, start - begin)
+        return begin, more + tail, parse_page_index(more + tail, info.size, begin)
+
+
+# --- the host's cache directory (host/frames.py): small hooks, kept apart ---------------------
+
+
+def _index_bytes_via_disk(client: ReplicaClient, info: FileInfo, disk: DiskCache
+                          ) -> tuple[int, bytes, dict[int, tuple[int, int]]]:
+    """:func:`_read_index_bytes` through the disk cache (entry: offset u64 + the bytes)."""
+    fetched = []
+
+    def fetch() -> bytes:
+        start, tail, pages = _read_index_bytes(client, info)
+        fetched.append(pages)
+        return start.to_bytes(8, "big") + tail
+
+    value = disk.get_or_fetch("index", info, fetch)
+    start, tail = int.from_bytes(value[:8], "big"), value[8:]
+    return start, tail, fetched[0] if fetched else parse_page_index(tail, info.size, start)
+
+
+def _read_header(client: ReplicaClient, info: FileInfo, disk: DiskCache | None) -> bytes:
+    def fetch() -> bytes:
+        return client.read(info.level, info.min_txid, info.max_txid, 0, HEADER_SIZE)
+    return fetch() if disk is None else disk.get_or_fetch("header", info, fetch)
+
+
+def _read_head(client: ReplicaClient, info: FileInfo, size: int, disk: DiskCache | None
+               ) -> bytes:
+    def fetch() -> bytes:
+        return client.read(info.level, info.min_txid, info.max_txid, 0, size)
+    return fetch() if disk is None else disk.get_or_fetch("head", info, fetch)
 
 
 def fetch_indexes(client: ReplicaClient, files: Sequence[FileInfo], pool: ThreadPoolExecutor,
@@ -158,9 +205,10 @@ def fetch_indexes(client: ReplicaClient, files: Sequence[FileInfo], pool: Thread
     the same round trip). Pages of files that arrived whole go into ``store``'s cache."""
     last = files[-1]
     header = None
+    disk = store.disk if store is not None else None
     if last.size > WHOLE_FILE:
-        header = pool.submit(client.read, last.level, last.min_txid, last.max_txid, 0, HEADER_SIZE)
-    futures = [pool.submit(fetch_file_index, client, f) for f in files]
+        header = pool.submit(_read_header, client, last, disk)
+    futures = [pool.submit(fetch_file_index, client, f, False, disk) for f in files]
     indexes = [f.result() for f in futures]
     if header is not None:
         indexes[-1] = replace(indexes[-1], header=Header.unpack(header.result()))
@@ -181,7 +229,7 @@ def build_state(client: ReplicaClient, plan: Plan, pool: ThreadPoolExecutor,
     head = None
     if store is not None and first.size > WHOLE_FILE:
         size = min(HEAD_PREFETCH, first.size - tail_size(first.size))
-        head = pool.submit(client.read, first.level, first.min_txid, first.max_txid, 0, size)
+        head = pool.submit(_read_head, client, first, size, store.disk)
     indexes = fetch_indexes(client, plan.files, pool, store)
     if head is not None and store is not None:
         try:
@@ -232,9 +280,12 @@ class PageStore:
     MAX_READAHEAD_PAGES = 256
     MAX_READAHEAD_BYTES = 4 * 1024 * 1024
 
-    def __init__(self, client: ReplicaClient, cache_bytes: int) -> None:
+    def __init__(self, client: ReplicaClient, cache_bytes: int,
+                 disk: DiskCache | None = None) -> None:
         self.client = client
         self.cache = PageCache(cache_bytes)
+        #: The host's cache directory for this replica (``cache_dir``), or None.
+        self.disk = disk
         self._inflight: dict[tuple, Future[bytes]] = {}
         self._lock = threading.Lock()
         self._streams: dict[int, int] = {}  # last page of a recent run -> its window
@@ -256,6 +307,10 @@ class PageStore:
         if page is not None:
             return page if len(page) == state.page_size else \
                 lz4.block.decompress(page, uncompressed_size=state.page_size)
+        if self.disk is not None:
+            page = self._disk_page(ref, pgno, state.page_size)
+            if page is not None:
+                return page
         return self._miss(state, pgno, ref)
 
     def peek_page(self, key: tuple, page_size: int) -> bytes | None:
@@ -283,8 +338,11 @@ class PageStore:
         if not owner:
             return fut.result()
         try:
-            self._fetch_run(state.page_size, [(p, r, f) for p, (r, f) in futures.items()],
-                            sequential)
+            items = [(p, r, f) for p, (r, f) in futures.items()]
+            if self.disk is not None:
+                self._fetch_shared(state.page_size, items, sequential)
+            else:
+                self._fetch_run(state.page_size, items, sequential)
         finally:
             with self._lock:
                 for r, _ in futures.values():
@@ -320,6 +378,8 @@ class PageStore:
             if r is None:
                 break
             nxt += 1
+            if r[0] is info and self.disk is not None and self.disk.known(info, r[1]):
+                break  # on disk, or another process is fetching it
             if r[0] is not info or _key(r) in self._inflight or _key(r) in self.cache:
                 skipped += 1
                 continue
@@ -334,7 +394,7 @@ class PageStore:
         return run, sequential
 
     def _fetch_run(self, page_size: int, run: list[tuple[int, PageRef, Future[bytes]]],
-                   sequential: bool) -> None:
+                   sequential: bool, claimed: bool = False) -> None:
         info = run[0][1][0]
         start = run[0][1][1]
         end = run[-1][1][1] + run[-1][1][2]
@@ -350,6 +410,9 @@ class PageStore:
                 page = decode_page_frame(frame, page_size, pgno)
                 self._put(frame_key(info, off), page, frame, sequential)
                 fut.set_result(page)
+            if self.disk is not None:
+                self._frames_to_disk(info, view, start, [(off, size) for _, (_, off, size), _
+                                                         in run], claimed=claimed)
         except BaseException as err:
             for _, _, fut in run:
                 if not fut.done():
@@ -366,6 +429,8 @@ class PageStore:
                     off, size = fi.pages[pgno]
                     self._put(frame_key(info, off), page,
                               raw[off:off + size] if raw is not None else None, True)
+                if self.disk is not None and raw is not None:
+                    self._frames_to_disk(info, raw, 0, sorted(fi.pages.values()), seeded=True)
 
     def _put(self, key: tuple, page: bytes, frame: bytes | memoryview | None,
              sequential: bool) -> None:
@@ -385,9 +450,89 @@ class PageStore:
             page_size = Header.unpack(head[:HEADER_SIZE]).page_size
         view = memoryview(head)
         budget = min(HEAD_PREFETCH, self.cache.capacity // 4)  # never crowd the cache
+        inside = []
         for pgno, (off, size) in fi.pages.items():
             if off + size > len(head) or budget < page_size:
                 break
             page = decode_page_frame(view[off:off + size], page_size, pgno)
             self.cache.put(frame_key(info, off), page, sequential=True)
             budget -= page_size
+            inside.append((off, size))
+        if self.disk is not None and inside:
+            self._frames_to_disk(info, view, 0, inside, seeded=True)
+
+    # --- the host's cache directory (host/frames.py) ---------------------------------------------
+
+    def _disk_page(self, ref: PageRef, pgno: int, page_size: int, wait: bool = False,
+                   recheck: bool = False) -> bytes | None:
+        """The page from the frame on disk (then cached in memory), or None. ``wait``: another
+        process claimed it, wait (bounded) for it to land."""
+        info, off, size = ref
+        assert self.disk is not None
+        frame = self.disk.wait_frame(info, off) if wait else \
+            self.disk.get_frame(info, off, count=not recheck)
+        if frame is None or len(frame) != size:
+            return None
+        try:
+            page = decode_page_frame(frame, page_size, pgno)
+        except LitestreamError:
+            return None
+        self._put(frame_key(info, off), page, frame, False)
+        return page
+
+    def _fetch_shared(self, page_size: int, run: list[tuple[int, PageRef, Future[bytes]]],
+                      sequential: bool) -> None:
+        """:meth:`_fetch_run` shared with the host's other processes: each frame of the run is
+        claimed in the cache directory before the GET (the run is cut at the first frame some
+        other process claimed), and its claim is released once the frame is on disk. A frame
+        claimed elsewhere is waited for on disk instead of fetched again."""
+        disk = self.disk
+        assert disk is not None
+        try:
+            while run:
+                pgno, (info, off, size), fut = run[0]
+                mine = disk.claim_frame(info, off)
+                if mine is not None:  # landed since we looked (claimed: look again)
+                    page = self._disk_page((info, off, size), pgno, page_size, wait=not mine,
+                                           recheck=mine)
+                    if page is not None:
+                        if mine:
+                            disk.release_frame(info, off)
+                        fut.set_result(page)
+                        run = run[1:]
+                        continue
+                n = 1
+                while mine and n < len(run) and \
+                        disk.claim_frame(run[n][1][0], run[n][1][1]) is True:
+                    n += 1
+                part, run = run[:n], run[n:]
+                try:
+                    self._fetch_run(page_size, part, sequential, claimed=bool(mine))
+                except BaseException:
+                    if mine:
+                        for _, (i, o, _), _ in part:
+                            disk.release_frame(i, o)
+                    raise
+        except BaseException as err:
+            for _, _, fut in run:
+                if not fut.done():
+                    fut.set_exception(err)
+            raise
+
+    def _frames_to_disk(self, info: FileInfo, data: memoryview, start: int,
+                        frames: list[tuple[int, int]], seeded: bool = False,
+                        claimed: bool = False) -> None:
+        """Frames (offset, size) of ``info`` lying in ``data`` (which begins at ``start``) to
+        the disk cache, by its background writer (which releases their claims once written).
+        Seeded frames (files that came whole, the snapshot's head) are written once per host:
+        not when the first is on disk already."""
+        disk = self.disk
+        assert disk is not None
+        if not frames:
+            return
+        if seeded:  # once per host: by the process that claims its first frame
+            if disk.known(info, frames[0][0]) or disk.claim_frame(info, frames[0][0]) is not True:
+                return
+        for i, (off, size) in enumerate(frames):
+            disk.put_frame(info, off, data[off - start:off - start + size],
+                           release=claimed or (seeded and i == 0))
