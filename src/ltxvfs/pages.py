@@ -54,6 +54,11 @@ MAX_TAIL = 4 * 1024 * 1024
 #: Files up to this size are read whole when their index is needed (one GET either way).
 WHOLE_FILE = 256 * 1024
 
+#: With a cache directory: the longest run whose frames are all claimed there before the GET and
+#: written there after it. Of a longer run (a scan's readahead: a file per frame would cost more
+#: than the GET, see docs/design.md) only the first frame is.
+_DISK_RUN = 8
+
 #: Bytes of the snapshot's head fetched at open, next to the page indexes.
 HEAD_PREFETCH = 256 * 1024
 
@@ -394,7 +399,7 @@ class PageStore:
         return run, sequential
 
     def _fetch_run(self, page_size: int, run: list[tuple[int, PageRef, Future[bytes]]],
-                   sequential: bool, claimed: bool = False) -> None:
+                   sequential: bool, claimed: int = 0) -> None:
         info = run[0][1][0]
         start = run[0][1][1]
         end = run[-1][1][1] + run[-1][1][2]
@@ -501,17 +506,19 @@ class PageStore:
                         fut.set_result(page)
                         run = run[1:]
                         continue
-                n = 1
-                while mine and n < len(run) and \
-                        disk.claim_frame(run[n][1][0], run[n][1][1]) is True:
-                    n += 1
-                part, run = run[:n], run[n:]
+                claimed, cut = (1 if mine else 0), len(run)
+                while mine and len(run) <= _DISK_RUN and claimed < len(run):
+                    took = disk.claim_frame(run[claimed][1][0], run[claimed][1][1])
+                    if took is not True:
+                        cut = claimed if took is False else cut
+                        break
+                    claimed += 1
+                part, run = run[:cut], run[cut:]
                 try:
-                    self._fetch_run(page_size, part, sequential, claimed=bool(mine))
+                    self._fetch_run(page_size, part, sequential, claimed=claimed)
                 except BaseException:
-                    if mine:
-                        for _, (i, o, _), _ in part:
-                            disk.release_frame(i, o)
+                    for _, (i, o, _), _ in part[:claimed]:
+                        disk.release_frame(i, o)
                     raise
         except BaseException as err:
             for _, _, fut in run:
@@ -521,7 +528,7 @@ class PageStore:
 
     def _frames_to_disk(self, info: FileInfo, data: memoryview, start: int,
                         frames: list[tuple[int, int]], seeded: bool = False,
-                        claimed: bool = False) -> None:
+                        claimed: int = 0) -> None:
         """Frames (offset, size) of ``info`` lying in ``data`` (which begins at ``start``) to
         the disk cache, by its background writer (which releases their claims once written).
         Seeded frames (files that came whole, the snapshot's head) are written once per host:
@@ -533,6 +540,9 @@ class PageStore:
         if seeded:  # once per host: by the process that claims its first frame
             if disk.known(info, frames[0][0]) or disk.claim_frame(info, frames[0][0]) is not True:
                 return
+        if seeded:
+            claimed = 1
+        elif len(frames) > _DISK_RUN:  # a scan's readahead: not worth a file per frame
+            frames = frames[:claimed]
         for i, (off, size) in enumerate(frames):
-            disk.put_frame(info, off, data[off - start:off - start + size],
-                           release=claimed or (seeded and i == 0))
+            disk.put_frame(info, off, data[off - start:off - start + size], release=i < claimed)

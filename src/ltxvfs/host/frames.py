@@ -81,8 +81,14 @@ class DiskCache:
         self._queued = 0
         self._busy = False
         self._thread: threading.Thread | None = None
-        self._pid = os.getpid()
         _live.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: the writer thread stayed in the parent, and its locks may be held."""
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._queue = deque()
+        self._queued, self._busy, self._thread = 0, False, None
 
     @classmethod
     def open(cls, cache_dir: str | os.PathLike[str], identity: str, limit: int) -> DiskCache:
@@ -162,7 +168,7 @@ class DiskCache:
 
     def get_or_fetch(self, kind: str, info: FileInfo, fetch: Callable[[], bytes]) -> bytes:
         """The ``kind`` entry of ``info`` from disk, else ``fetch()`` (once per host: other
-        processes wait for it) stored for the next process."""
+        processes wait for it) stored for the next process by the background writer."""
         key = self.key(kind, info)
         if key is None:
             return fetch()
@@ -176,10 +182,11 @@ class DiskCache:
                 return value
         try:
             value = fetch()
-            self._put(key, value)
-        finally:
+        except BaseException:
             if mine:
                 self._unclaim(key)
+            raise
+        self._enqueue(key, value, bool(mine))  # written (and the claim released) off this thread
         return value
 
     # --- the store itself -------------------------------------------------------------------------
@@ -305,11 +312,7 @@ class DiskCache:
                 self._unclaim(key)
             return
         with self._cond:
-            if self._pid != os.getpid():  # forked: the writer thread stayed in the parent
-                self._pid, self._thread = os.getpid(), None
-                self._queue.clear()
-                self._queued, self._busy = 0, False
-            if key and self._queued + len(value) > self.QUEUE_BYTES:
+            if key and self._queued and self._queued + len(value) > self.QUEUE_BYTES:
                 self.dropped += 1
                 if release:
                     self._unclaim(key)
@@ -347,8 +350,6 @@ class DiskCache:
         """Wait (bounded) until the queued entries are written; True if they are."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            if self._pid != os.getpid():
-                return True
             while self._queue or self._busy:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -434,6 +435,15 @@ class DiskCache:
 
 
 @atexit.register
-def _flush_all() -> None:
+def flush_all(timeout: float = 5.0) -> bool:
+    """Wait (bounded) until every cache of this process has written its queue (at exit too)."""
+    return all([cache.flush(timeout) for cache in list(_live)])
+
+
+def _after_fork() -> None:
     for cache in list(_live):
-        cache.flush(timeout=5.0)
+        cache._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
