@@ -342,3 +342,49 @@ def test_threads_and_one_wait(tmp_path):
     other.release_frame(_INFO, 0)
     t.join(30)
     assert got == [b"f" * 100] and disk.waits == 1
+
+
+def test_a_killed_fetchers_claim_does_not_hold_others_up(tmp_path, monkeypatch):
+    """A process killed between claiming and writing leaves its claim: once it is older than
+    STALE the next reader takes it over at once (no wait); a later scan removes leftovers."""
+    disk = DiskCache.open(tmp_path / "c", "r", 1 << 30)
+    assert disk.claim_frame(_INFO, 0) is True  # ... and the claimant dies
+    claim = Path(disk._path(disk.key("frame", _INFO, 0)) + entries.CLAIM_SUFFIX)
+    old = claim.stat().st_mtime - 2 * DiskCache.STALE
+    os.utime(claim, (old, old))
+    other = DiskCache.open(tmp_path / "c", "r", 1 << 30)
+    monkeypatch.setattr(DiskCache, "WAIT", 0.0)  # a wait would now give up and fetch
+    assert other.claim_frame(_INFO, 0) is True and other.waits == 0
+    other.release_frame(_INFO, 0)
+    stray = claim.parent / ("x" + entries.TMP_SUFFIX)
+    stray.write_bytes(b"half an entry")
+    leftover = claim.parent / ("y" + entries.CLAIM_SUFFIX)
+    leftover.write_bytes(b"")
+    ancient = old - 3600  # older than a scan's 60 * STALE
+    for f in (stray, leftover):
+        os.utime(f, (ancient, ancient))
+    other.evict()
+    assert not stray.exists() and not leftover.exists()
+
+
+def test_a_cache_dir_others_may_write_is_refused(s3_url, tmp_path, vfs):
+    build(s3_url, tmp_path)
+    cache = tmp_path / "shared"
+    cache.mkdir()
+    cache.chmod(0o777)
+    fresh(vfs)
+    with pytest.raises(apsw.CantOpenError, match="writable by other users"):
+        connect(s3_url, str(cache))
+
+
+def test_restarted_process_on_a_file_replica_reads_from_disk(file_url, tmp_path):
+    """file:// replicas: the identity is the inode and mtime; a restarted process makes no page
+    GET and reads the same rows."""
+    p = build(file_url, tmp_path)
+    cache = str(tmp_path / "cache")
+    first, = run_procs("spawn", 1, file_url, cache)
+    second, = run_procs("spawn", 1, file_url, cache)
+    assert first["rows"] == second["rows"] == expected(p)
+    assert first["stats"]["page_gets"] > 0
+    assert second["stats"]["page_gets"] == 0 and second["stats"]["bytes_fetched"] == 0
+    assert second["stats"]["disk_hits"] > 0

@@ -45,7 +45,8 @@ if workload == "scan":
 dt = time.perf_counter() - t0
 s = ltxvfs.stats(con)
 con.close()
-print(json.dumps({"s": dt, "requests": s["requests"], "disk_hits": s["disk_hits"], "disk": {k: v for k, v in s.items() if k.startswith("disk")}}))
+disk = {k: v for k, v in s.items() if k.startswith("disk")}
+print(json.dumps({"s": dt, "requests": s["requests"], "disk_hits": s["disk_hits"], "disk": disk}))
 """
 
 
@@ -86,7 +87,7 @@ def main() -> None:
                 rs.sort(key=lambda r: r["s"])
                 med = rs[len(rs) // 2]
                 print(f"{wl:10s} {mode:5s} {med['s'] * 1e3:8.1f} ms  GET {med['requests']['GET']:4d}"
-                      f"  LIST {med['requests']['LIST']}  disk hits {med['disk_hits']}  {med['disk'] if mode == 'cold' else ''}", flush=True)
+                      f"  LIST {med['requests']['LIST']}  disk hits {med['disk_hits']}", flush=True)
     finally:
         proxy.stop()
         stub.stop()

@@ -109,9 +109,9 @@ def emit(**kw) -> None:
 
 
 def open_cost(kind: str, path: str) -> None:
-    code = ("import time,sys; t=time.perf_counter(); sys.path.insert(0, %r); "
-            "import disk_cache_stores as m; s=m.make(%r, %r); s.get('x'); "
-            "print((time.perf_counter()-t)*1000)") % (os.path.dirname(__file__), kind, path)
+    code = (f"import time,sys; t=time.perf_counter(); sys.path.insert(0, {os.path.dirname(__file__)!r}); "
+            f"import disk_cache_stores as m; s=m.make({kind!r}, {path!r}); s.get('x'); "
+            "print((time.perf_counter()-t)*1000)")
     runs = [float(subprocess.check_output([sys.executable, "-c", code]).strip()) for _ in range(3)]
     emit(store=kind, what="import+open+1 get, fresh process (ms, best of 3)", value=round(min(runs), 1))
 

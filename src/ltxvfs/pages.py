@@ -29,6 +29,7 @@ from .errors import (
     TruncatedError,
 )
 from .gcpause import paused_gc
+from .host.pagestore import SharedFrames, index_bytes_via_disk, read_head, read_header
 from .ltx import (
     ESTIMATED_INDEX_TAIL,
     HEADER_SIZE,
@@ -53,11 +54,6 @@ MAX_TAIL = 4 * 1024 * 1024
 
 #: Files up to this size are read whole when their index is needed (one GET either way).
 WHOLE_FILE = 256 * 1024
-
-#: With a cache directory: the longest run whose frames are all claimed there before the GET and
-#: written there after it. Of a longer run (a scan's readahead: a file per frame would cost more
-#: than the GET, see docs/design.md) only the first frame is.
-_DISK_RUN = 8
 
 #: Bytes of the snapshot's head fetched at open, next to the page indexes.
 HEAD_PREFETCH = 256 * 1024
@@ -144,7 +140,7 @@ def fetch_file_index(client: ReplicaClient, info: FileInfo, want_header: bool = 
     if disk is None:
         start, tail, pages = _read_index_bytes(client, info)
     else:
-        start, tail, pages = _index_bytes_via_disk(client, info, disk)
+        start, tail, pages = index_bytes_via_disk(info, disk, lambda: _read_index_bytes(client, info))
     header = None
     if start == 0:
         whole = decode_file(tail, name=str(info))
@@ -152,7 +148,7 @@ def fetch_file_index(client: ReplicaClient, info: FileInfo, want_header: bool = 
             raise MalformedIndexError(f"{info}: page index does not match the page frames")
         return FileIndex(info, pages, whole.header, whole.pages, bytes(tail))
     if want_header:
-        header = Header.unpack(_read_header(client, info, disk))
+        header = Header.unpack(read_header(client, info, disk))
     return FileIndex(info, pages, header)
 
 
@@ -173,37 +169,6 @@ def _read_index_bytes(client: ReplicaClient, info: FileInfo
         return begin, more + tail, parse_page_index(more + tail, info.size, begin)
 
 
-# --- the host's cache directory (host/frames.py): small hooks, kept apart ---------------------
-
-
-def _index_bytes_via_disk(client: ReplicaClient, info: FileInfo, disk: DiskCache
-                          ) -> tuple[int, bytes, dict[int, tuple[int, int]]]:
-    """:func:`_read_index_bytes` through the disk cache (entry: offset u64 + the bytes)."""
-    fetched = []
-
-    def fetch() -> bytes:
-        start, tail, pages = _read_index_bytes(client, info)
-        fetched.append(pages)
-        return start.to_bytes(8, "big") + tail
-
-    value = disk.get_or_fetch("index", info, fetch)
-    start, tail = int.from_bytes(value[:8], "big"), value[8:]
-    return start, tail, fetched[0] if fetched else parse_page_index(tail, info.size, start)
-
-
-def _read_header(client: ReplicaClient, info: FileInfo, disk: DiskCache | None) -> bytes:
-    def fetch() -> bytes:
-        return client.read(info.level, info.min_txid, info.max_txid, 0, HEADER_SIZE)
-    return fetch() if disk is None else disk.get_or_fetch("header", info, fetch)
-
-
-def _read_head(client: ReplicaClient, info: FileInfo, size: int, disk: DiskCache | None
-               ) -> bytes:
-    def fetch() -> bytes:
-        return client.read(info.level, info.min_txid, info.max_txid, 0, size)
-    return fetch() if disk is None else disk.get_or_fetch("head", info, fetch)
-
-
 def fetch_indexes(client: ReplicaClient, files: Sequence[FileInfo], pool: ThreadPoolExecutor,
                   store: PageStore | None = None) -> list[FileIndex]:
     """Page indexes of ``files`` fetched in parallel; the last one always with its header (in
@@ -212,7 +177,7 @@ def fetch_indexes(client: ReplicaClient, files: Sequence[FileInfo], pool: Thread
     header = None
     disk = store.disk if store is not None else None
     if last.size > WHOLE_FILE:
-        header = pool.submit(_read_header, client, last, disk)
+        header = pool.submit(read_header, client, last, disk)
     futures = [pool.submit(fetch_file_index, client, f, False, disk) for f in files]
     indexes = [f.result() for f in futures]
     if header is not None:
@@ -234,7 +199,7 @@ def build_state(client: ReplicaClient, plan: Plan, pool: ThreadPoolExecutor,
     head = None
     if store is not None and first.size > WHOLE_FILE:
         size = min(HEAD_PREFETCH, first.size - tail_size(first.size))
-        head = pool.submit(_read_head, client, first, size, store.disk)
+        head = pool.submit(read_head, client, first, size, store.disk)
     indexes = fetch_indexes(client, plan.files, pool, store)
     if head is not None and store is not None:
         try:
@@ -278,8 +243,10 @@ def _key(ref: PageRef) -> tuple:
     return frame_key(ref[0], ref[1])
 
 
-class PageStore:
+class PageStore(SharedFrames):
     """Pages of one replica: cache + fetcher shared by every connection to it."""
+
+    _frame_key = staticmethod(frame_key)  # for SharedFrames (host/pagestore.py)
 
     #: Readahead grows (doubling) up to this many pages per GET while reads are sequential.
     MAX_READAHEAD_PAGES = 256
@@ -465,84 +432,3 @@ class PageStore:
             inside.append((off, size))
         if self.disk is not None and inside:
             self._frames_to_disk(info, view, 0, inside, seeded=True)
-
-    # --- the host's cache directory (host/frames.py) ---------------------------------------------
-
-    def _disk_page(self, ref: PageRef, pgno: int, page_size: int, wait: bool = False,
-                   recheck: bool = False) -> bytes | None:
-        """The page from the frame on disk (then cached in memory), or None. ``wait``: another
-        process claimed it, wait (bounded) for it to land."""
-        info, off, size = ref
-        assert self.disk is not None
-        frame = self.disk.wait_frame(info, off) if wait else \
-            self.disk.get_frame(info, off, count=not recheck)
-        if frame is None or len(frame) != size:
-            return None
-        try:
-            page = decode_page_frame(frame, page_size, pgno)
-        except LitestreamError:
-            return None
-        self._put(frame_key(info, off), page, frame, False)
-        return page
-
-    def _fetch_shared(self, page_size: int, run: list[tuple[int, PageRef, Future[bytes]]],
-                      sequential: bool) -> None:
-        """:meth:`_fetch_run` shared with the host's other processes: each frame of the run is
-        claimed in the cache directory before the GET (the run is cut at the first frame some
-        other process claimed), and its claim is released once the frame is on disk. A frame
-        claimed elsewhere is waited for on disk instead of fetched again."""
-        disk = self.disk
-        assert disk is not None
-        try:
-            while run:
-                pgno, (info, off, size), fut = run[0]
-                mine = disk.claim_frame(info, off)
-                if mine is not None:  # landed since we looked (claimed: look again)
-                    page = self._disk_page((info, off, size), pgno, page_size, wait=not mine,
-                                           recheck=mine)
-                    if page is not None:
-                        if mine:
-                            disk.release_frame(info, off)
-                        fut.set_result(page)
-                        run = run[1:]
-                        continue
-                claimed, cut = (1 if mine else 0), len(run)
-                while mine and len(run) <= _DISK_RUN and claimed < len(run):
-                    took = disk.claim_frame(run[claimed][1][0], run[claimed][1][1])
-                    if took is not True:
-                        cut = claimed if took is False else cut
-                        break
-                    claimed += 1
-                part, run = run[:cut], run[cut:]
-                try:
-                    self._fetch_run(page_size, part, sequential, claimed=claimed)
-                except BaseException:
-                    for _, (i, o, _), _ in part[:claimed]:
-                        disk.release_frame(i, o)
-                    raise
-        except BaseException as err:
-            for _, _, fut in run:
-                if not fut.done():
-                    fut.set_exception(err)
-            raise
-
-    def _frames_to_disk(self, info: FileInfo, data: memoryview, start: int,
-                        frames: list[tuple[int, int]], seeded: bool = False,
-                        claimed: int = 0) -> None:
-        """Frames (offset, size) of ``info`` lying in ``data`` (which begins at ``start``) to
-        the disk cache, by its background writer (which releases their claims once written).
-        Seeded frames (files that came whole, the snapshot's head) are written once per host:
-        not when the first is on disk already."""
-        disk = self.disk
-        assert disk is not None
-        if not frames:
-            return
-        if seeded:  # once per host: by the process that claims its first frame
-            if disk.known(info, frames[0][0]) or disk.claim_frame(info, frames[0][0]) is not True:
-                return
-        if seeded:
-            claimed = 1
-        elif len(frames) > _DISK_RUN:  # a scan's readahead: not worth a file per frame
-            frames = frames[:claimed]
-        for i, (off, size) in enumerate(frames):
-            disk.put_frame(info, off, data[off - start:off - start + size], release=i < claimed)
