@@ -12,6 +12,7 @@ import os
 import random
 import stat
 import threading
+import time
 from pathlib import Path
 
 import apsw
@@ -131,6 +132,10 @@ def test_eight_processes_fetch_what_one_does(s3_url, tmp_path, method):
     assert gets <= 1.2 * one["stats"]["requests"]["GET"], (gets, one["stats"]["requests"])
     assert fetched <= 1.2 * one["stats"]["bytes_fetched"], (fetched, one["stats"]["bytes_fetched"])
     assert sum(r["stats"]["disk_waits"] + r["stats"]["disk_hits"] for r in eight) > 0
+    # What they fetched is all on disk when they have exited (a forked child exits without
+    # running atexit): one more process makes no GET.
+    ninth, = run_procs(method, 1, s3_url, str(tmp_path / "shared"))
+    assert ninth["rows"] == want and ninth["stats"]["requests"]["GET"] == 0, ninth["stats"]
 
 
 def test_concurrent_writers_of_one_entry_leave_a_valid_entry(tmp_path):
@@ -388,3 +393,25 @@ def test_restarted_process_on_a_file_replica_reads_from_disk(file_url, tmp_path)
     assert first["stats"]["page_gets"] > 0
     assert second["stats"]["page_gets"] == 0 and second["stats"]["bytes_fetched"] == 0
     assert second["stats"]["disk_hits"] > 0
+
+
+def _put_and_exit(disk: DiskCache) -> None:
+    disk.put_frame(_INFO, 0, b"from the child" * 100)  # queued for the background writer
+
+
+def test_a_forked_child_writes_its_queue_before_it_exits(tmp_path, monkeypatch):
+    """multiprocessing's forked children end with os._exit (no atexit): what they queued must
+    still reach the disk."""
+    write = entries.write_atomic
+
+    def slow_disk(path, data):
+        time.sleep(0.3)  # a slow disk, not a wait: the child must not exit before this ends
+        write(path, data)
+
+    monkeypatch.setattr(entries, "write_atomic", slow_disk)
+    disk = DiskCache.open(tmp_path / "c", "r", 1 << 30)
+    proc = mp.get_context("fork").Process(target=_put_and_exit, args=(disk,))
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 0
+    assert disk.get_frame(_INFO, 0) == b"from the child" * 100

@@ -28,6 +28,7 @@ import atexit
 import errno
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
@@ -276,7 +277,8 @@ class DiskCache:
             pass
 
     def _wait(self, key: str) -> bytes | None:
-        """Wait (bounded) for another process's fetch of ``key``; None if it did not come."""
+        """Wait (bounded) for another process's fetch of ``key``; None if it did not come (the
+        look-up before counted the miss)."""
         self.waits += 1
         path = self._path(key)
         claim = path + entries.CLAIM_SUFFIX
@@ -287,9 +289,8 @@ class DiskCache:
             if value is not None or self.disabled:
                 return value
             if not os.path.exists(claim):  # released: the entry is there, or the fetch failed
-                return self._get(key)
+                return self._get(key, count=False)
             if time.monotonic() >= deadline:
-                self.misses += 1
                 return None
             time.sleep(delay)
             delay = min(delay * 2, 0.02)
@@ -443,6 +444,24 @@ def flush_all(timeout: float = 5.0) -> bool:
 def _after_fork() -> None:
     for cache in list(_live):
         cache._after_fork()
+    # multiprocessing's forked children end with os._exit, skipping atexit: flush in its exit
+    # hook instead. Its finalizers are cleared as the child starts, so register once it ran.
+    mp_util = sys.modules.get("multiprocessing.util")
+    if mp_util is not None:
+        mp_util.register_after_fork(_FORK_TOKEN, _flush_at_child_exit)
+
+
+class _Token:
+    pass
+
+
+_FORK_TOKEN = _Token()
+
+
+def _flush_at_child_exit(_: object) -> None:
+    import multiprocessing.util as mp_util
+
+    mp_util.Finalize(None, flush_all, exitpriority=10)
 
 
 if hasattr(os, "register_at_fork"):
