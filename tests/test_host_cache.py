@@ -97,6 +97,12 @@ def run_procs(method: str, n: int, url: str, cache_dir: str, keys=KEYS, **kw) ->
     return results
 
 
+def another_process(disk: DiskCache) -> DiskCache:
+    """What another process would open on the same directory (DiskCache.open gives this
+    process's one instance)."""
+    return DiskCache(Path(disk.root), disk.identity, disk.limit)
+
+
 def entry_files(cache_dir: Path) -> list[Path]:
     return [p for p in cache_dir.rglob("*") if p.is_file() and "frames" in p.parts]
 
@@ -222,8 +228,9 @@ def test_torn_and_foreign_entries_are_ignored_and_removed(s3_url, tmp_path, vfs)
     assert st["disk_rejected"] >= 10  # every entry this run read (not all of them: seeded ones)
     assert st["disk_hits"] == 0
     # What was damaged was removed and written again whole: a third run is served from disk.
-    rows, st = in_process(s3_url, str(cache), vfs)
-    assert rows == expected(p) and st["disk_rejected"] == 0 and st["requests"]["GET"] == 0
+    rows, again = in_process(s3_url, str(cache), vfs)
+    assert rows == expected(p) and again["requests"]["GET"] == 0
+    assert again["disk_rejected"] == st["disk_rejected"]  # (disk counters are per process)
 
 
 def test_entry_format_detects_damage():
@@ -335,10 +342,17 @@ def test_two_hosts_do_not_share(s3_url, tmp_path, vfs):
     assert rows_a2 == expected(p) and a2["requests"]["GET"] == 0
 
 
-def test_threads_and_one_wait(tmp_path):
+def test_one_instance_per_replica_and_process(tmp_path):
+    """Reopening a replica (after its linger) reuses the process's cache: one writer thread."""
+    a = DiskCache.open(tmp_path / "c", "r", 1 << 30)
+    assert DiskCache.open(tmp_path / "c", "r", 1 << 20) is a and a.limit == 1 << 20
+    assert DiskCache.open(tmp_path / "c", "other", 1 << 30) is not a
+
+
+def test_a_claimed_entry_is_waited_for(tmp_path):
     """A claim held by another process: a reader waits for the entry instead of fetching."""
     disk = DiskCache.open(tmp_path / "c", "r", 1 << 30)
-    other = DiskCache.open(tmp_path / "c", "r", 1 << 30)
+    other = another_process(disk)
     assert other.claim_frame(_INFO, 0) is True
     got = []
     t = threading.Thread(target=lambda: got.append(disk.wait_frame(_INFO, 0)))
@@ -357,7 +371,7 @@ def test_a_killed_fetchers_claim_does_not_hold_others_up(tmp_path, monkeypatch):
     claim = Path(disk._path(disk.key("frame", _INFO, 0)) + entries.CLAIM_SUFFIX)
     old = claim.stat().st_mtime - 2 * DiskCache.STALE
     os.utime(claim, (old, old))
-    other = DiskCache.open(tmp_path / "c", "r", 1 << 30)
+    other = another_process(disk)
     monkeypatch.setattr(DiskCache, "WAIT", 0.0)  # a wait would now give up and fetch
     assert other.claim_frame(_INFO, 0) is True and other.waits == 0
     other.release_frame(_INFO, 0)

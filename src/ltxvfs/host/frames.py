@@ -46,6 +46,8 @@ log = logging.getLogger("ltxvfs.host")
 SUBDIR = "frames"
 
 _live: weakref.WeakSet[DiskCache] = weakref.WeakSet()
+_by_root: dict[str, DiskCache] = {}
+_open_lock = threading.Lock()
 
 
 def file_identity(info: FileInfo) -> str | None:
@@ -104,7 +106,12 @@ class DiskCache:
             log.warning("cache_dir %s unusable (%s): going on without the disk cache",
                         cache_dir, exc.strerror or exc)
             return cls(None, identity, limit, disabled=f"cannot create: {exc.strerror or exc}")
-        return cls(root, identity, limit)
+        with _open_lock:  # one per replica and process: one writer thread, however many opens
+            cache = _by_root.get(str(root))
+            if cache is None or cache.disabled or cache.identity != identity:
+                cache = _by_root[str(root)] = cls(root, identity, limit)
+            cache.limit = limit
+            return cache
 
     # --- keys and paths ---------------------------------------------------------------------------
 
