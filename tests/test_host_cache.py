@@ -429,3 +429,24 @@ def test_a_forked_child_writes_its_queue_before_it_exits(tmp_path, monkeypatch):
     proc.join(60)
     assert proc.exitcode == 0
     assert disk.get_frame(_INFO, 0) == b"from the child" * 100
+
+
+def test_a_follower_shares_new_commits_through_the_cache(s3_url, tmp_path, vfs):
+    """A follower polls new L0 files in; their indexes and pages go to the cache, so the next
+    process opens at the new state with 0 GETs; and the new rows are the ones it reads."""
+    p = build(s3_url, tmp_path)
+    cache = str(tmp_path / "cache")
+    fresh(vfs)
+    con = connect(s3_url, cache)
+    assert look(con, KEYS[:5]) == expected(p, KEYS[:5])
+    with open_replica(s3_url) as client:
+        p.client = client
+        p.commit(f"UPDATE t SET v = 'new' || id WHERE id IN ({','.join(map(str, KEYS[:5]))})")
+    vfs.replicas()[0].poll()
+    assert look(con, KEYS[:5]) == expected(p, KEYS[:5]) == [[[k, f"new{k}"]] for k in KEYS[:5]]
+    con.close()
+    fresh(vfs)
+    assert flush_all(30)
+    later, = run_procs("spawn", 1, s3_url, cache, keys=KEYS[:5])
+    assert later["rows"] == expected(p, KEYS[:5])
+    assert later["stats"]["requests"]["GET"] == 0, later["stats"]["requests"]

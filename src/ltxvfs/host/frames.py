@@ -11,9 +11,9 @@ Policy:
 * **One fetch per host.** Before a GET, a process creates ``<entry>.claim`` (O_EXCL); a process
   that finds the claim waits (up to :attr:`DiskCache.WAIT` seconds) for the entry instead of
   fetching it too. A claim left by a killed process is stale after :attr:`DiskCache.STALE`.
-* **Off the read path.** The frame a reader waits for is written at once (other processes may be
-  waiting for it); the rest of a readahead run and seeded frames are written by a background
-  thread through a queue bounded in bytes (full: dropped, it is only a cache).
+* **Off the read path.** Entries are written by a background thread through a queue bounded in
+  bytes (full: dropped, it is only a cache); claimed entries go first (other processes may be
+  waiting for them), and their claims are released once they are written.
 * **Bounded.** A process that has written ``limit / 8`` bytes since its last scan scans the
   directory and removes the least recently used entries (hits touch the mtime) down to 3/4 of
   ``limit``; stray temp files and stale claims go too. The directory stays under ``limit`` plus
@@ -325,7 +325,10 @@ class DiskCache:
                 if release:
                     self._unclaim(key)
                 return
-            self._queue.append((key, value, release))
+            if release:  # claimed: other processes may be waiting for this one
+                self._queue.appendleft((key, value, release))
+            else:
+                self._queue.append((key, value, release))
             self._queued += len(value)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._writer, name="ltxvfs-cache-dir",
