@@ -450,3 +450,15 @@ def test_a_follower_shares_new_commits_through_the_cache(s3_url, tmp_path, vfs):
     later, = run_procs("spawn", 1, s3_url, cache, keys=KEYS[:5])
     assert later["rows"] == expected(p, KEYS[:5])
     assert later["stats"]["requests"]["GET"] == 0, later["stats"]["requests"]
+
+
+def test_a_link_in_place_of_an_entry_is_not_followed(tmp_path):
+    disk = DiskCache.open(tmp_path / "c", "r", 1 << 30)
+    disk.put_frame(_INFO, 0, b"real", now=True)
+    path = Path(disk._path(disk.key("frame", _INFO, 0)))
+    target = tmp_path / "elsewhere"
+    target.write_bytes(path.read_bytes())  # a whole, valid entry — but reached through a link
+    path.unlink()
+    path.symlink_to(target)
+    assert disk.get_frame(_INFO, 0) is None and disk.rejected == 1 and not disk.disabled
+    assert not path.is_symlink() and target.exists()
