@@ -23,6 +23,7 @@ import apsw
 
 from .errors import ConflictError, LitestreamError, LTXError, ObjectNotFoundError, StorageError
 from .follow import Replica
+from .host.frames import DiskCache
 from .locks import NONE, RESERVED, SHARED
 from .pages import DatabaseState, PageNotFoundError
 from .pragmas import PragmaError, format_time, handle_pragma
@@ -407,6 +408,7 @@ class LitestreamFile:
             "hydration_file_reads": hydrator.file_reads if hydrator else 0,
             "hydration_takeovers": hydrator.takeovers if hydrator else 0,
             "requests": requests.snapshot() if requests is not None else {},
+            **(store.disk.stats() if store.disk is not None else DiskCache.off_stats()),
         }
 
     def sync_error(self) -> str:

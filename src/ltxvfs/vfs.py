@@ -36,6 +36,7 @@ from .config import (
 from .dbfile import LitestreamFile
 from .errors import ConflictError, LitestreamError, TxNotAvailableError
 from .follow import Replica
+from .host.frames import DiskCache
 from .hydrate import PARALLEL as HYDRATION_PARALLEL
 from .hydrate import Hydrator
 from .jobs import JOB_THREADS, POOL_THREADS, Scheduler
@@ -247,7 +248,9 @@ class LitestreamVFS(apsw.VFS):
             if isinstance(client, FileReplicaClient) and not cfg.write_enabled:
                 client.check()  # a mistyped directory fails now, not after open_timeout
             deadline = time.monotonic() + cfg.open_timeout
-            store = PageStore(client, cfg.cache_size)
+            disk = DiskCache.open(cfg.cache_dir, client.identity, cfg.cache_dir_size) \
+                if cfg.cache_dir else None
+            store = PageStore(client, cfg.cache_size, disk)
             while True:
                 try:
                     state = state_at(client, self.pool, store)
