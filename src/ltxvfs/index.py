@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import operator
 import sys
+import threading
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator, Mapping, Sequence
@@ -49,8 +50,8 @@ PageRef = tuple[FileInfo, int, int]
 #: that, importing it costs more than it saves. Tests switch numpy off with ``numpy_enabled``.
 NUMPY_MIN_BYTES = 512 * 1024
 numpy_enabled = True
-#: Bytes of varints decoded per numpy pass (temporaries stay in the CPU cache).
-_CHUNK = 256 * 1024
+#: Bytes of varints decoded per numpy pass (temporaries stay in the CPU caches).
+_CHUNK = 128 * 1024
 #: Files with at most this many pages become dict layers (fast lookups, ~170 B per page).
 SMALL_FILE = 2048
 #: Overlays are compacted into one dense layer beyond max(COMPACT_MIN, base pages // COMPACT_RATIO).
@@ -62,21 +63,36 @@ MAX_LAYERS = 24
 _INF = 1 << 63
 
 
+#: A plan whose first file (its snapshot) is at least this large starts importing numpy in the
+#: background at once (~50-200 ms): its index is likely large, and the import overlaps its GETs.
+NUMPY_PREFETCH_FILE = 64 * 1024 * 1024
+_prefetched = False
+
+
+def prefetch_numpy() -> None:
+    """Start importing numpy in a background thread (if enabled and not imported yet)."""
+    global _prefetched
+    if numpy_enabled and not _prefetched and "numpy" not in sys.modules:
+        _prefetched = True
+        threading.Thread(target=_import_numpy, name="ltxvfs-numpy", daemon=True).start()
+
+
+def _import_numpy() -> Any:
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return numpy
+
+
 def _numpy(nbytes: int) -> Any:
-    """numpy if it is enabled, installed, and pays for itself at this size; else None."""
+    """numpy if it is enabled, installed, and pays for itself at this size; else None. (While
+    a background import runs, ``import`` waits for it.)"""
     if not numpy_enabled:
         return None
-    np = sys.modules.get("numpy")
-    if np is None:
-        if nbytes < NUMPY_MIN_BYTES:
-            return None
-        try:
-            import numpy as np
-        except ImportError:
-            return None
-    elif nbytes < 16 * 1024:
-        return None
-    return np
+    if "numpy" in sys.modules or _prefetched:
+        return _import_numpy() if nbytes >= 16 * 1024 else None
+    return _import_numpy() if nbytes >= NUMPY_MIN_BYTES else None
 
 
 def _code(maximum: int, small: str = "I") -> str:
@@ -358,14 +374,15 @@ def _varints(np: Any, a: Any, ends: Any) -> Any:
     starts[0] = 0
     starts[1:] = ends[:-1] + 1
     lens = ends - starts
-    if int(lens.max()) > 6:
+    longest = int(lens.max())
+    if longest > 6:
         return None
     pad = np.zeros(len(a) + 8, np.uint8)
     pad[:len(a)] = a
     w = np.ndarray((len(a),), "<u8", buffer=pad, strides=(1,))[starts]
     w &= (u64(1) << (u64(8) * (lens.astype(u64) + u64(1)))) - u64(1)
     r = w & u64(0x7F)
-    for k in range(1, 7):
+    for k in range(1, longest + 1):
         r |= (w >> u64(k)) & u64(0x7F << (7 * k))
     return r
 

@@ -27,7 +27,15 @@ from .errors import (
     PageNotFoundError,
     TruncatedError,
 )
-from .index import FilePages, PageRef, StateIndex, parse_file_pages
+from .index import (
+    NUMPY_MIN_BYTES,
+    NUMPY_PREFETCH_FILE,
+    FilePages,
+    PageRef,
+    StateIndex,
+    parse_file_pages,
+    prefetch_numpy,
+)
 from .ltx import (
     ESTIMATED_INDEX_TAIL,
     HEADER_SIZE,
@@ -135,6 +143,8 @@ def fetch_file_index(client: ReplicaClient, info: FileInfo, want_header: bool = 
         pages = parse_file_pages(pieces, info.size, start)
     except TruncatedError:
         begin = page_index_start(pieces[-1], info.size)
+        if info.size - begin >= NUMPY_MIN_BYTES:
+            prefetch_numpy()  # imported while the rest of the index arrives
         pages = parse_file_pages(read_ranges(client, info, begin, start) + pieces, info.size,
                                  begin)
     header = None
@@ -195,6 +205,8 @@ def build_state(client: ReplicaClient, plan: Plan, pool: ThreadPoolExecutor,
     first query walks through — are then already in the cache.
     """
     first = plan.files[0]
+    if first.size >= NUMPY_PREFETCH_FILE:
+        prefetch_numpy()  # a large index is coming: numpy decodes it (the import overlaps GETs)
     head = None
     if store is not None and first.size > WHOLE_FILE:
         size = min(HEAD_PREFETCH, first.size - tail_size(first.size))
