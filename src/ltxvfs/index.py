@@ -288,10 +288,23 @@ def _cut(pieces: list[bytes | memoryview], start: int, stop: int) -> list[memory
 def _decode_numpy(np: Any, bufs: list[bytes | memoryview], frames_end: int, max_frame: int
                   ) -> FilePages | None:
     """The index decoded in chunks with numpy, or None when anything is unusual (the pure path
-    then decides, and raises the exact error)."""
+    then decides, and raises the exact error). A run of pages with frames back to back (a
+    snapshot) keeps only the frame boundaries as it goes; anything else is decoded again keeping
+    every column."""
+    pages = _numpy_pass(np, bufs, frames_end, max_frame, run=True)
+    if pages is _NOT_A_RUN:
+        pages = _numpy_pass(np, bufs, frames_end, max_frame, run=False)
+    assert pages is not _NOT_A_RUN
+    return pages  # type: ignore[return-value]
+
+
+_NOT_A_RUN: Any = object()
+
+
+def _chunks(np: Any, bufs: list[bytes | memoryview]) -> Iterator[Any]:
+    """The varints of ``bufs`` as uint64 arrays of whole (pgno, offset, size) triples, then the
+    rest (the terminator); None when a varint is too long for the vectorised decoder."""
     u64 = np.uint64
-    off_t = np.uint32 if frames_end < 1 << 32 else np.uint64
-    pgs, offs, sizes = [], [], []
     carry = np.zeros(0, u64)
     rest = b""
     for buf in bufs:
@@ -303,59 +316,82 @@ def _decode_numpy(np: Any, bufs: list[bytes | memoryview], frames_end: int, max_
             if not len(ends):
                 rest = chunk
                 if len(rest) > 16:
-                    return None
+                    yield None
+                    return
                 continue
             cut = int(ends[-1]) + 1
             values = _varints(np, a[:cut], ends)
             if values is None:
-                return None
+                yield None
+                return
             rest = bytes(chunk[cut:]) if cut < len(chunk) else b""
             if len(carry):
                 values = np.concatenate((carry, values))
             k = len(values) // 3 * 3
-            tri = values[:k].reshape(-1, 3)
             carry = values[k:]
             if k:
-                if int(tri[:, 0].max()) >= 1 << 32:
-                    return None
-                pgs.append(tri[:, 0].astype(np.uint32))
-                offs.append(tri[:, 1].astype(off_t) if int(tri[:, 1].max()) <= frames_end
-                            else None)
-                sizes.append(tri[:, 2].astype(np.uint32) if int(tri[:, 2].max()) <= max_frame
-                             else None)
-                if offs[-1] is None or sizes[-1] is None:
-                    return None
-    if rest or len(carry) != 1 or int(carry[0]) != 0:
-        return None
-    if not pgs:
+                yield values[:k].reshape(-1, 3)
+    yield None if rest else carry
+
+
+def _numpy_pass(np: Any, bufs: list[bytes | memoryview], frames_end: int, max_frame: int,
+                run: bool) -> Any:
+    off_code = "I" if frames_end < 1 << 32 else "Q"
+    off_t = np.dtype(off_code)
+    offs, pgnos, sizes = array(off_code), array("I"), array("I")
+    n = first = skip = last_pg = 0
+    end = -1  # where the previous frame ended
+    for tri in _chunks(np, bufs):
+        if tri is None or tri.ndim == 1:  # the end: exactly one value left, the terminator 0
+            if tri is None or len(tri) != 1 or int(tri[0]) != 0:
+                return None
+            break
+        pg, off, sz = tri[:, 0], tri[:, 1], tri[:, 2]
+        stop = off + sz
+        if (int(pg[0]) < 1 or (n and int(pg[0]) <= last_pg) or not bool((pg[1:] > pg[:-1]).all())
+                or int(pg[-1]) >= 1 << 32 or int(off.min()) < HEADER_SIZE
+                or int(sz.min()) <= PAGE_HEADER_SIZE or int(sz.max()) > max_frame
+                or int(stop.max()) > frames_end):
+            return None
+        if run:
+            if (n and int(off[0]) != end) or not bool((off[1:] == stop[:-1]).all()):
+                return _NOT_A_RUN
+            if not n:
+                first = int(pg[0])
+            dd = np.diff(pg, prepend=np.uint64(last_pg if n else first - 1))
+            gaps = np.flatnonzero(dd != 1)
+            if len(gaps):
+                if skip or len(gaps) > 1 or int(dd[gaps[0]]) != 2:
+                    return _NOT_A_RUN
+                skip = int(pg[gaps[0]]) - 1
+        else:
+            pgnos.frombytes(pg.astype(np.uint32).tobytes())
+            sizes.frombytes(sz.astype(np.uint32).tobytes())
+        offs.frombytes(off.astype(off_t).tobytes())
+        n += len(pg)
+        last_pg, end = int(pg[-1]), int(stop[-1])
+    if not n:
         return FilePages(0, 1, 0, None, array("I", [0]), None)
-    pg = np.concatenate(pgs)
-    del pgs
-    off = np.concatenate(offs)
-    del offs
-    sz = np.concatenate(sizes)
-    del sizes
-    n = len(pg)
-    if int(pg[0]) < 1 or (n > 1 and not bool((pg[1:] > pg[:-1]).all())):
-        return None
-    end = off.astype(u64) + sz
-    if int(off.min()) < HEADER_SIZE or int(sz.min()) <= PAGE_HEADER_SIZE or int(end.max()) > frames_end:
-        return None
-    first, last = int(pg[0]), int(pg[-1])
-    gap = last - first + 1 - n
-    pgnos: array | None = None
-    skip = 0
+    if run:
+        offs.append(end)
+        return FilePages(n, first, skip, None, offs, None)
+    vp = np.frombuffer(memoryview(pgnos), np.uint32)
+    vo = np.frombuffer(memoryview(offs), off_t)
+    vs = np.frombuffer(memoryview(sizes), np.uint32)
+    first = int(vp[0])
+    gap = int(vp[-1]) - first + 1 - n
+    keep: array | None = pgnos
     if gap == 1:
-        skip = first + int(np.argmax(pg[1:] - pg[:-1] == 2)) + 1
-    elif gap:
-        pgnos = _to_array(np, pg, "I")
-    del pg
-    if n == 1 or bool((off[1:] == end[:-1]).all()):
-        bounds = _to_array(np, off, "I" if off_t is np.uint32 else "Q")
-        bounds.append(int(end[-1]))
-        return FilePages(n, first, skip, pgnos, bounds, None)
-    return FilePages(n, first, skip, pgnos, _to_array(np, off, "I" if off_t is np.uint32 else "Q"),
-                     _to_array(np, sz, "I"))
+        skip = first + int(np.argmax(vp[1:] - vp[:-1] == 2)) + 1
+        keep = None
+    elif gap == 0:
+        keep = None
+    contiguous = bool((vo[1:] == (vo[:-1] + vs[:-1])).all())
+    del vp, vo, vs
+    if contiguous:
+        offs.append(end)
+        return FilePages(n, first, skip, keep, offs, None)
+    return FilePages(n, first, skip, keep, offs, sizes)
 
 
 def _to_array(np: Any, a: Any, code: str) -> array:
