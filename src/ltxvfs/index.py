@@ -221,10 +221,11 @@ class FilePages(Mapping[int, tuple[int, int]]):
         return chain(range(first, skip), range(skip + 1, first + n + 1))
 
     def items(self, cut: int = _INF) -> Iterator[tuple[int, tuple[int, int]]]:  # type: ignore[override]
-        k = self.count_upto(cut)
+        k = self.count_upto(cut)  # (iterators, not slices: a caller may stop early)
         offs = self.offs
-        sizes = self.sizes if self.sizes is not None else map(operator.sub, offs[1:k + 1], offs[:k])
-        return zip(islice(iter(self), k), zip(offs[:k], sizes, strict=False), strict=False)
+        sizes = self.sizes if self.sizes is not None else \
+            map(operator.sub, islice(offs, 1, k + 1), offs)
+        return zip(islice(iter(self), k), zip(offs, sizes, strict=False), strict=False)
 
     def nbytes(self) -> int:
         return sum(a.itemsize * len(a) for a in (self.pgnos, self.offs, self.sizes)
