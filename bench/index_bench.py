@@ -121,9 +121,11 @@ def decode(pages: list[int]) -> None:
 # --- open -> first row -----------------------------------------------------------------------
 
 
-def make_replica(root: Path, n: int) -> Path:
-    """A file:// replica with one snapshot of ``n`` pages (a real small database first)."""
-    done = root / f"replica-{n}" / "done"
+def make_replica(root: Path, n: int, rows: int = 5000) -> Path:
+    """A file:// replica with one snapshot of ``n`` pages (a real database of ``rows`` rows of
+    ~210 bytes first; ``n`` 0: that database alone)."""
+    name = f"replica-{n}" if rows == 5000 else f"replica-{n}-{rows}"
+    done = root / name / "done"
     if done.exists():
         return done.parent
     from ltxvfs.ltx import Encoder, Header
@@ -132,13 +134,15 @@ def make_replica(root: Path, n: int) -> Path:
     con = sqlite3.connect(db)
     con.execute("PRAGMA page_size = 4096")
     con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
-    con.executemany("INSERT INTO t(v) VALUES (?)", [(f"row {i} " + "x" * 200,) for i in range(5000)])
+    con.executemany("INSERT INTO t(v) VALUES (?)",
+                    [(f"row {i} " + os.urandom(100).hex(),) for i in range(rows)])
     con.commit()
     con.close()
     data = db.read_bytes()
     real = len(data) // 4096
+    n = max(n, real)
     lock = ltx.lock_pgno(4096)
-    level = root / f"replica-{n}" / "ltx" / "9"
+    level = root / name / "ltx" / "9"
     level.mkdir(parents=True, exist_ok=True)
     path = level / "0000000000000001-0000000000000001.ltx"
     t = time.perf_counter()
@@ -194,7 +198,7 @@ print(json.dumps({"seconds": dt, "rss_mb": (r1 - r0) / 2**20,
 
 def open_first_row(args: argparse.Namespace) -> None:
     for n in args.pages:
-        replica = make_replica(args.data_dir, n)
+        replica = make_replica(args.data_dir, n, args.rows)
         for src in args.src:
             for latency in args.latency_ms:
                 runs = []
@@ -208,8 +212,8 @@ def open_first_row(args: argparse.Namespace) -> None:
                     runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
                 runs.sort(key=lambda r: r["seconds"])
                 med = runs[len(runs) // 2]
-                print(f"{n:>10,} pages  {src:28}  {latency:4.0f} ms/request  open -> first row "
-                      f"{med['seconds']:.3f} s (min {runs[0]['seconds']:.3f})  RSS +"
+                print(f"{n:>10,} pages  {args.rows:>7} rows  {src:28}  {latency:4.0f} ms/request"
+                      f"  open -> first row {med['seconds']:.3f} s (min {runs[0]['seconds']:.3f})  RSS +"
                       f"{med['rss_mb']:.0f} MiB  numpy={'yes' if med['numpy'] else 'no'}")
 
 
@@ -221,6 +225,8 @@ def main() -> None:
     ap.add_argument("--src", nargs="+", default=[str(HERE.parent / "src")])
     ap.add_argument("--data-dir", type=Path, default=Path("/tmp/ltxvfs-index-bench"))
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--rows", type=int, default=5000,
+                    help="rows of the real database at the start of the snapshot (open)")
     args = ap.parse_args()
     args.data_dir.mkdir(parents=True, exist_ok=True)
     if args.what == "decode":
