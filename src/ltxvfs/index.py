@@ -437,9 +437,18 @@ class _FileLayer:
 
     def ref(self, pgno: int) -> PageRef | None:
         pages = self.pages
-        i = pages.position(pgno)
-        if i < 0:
-            return None
+        if pages.pgnos is None:  # (FilePages.position, inlined: the read path's lookup)
+            i = pgno - pages.first
+            if pages.skip and pgno >= pages.skip:
+                if pgno == pages.skip:
+                    return None
+                i -= 1
+            if not 0 <= i < pages.n:
+                return None
+        else:
+            i = pages.position(pgno)
+            if i < 0:
+                return None
         offs = pages.offs
         off = offs[i]
         return (self.info, off, offs[i + 1] - off if pages.sizes is None else pages.sizes[i])
