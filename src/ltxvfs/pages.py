@@ -138,7 +138,7 @@ def fetch_file_index(client: ReplicaClient, info: FileInfo, want_header: bool = 
     GETs). A file up to ``WHOLE_FILE`` bytes comes whole in one GET (header, pages and all:
     verified, and its pages cached), since a few more KiB cost no extra round trip."""
     start = 0 if info.size <= WHOLE_FILE else info.size - tail_size(info.size)
-    pieces = read_ranges(client, info, start, info.size)
+    pieces = read_ranges(client, info, start, info.size, whole=start == 0)
     try:
         pages = parse_file_pages(pieces, info.size, start)
     except TruncatedError:
@@ -159,11 +159,13 @@ def fetch_file_index(client: ReplicaClient, info: FileInfo, want_header: bool = 
     return FileIndex(info, pages, header)
 
 
-def read_ranges(client: ReplicaClient, info: FileInfo, start: int, end: int) -> list[bytes]:
-    """The bytes ``[start, end)`` of ``info``: one GET, or parallel ranged GETs of at least
-    ``INDEX_PART`` bytes for a large range (an index of millions of pages is tens of MB)."""
+def read_ranges(client: ReplicaClient, info: FileInfo, start: int, end: int, whole: bool = False
+                ) -> list[bytes]:
+    """The bytes ``[start, end)`` of ``info``: one GET (always when ``whole``), or parallel
+    ranged GETs of at least ``INDEX_PART`` bytes for a large range (an index of millions of
+    pages is tens of MB)."""
     n = end - start
-    part = max(INDEX_PART, -(-n // INDEX_PARALLEL))
+    part = max(n, 1) if whole else max(INDEX_PART, -(-n // INDEX_PARALLEL))
     ranges = [(lo, min(lo + part, end)) for lo in range(start, end, part)] or [(start, end)]
 
     def read(lo: int, hi: int) -> bytes:
