@@ -34,6 +34,7 @@ def mode(request, monkeypatch):
         monkeypatch.setattr(ix, "_CHUNK", 37)  # chunk ends inside varints, entries, runs
     else:
         monkeypatch.setattr(ix, "numpy_enabled", False)
+        monkeypatch.setattr(ix, "_PURE_CHUNK", 41)  # chunked from 41 bytes on
     return request.param
 
 
@@ -86,6 +87,7 @@ def _same_outcome(data, file_size, page_size=None):
 def test_decoding_equals_the_codec(mode, monkeypatch, seed, n, kind):
     rnd = random.Random(seed)
     monkeypatch.setattr(ix, "_CHUNK", rnd.choice([3, 5, 37, 128, 1 << 17]))
+    monkeypatch.setattr(ix, "_PURE_CHUNK", rnd.choice([3, 5, 37, 128, 1 << 20]))
     first = rnd.randrange(1, 50)
     if kind == "dense":
         pgnos = list(range(first, first + n))

@@ -24,6 +24,7 @@ one, so a malformed index raises the same error with the same message either way
 from __future__ import annotations
 
 import operator
+import re
 import sys
 import threading
 from array import array
@@ -32,7 +33,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from itertools import chain, islice
 from typing import Any
 
-from .errors import TruncatedError
+from .errors import MalformedIndexError, TruncatedError
 from .gcpause import paused_gc
 from .ltx.format import (
     HEADER_SIZE,
@@ -143,7 +144,8 @@ class FilePages(Mapping[int, tuple[int, int]]):
             skip = first + lo
         elif gap:
             pg = array(_code(last), pgnos)
-        contiguous = list(map(operator.add, offsets[:-1], sizes[:-1])) == list(offsets[1:])
+        contiguous = all(map(operator.eq, map(operator.add, islice(offsets, n - 1), sizes),
+                             islice(offsets, 1, None)))
         end = offsets[-1] + sizes[-1]
         if contiguous:
             offs = array(_code(end), offsets)
@@ -256,8 +258,55 @@ def parse_file_pages(data: bytes | memoryview | Sequence[bytes | memoryview], fi
         if pages is not None:
             return pages
     with paused_gc():
+        if stop - start > _PURE_CHUNK:
+            pages = _decode_pure(bufs, frames_end, max_frame)
+            if pages is not None:
+                return pages
         joined = bufs[0] if len(bufs) == 1 else b"".join(bufs)
         return FilePages.from_columns(*check_entries(uvarints(bytes(joined)), frames_end, max_frame))
+
+
+#: Bytes of varints decoded per pass in pure Python (a list of ints costs ~36 B per value).
+_PURE_CHUNK = 1024 * 1024
+_LAST_VARINT = re.compile(rb"[\x00-\x7f][\x80-\xff]*\Z")
+
+
+def _decode_pure(bufs: list[bytes | memoryview], frames_end: int, max_frame: int
+                 ) -> FilePages | None:
+    """A large index decoded in pure Python chunk by chunk (memory: the columns, not a list of
+    every varint), or None when anything is unusual (the whole-index path raises the error)."""
+    pg, off, sz = array("Q"), array("Q"), array("Q")
+    carry: list[int] = []
+    rest = b""
+    try:
+        for buf in bufs:
+            mv = memoryview(buf)
+            for lo in range(0, len(mv), _PURE_CHUNK):
+                chunk = rest + bytes(mv[lo:lo + _PURE_CHUNK])
+                m = _LAST_VARINT.search(chunk)
+                if m is None:
+                    rest = chunk
+                    if len(rest) > 16:
+                        return None
+                    continue
+                cut = m.start() + 1
+                values = carry + uvarints(chunk[:cut])
+                rest = chunk[cut:]
+                k = len(values) // 3 * 3
+                carry = values[k:]
+                p, o, z = values[0:k:3], values[1:k:3], values[2:k:3]
+                if p and (p[0] <= (pg[-1] if pg else 0) or not all(map(operator.lt, p, p[1:]))
+                          or min(o) < HEADER_SIZE or min(z) <= PAGE_HEADER_SIZE
+                          or max(z) > max_frame or max(map(operator.add, o, z)) > frames_end):
+                    return None
+                pg.extend(p)
+                off.extend(o)
+                sz.extend(z)
+    except (MalformedIndexError, OverflowError):
+        return None
+    if rest or carry != [0]:
+        return None
+    return FilePages.from_columns(pg, off, sz)
 
 
 def _span(pieces: list[bytes | memoryview], file_size: int, data_offset: int,
