@@ -415,3 +415,47 @@ def test_reads_through_the_vfs_follow_updates_shrink_and_growth(tmp_path, monkey
             assert len(replica.state.index) == replica.state.commit
         finally:
             con.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("numpy_on", [True, False])
+def test_the_worst_steady_state_stays_under_32_bytes_a_page(monkeypatch, numpy_on):
+    """The most an index holds between compactions: a compacted (dense) base plus overlays just
+    below the compaction threshold (1/16 of the base) in dict layers (~170 B per page each)."""
+    if numpy_on:
+        pytest.importorskip("numpy")
+    else:
+        monkeypatch.setattr(ix, "numpy_enabled", False)
+    n = 1_000_000
+    data, size = _snapshot_pages(n)
+    info = _info(9, 1, 1, size)
+    rnd = random.Random(2)
+
+    def poll(state, t, k):
+        pgnos = sorted(rnd.sample(range(1, n), k))
+        return state.applying([FileIndex(_info(0, t, t, size), {p: (100 + p, 50) for p in pgnos},
+                                         None)], n + 1)
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        state = DatabaseState(4096, n + 1, 1, T0, {}).applying(
+            [FileIndex(info, parse_file_pages(data, size), None)], n + 1)
+        t = 2
+        while not isinstance(state.index.layers[0][0], ix._DenseLayer):  # until compacted
+            state, t = poll(state, t, 2000), t + 1
+        base = state.index.layers[0][0]
+        while True:  # overlays up to just below the next compaction
+            nxt = poll(state, t, 2000)
+            if nxt.index.layers[0][0] is not base:
+                break
+            state, t = nxt, t + 1
+        del nxt
+        gc.collect()
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    over = sum(len(la) for la, _ in state.index.layers[1:])
+    assert over > n // 16 - 2000, over
+    assert used / n <= 32, f"{used / n:.1f} bytes per page ({over} pages in overlays)"
