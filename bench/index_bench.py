@@ -1,4 +1,4 @@
-"""MEASURE: the compact page index (index.py) at 1M and 10M pages. Not a test.
+"""MEASURE: the compact page index (ltxvfs.index) at 1M and 10M pages. Not a test.
 
     python bench/index_bench.py decode [--pages 1000000 10000000]
     python bench/index_bench.py open --pages 1000000 [--latency-ms 0 20] [--src DIR ...]
@@ -35,8 +35,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from ltxvfs import index as ix  # noqa: E402
 from ltxvfs import ltx  # noqa: E402
+from ltxvfs.index import decode as ix  # noqa: E402
 from ltxvfs.pages import DatabaseState, FileIndex  # noqa: E402
 from ltxvfs.storage.base import FileInfo  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""The compact page index (index.py): equal to a dict model, compact, shared between states."""
+"""The compact page index (ltxvfs.index): equal to a dict model, compact, shared between states."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ltxvfs import index as ix
 from ltxvfs import ltx
 from ltxvfs.errors import LTXError, TruncatedError
 from ltxvfs.index import FilePages, StateIndex, parse_file_pages
+from ltxvfs.index import decode as ixd
+from ltxvfs.index import state as ixs
 from ltxvfs.ltx.format import U64
 from ltxvfs.pages import DatabaseState, FileIndex, fetch_file_index
 from ltxvfs.publish import publish_pages
@@ -29,12 +30,12 @@ def mode(request, monkeypatch):
     """Run a test with numpy decoding every index (small ones too), and without numpy."""
     if request.param == "numpy":
         pytest.importorskip("numpy")
-        monkeypatch.setattr(ix, "NUMPY_MIN_BYTES", 0)
-        monkeypatch.setattr(ix, "_numpy", _always_numpy)
-        monkeypatch.setattr(ix, "_CHUNK", 37)  # chunk ends inside varints, entries, runs
+        monkeypatch.setattr(ixd, "NUMPY_MIN_BYTES", 0)
+        monkeypatch.setattr(ixd, "_numpy", _always_numpy)
+        monkeypatch.setattr(ixd, "_CHUNK", 37)  # chunk ends inside varints, entries, runs
     else:
-        monkeypatch.setattr(ix, "numpy_enabled", False)
-        monkeypatch.setattr(ix, "_PURE_CHUNK", 41)  # chunked from 41 bytes on
+        monkeypatch.setattr(ixd, "numpy_enabled", False)
+        monkeypatch.setattr(ixd, "_PURE_CHUNK", 41)  # chunked from 41 bytes on
     return request.param
 
 
@@ -86,8 +87,8 @@ def _same_outcome(data, file_size, page_size=None):
     ["dense", "lock", "sparse", "gappy", "onegap", "mangled"]))
 def test_decoding_equals_the_codec(mode, monkeypatch, seed, n, kind):
     rnd = random.Random(seed)
-    monkeypatch.setattr(ix, "_CHUNK", rnd.choice([3, 5, 37, 128, 1 << 17]))
-    monkeypatch.setattr(ix, "_PURE_CHUNK", rnd.choice([3, 5, 37, 128, 1 << 20]))
+    monkeypatch.setattr(ixd, "_CHUNK", rnd.choice([3, 5, 37, 128, 1 << 17]))
+    monkeypatch.setattr(ixd, "_PURE_CHUNK", rnd.choice([3, 5, 37, 128, 1 << 20]))
     first = rnd.randrange(1, 50)
     if kind == "dense":
         pgnos = list(range(first, first + n))
@@ -169,7 +170,7 @@ def test_pieces_decode_like_one_buffer(mode):
 
 
 def _model_apply(model, files, commit):
-    """The dict algorithm DatabaseState.applying used before index.py (the reference)."""
+    """The dict algorithm DatabaseState.applying used before ltxvfs.index (the reference)."""
     index = dict(model)
     for info, pages in files:
         for p, (o, s) in pages.items():
@@ -191,10 +192,10 @@ def test_state_index_equals_a_dict_model(mode, monkeypatch, ops, n, lock):
     files, an older compacted file after newer ones, shrinking and growing commits, relocation)
     give the same pages as the dict model, with small thresholds so that layers merge and
     compact often."""
-    monkeypatch.setattr(ix, "SMALL_FILE", 8)
-    monkeypatch.setattr(ix, "COMPACT_MIN", 40)
-    monkeypatch.setattr(ix, "COMPACT_RATIO", 4)
-    monkeypatch.setattr(ix, "MAX_LAYERS", 5)
+    monkeypatch.setattr(ixs, "SMALL_FILE", 8)
+    monkeypatch.setattr(ixs, "COMPACT_MIN", 40)
+    monkeypatch.setattr(ixs, "COMPACT_RATIO", 4)
+    monkeypatch.setattr(ixs, "MAX_LAYERS", 5)
     rnd = random.Random(n * 1000 + lock)
     txid = 1
     commit = n
@@ -279,7 +280,7 @@ def test_a_million_pages_take_at_most_32_bytes_each(monkeypatch, numpy_on):
     if numpy_on:
         pytest.importorskip("numpy")
     else:
-        monkeypatch.setattr(ix, "numpy_enabled", False)
+        monkeypatch.setattr(ixd, "numpy_enabled", False)
     n = 1_000_000
     data, size = _snapshot_pages(n)
     info = _info(9, 1, 1, size)
@@ -380,7 +381,7 @@ def test_reads_through_the_vfs_follow_updates_shrink_and_growth(tmp_path, monkey
 
     from replicas import FakePrimary
     monkeypatch.setattr("ltxvfs.pages.INDEX_PART", 16 * 1024)
-    monkeypatch.setattr(ix, "SMALL_FILE", 64)  # large L0 files become array layers too
+    monkeypatch.setattr(ixs, "SMALL_FILE", 64)  # large L0 files become array layers too
     vfs = ltxvfs.register()
     url = (tmp_path / "replica").as_uri()
     with open_replica(url) as client:
@@ -425,7 +426,7 @@ def test_the_worst_steady_state_stays_under_32_bytes_a_page(monkeypatch, numpy_o
     if numpy_on:
         pytest.importorskip("numpy")
     else:
-        monkeypatch.setattr(ix, "numpy_enabled", False)
+        monkeypatch.setattr(ixd, "numpy_enabled", False)
     n = 1_000_000
     data, size = _snapshot_pages(n)
     info = _info(9, 1, 1, size)
@@ -443,7 +444,7 @@ def test_the_worst_steady_state_stays_under_32_bytes_a_page(monkeypatch, numpy_o
         state = DatabaseState(4096, n + 1, 1, T0, {}).applying(
             [FileIndex(info, parse_file_pages(data, size), None)], n + 1)
         t = 2
-        while not isinstance(state.index.layers[0][0], ix._DenseLayer):  # until compacted
+        while not isinstance(state.index.layers[0][0], ixs._DenseLayer):  # until compacted
             state, t = poll(state, t, 2000), t + 1
         base = state.index.layers[0][0]
         while True:  # overlays up to just below the next compaction

@@ -93,7 +93,7 @@ class DatabaseState:
     commit: int
     txid: int
     created_at: datetime
-    #: pgno -> PageRef (index.py: compact, shared with the states it was made from); a mapping
+    #: pgno -> PageRef (ltxvfs.index: compact, shared with the states it was made from); a mapping
     #: given here is turned into one.
     index: StateIndex = field(repr=False)
     #: The newest file applied (it ends at ``txid``) and its header timestamp (0 if unknown):
