@@ -282,7 +282,7 @@ class Replica:
         if not moved:
             return state
         indexes: dict[tuple[int, int, int], dict[int, tuple[int, int]]] = {}
-        index = dict(state.index)
+        moves: dict[int, tuple[FileInfo, int, int]] = {}
         for (_, lo, hi), pgnos in moved.items():
             candidates = sorted((f for lvl, fs in listing.items() if lvl > 0 for f in fs
                                  if f.min_txid <= lo and hi <= f.max_txid <= latest.txid),
@@ -295,11 +295,11 @@ class Replica:
                 if all(p in pages and (c.max_txid <= state.txid or _unchanged(latest, p, state))
                        for p in pgnos):
                     for p in pgnos:
-                        index[p] = (c, *pages[p])
+                        moves[p] = (c, *pages[p])
                     break
             else:
                 return None
-        return replace(state, index=index)
+        return replace(state, index=state.index.with_refs(moves))
 
     def _rebuild(self) -> None:
         """Replace the latest state by one built from a fresh plan (no deleted files in it)."""

@@ -313,9 +313,7 @@ class Hydrator:
         if old is not None and old.page_size not in (0, target.page_size):
             old = None
         unsure = self._unsure
-        todo = sorted(p for p, ref in target.index.items()
-                      if old is None or p in unsure
-                      or old.index.get(p) is not ref and _moved(old.index.get(p), ref))
+        todo = _todo(target, old, unsure)
         self.total_pages = len(todo) if old is None else self.total_pages
         self.done_pages = 0 if old is None else self.done_pages
         runs = _runs(target, todo)
@@ -448,6 +446,21 @@ def _write_pages(fd: int, page_size: int, pgnos: list[int], pages: list[bytes]) 
                 n = os.pwrite(fd, data, offset + done)
                 data, done = data[n:], done + n
         i = j
+
+
+def _todo(target: DatabaseState, old: DatabaseState | None, unsure: set[int]) -> list[int]:
+    """Pages of ``target`` to write over a file that holds ``old`` (plus ``unsure`` pages): those
+    whose frame moved. With a shared base index, only the pages of the layers the two states do
+    not share are compared (O(pages changed)); else every page."""
+    if old is None:
+        return list(target.index)
+    candidates = target.index.changed(old.index)
+    if candidates is None:
+        return sorted(p for p, ref in target.index.items()
+                      if p in unsure or _moved(old.index.get(p), ref))
+    get = target.index.get
+    return sorted(p for p in candidates | unsure
+                  if (ref := get(p)) is not None and (p in unsure or _moved(old.index.get(p), ref)))
 
 
 def _moved(old: PageRef | None, new: PageRef) -> bool:

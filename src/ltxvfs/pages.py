@@ -28,8 +28,16 @@ from .errors import (
     PageNotFoundError,
     TruncatedError,
 )
-from .gcpause import paused_gc
 from .host.pagestore import SharedFrames, index_bytes_via_disk, read_head, read_header
+from .index import (
+    NUMPY_MIN_BYTES,
+    NUMPY_PREFETCH_FILE,
+    FilePages,
+    PageRef,
+    StateIndex,
+    parse_file_pages,
+    prefetch_numpy,
+)
 from .ltx import (
     ESTIMATED_INDEX_TAIL,
     HEADER_SIZE,
@@ -38,7 +46,6 @@ from .ltx import (
     decode_file,
     decode_page_frame,
     page_index_start,
-    parse_page_index,
 )
 from .plan import Plan, compute_plan
 from .storage.base import FileInfo, ReplicaClient
@@ -49,18 +56,18 @@ if TYPE_CHECKING:
 #: Readahead streams remembered, pages a stream may skip, bytes of unwanted frames read over.
 _STREAMS, _SLACK, _MAX_GAP = 8, 8, 64 * 1024
 
-#: Largest tail fetched for a page index in the first GET.
-MAX_TAIL = 4 * 1024 * 1024
+#: Largest tail fetched for a page index in the first round of GETs (1/256 of the file).
+MAX_TAIL = 64 * 1024 * 1024
+#: A large index is read with parallel ranged GETs of at least this many bytes, at most
+#: ``INDEX_PARALLEL`` at once.
+INDEX_PART = 1024 * 1024
+INDEX_PARALLEL = 8
 
 #: Files up to this size are read whole when their index is needed (one GET either way).
 WHOLE_FILE = 256 * 1024
 
 #: Bytes of the snapshot's head fetched at open, next to the page indexes.
 HEAD_PREFETCH = 256 * 1024
-
-#: Where one page's frame lives: (file, offset of the frame, frame size).
-PageRef = tuple[FileInfo, int, int]
-
 
 @dataclass(frozen=True)
 class FileIndex:
@@ -71,11 +78,16 @@ class FileIndex:
     """
 
     info: FileInfo
-    pages: dict[int, tuple[int, int]]
+    #: pgno -> (offset, size); a mapping given here is turned into the compact form.
+    pages: FilePages
     header: Header | None
     decoded: dict[int, bytes] | None = None
     #: The whole file's bytes when it arrived whole (its frames can be cached compressed).
     raw: bytes | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pages, FilePages):
+            object.__setattr__(self, "pages", FilePages.from_mapping(self.pages))
 
 
 @dataclass(frozen=True)
@@ -86,11 +98,17 @@ class DatabaseState:
     commit: int
     txid: int
     created_at: datetime
-    index: dict[int, PageRef] = field(repr=False)
+    #: pgno -> PageRef (ltxvfs.index: compact, shared with the states it was made from); a mapping
+    #: given here is turned into one.
+    index: StateIndex = field(repr=False)
     #: The newest file applied (it ends at ``txid``) and its header timestamp (0 if unknown):
     #: what the follower checks to tell that the replica still holds the same history.
     tip: FileInfo | None = None
     tip_timestamp: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.index, StateIndex):
+            object.__setattr__(self, "index", StateIndex.from_refs(self.index))
 
     @property
     def size(self) -> int:
@@ -98,21 +116,9 @@ class DatabaseState:
 
     def applying(self, files: Sequence[FileIndex], commit: int) -> DatabaseState:
         """A new state with ``files`` applied: per page the newest TXID wins, pages beyond the
-        new commit are dropped (the database shrank)."""
-        index = dict(self.index)
-        for fi in files:
-            info = fi.info
-            if not index:  # a cold open's snapshot: 50,000 pages for 200 MB, no rival entries
-                with paused_gc():
-                    index = {pgno: (info, off, size) for pgno, (off, size) in fi.pages.items()}
-                continue
-            newest = info.max_txid
-            for pgno, (off, size) in fi.pages.items():
-                cur = index.get(pgno)
-                if cur is None or cur[0].max_txid <= newest:
-                    index[pgno] = (info, off, size)
-        if index and max(index) > commit:
-            index = {p: r for p, r in index.items() if p <= commit}
+        new commit are dropped (the database shrank). The index shares this state's: the cost
+        is the pages of ``files``, not the database's."""
+        index = self.index.applying([(fi.info, fi.pages) for fi in files], commit)
         newest = max(files, key=lambda f: f.info.max_txid) if files else None
         last = newest.info if newest else None
         tip, stamp = self.tip, self.tip_timestamp
@@ -132,19 +138,22 @@ def tail_size(file_size: int) -> int:
 
 def fetch_file_index(client: ReplicaClient, info: FileInfo, want_header: bool = False,
                      disk: DiskCache | None = None) -> FileIndex:
-    """Read a file's page index from its tail: one ranged GET, two if the index is larger than
-    the tail. A file up to ``WHOLE_FILE`` bytes comes whole in that GET (header, pages and
-    all: verified, and its pages cached), since a few more KiB cost no extra round trip.
+    """Read a file's page index from its tail: one round of GETs, two if the index is larger
+    than the tail (1/256 of the file; a tail over ``INDEX_PART`` is read with parallel ranged
+    GETs). A file up to ``WHOLE_FILE`` bytes comes whole in one GET (header, pages and all:
+    verified, and its pages cached), since a few more KiB cost no extra round trip.
     With ``disk`` (the host's cache directory) the bytes come from there when some process of
     the host fetched them before."""
     if disk is None:
-        start, tail, pages = _read_index_bytes(client, info)
+        start, pieces, pages = _read_index_bytes(client, info)
     else:
-        start, tail, pages = index_bytes_via_disk(info, disk, lambda: _read_index_bytes(client, info))
+        start, pieces, pages = index_bytes_via_disk(info, disk,
+                                                    lambda: _read_index_bytes(client, info))
     header = None
     if start == 0:
+        tail = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         whole = decode_file(tail, name=str(info))
-        if whole.index != pages:
+        if pages != whole.index:
             raise MalformedIndexError(f"{info}: page index does not match the page frames")
         return FileIndex(info, pages, whole.header, whole.pages, bytes(tail))
     if want_header:
@@ -153,20 +162,41 @@ def fetch_file_index(client: ReplicaClient, info: FileInfo, want_header: bool = 
 
 
 def _read_index_bytes(client: ReplicaClient, info: FileInfo
-                      ) -> tuple[int, bytes, dict[int, tuple[int, int]]]:
-    """(offset, bytes from there to the end, the page index they hold): the tail GET, and a
-    second GET for the rest of an index larger than the tail."""
+                      ) -> tuple[int, list[bytes], FilePages]:
+    """(offset, the bytes from there to the end in pieces, the page index they hold): the tail
+    GETs, and a second round for the rest of an index larger than the tail."""
     start = 0 if info.size <= WHOLE_FILE else info.size - tail_size(info.size)
-    tail = client.read(info.level, info.min_txid, info.max_txid, start, info.size - start)
-    if len(tail) != info.size - start:
-        raise TruncatedError(f"{info}: read {len(tail)} bytes of the tail, expected "
-                             f"{info.size - start} (object changed or truncated)")
+    pieces = read_ranges(client, info, start, info.size, whole=start == 0)
     try:
-        return start, tail, parse_page_index(tail, info.size, start)
+        return start, pieces, parse_file_pages(pieces, info.size, start)
     except TruncatedError:
-        begin = page_index_start(tail, info.size)
-        more = client.read(info.level, info.min_txid, info.max_txid, begin, start - begin)
-        return begin, more + tail, parse_page_index(more + tail, info.size, begin)
+        begin = page_index_start(pieces[-1], info.size)
+        if info.size - begin >= NUMPY_MIN_BYTES:
+            prefetch_numpy()  # imported while the rest of the index arrives
+        pieces = read_ranges(client, info, begin, start) + pieces
+        return begin, pieces, parse_file_pages(pieces, info.size, begin)
+
+
+def read_ranges(client: ReplicaClient, info: FileInfo, start: int, end: int, whole: bool = False
+                ) -> list[bytes]:
+    """The bytes ``[start, end)`` of ``info``: one GET (always when ``whole``), or parallel
+    ranged GETs of at least ``INDEX_PART`` bytes for a large range (an index of millions of
+    pages is tens of MB)."""
+    n = end - start
+    part = max(n, 1) if whole else max(INDEX_PART, -(-n // INDEX_PARALLEL))
+    ranges = [(lo, min(lo + part, end)) for lo in range(start, end, part)] or [(start, end)]
+
+    def read(lo: int, hi: int) -> bytes:
+        data = client.read(info.level, info.min_txid, info.max_txid, lo, hi - lo)
+        if len(data) != hi - lo:
+            raise TruncatedError(f"{info}: read {len(data)} bytes of the tail, expected "
+                                 f"{hi - lo} (object changed or truncated)")
+        return data
+
+    if len(ranges) == 1:
+        return [read(start, end)]
+    with ThreadPoolExecutor(len(ranges), thread_name_prefix="ltxvfs-index") as ex:
+        return list(ex.map(read, *zip(*ranges, strict=True)))
 
 
 def fetch_indexes(client: ReplicaClient, files: Sequence[FileInfo], pool: ThreadPoolExecutor,
@@ -196,6 +226,8 @@ def build_state(client: ReplicaClient, plan: Plan, pool: ThreadPoolExecutor,
     first query walks through — are then already in the cache.
     """
     first = plan.files[0]
+    if first.size >= NUMPY_PREFETCH_FILE:
+        prefetch_numpy()  # a large index is coming: numpy decodes it (the import overlaps GETs)
     head = None
     if store is not None and first.size > WHOLE_FILE:
         size = min(HEAD_PREFETCH, first.size - tail_size(first.size))

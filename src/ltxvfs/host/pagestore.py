@@ -14,7 +14,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 
 from ..errors import LitestreamError
-from ..ltx import HEADER_SIZE, decode_page_frame, parse_page_index
+from ..index import FilePages, parse_file_pages
+from ..ltx import HEADER_SIZE, decode_page_frame
 from ..storage.base import FileInfo, ReplicaClient
 from .frames import DiskCache
 
@@ -26,20 +27,20 @@ PageRef = tuple[FileInfo, int, int]
 DISK_RUN = 8
 
 def index_bytes_via_disk(info: FileInfo, disk: DiskCache,
-                         read: Callable[[], tuple[int, bytes, dict[int, tuple[int, int]]]]
-                         ) -> tuple[int, bytes, dict[int, tuple[int, int]]]:
-    """``read()`` (pages.py's tail GETs: offset, bytes to the end, the page index they hold)
-    through the disk cache (entry: offset u64 + the bytes)."""
+                         read: Callable[[], tuple[int, list[bytes], FilePages]]
+                         ) -> tuple[int, list[bytes], FilePages]:
+    """``read()`` (pages.py's tail GETs: offset, bytes to the end in pieces, the page index
+    they hold) through the disk cache (entry: offset u64 + the bytes)."""
     fetched = []
 
     def fetch() -> bytes:
-        start, tail, pages = read()
+        start, pieces, pages = read()
         fetched.append(pages)
-        return start.to_bytes(8, "big") + tail
+        return start.to_bytes(8, "big") + b"".join(pieces)
 
     value = disk.get_or_fetch("index", info, fetch)
     start, tail = int.from_bytes(value[:8], "big"), value[8:]
-    return start, tail, fetched[0] if fetched else parse_page_index(tail, info.size, start)
+    return start, [tail], fetched[0] if fetched else parse_file_pages(tail, info.size, start)
 
 
 def read_header(client: ReplicaClient, info: FileInfo, disk: DiskCache | None) -> bytes:

@@ -166,29 +166,48 @@ def page_index_start(tail: bytes | memoryview, file_size: int) -> int:
     return start
 
 
+def index_span(tail: bytes | memoryview, file_size: int, data_offset: int,
+               page_size: int | None = None) -> tuple[int, int, int, int]:
+    """Where the index's varints are, from a tail of the file that starts at ``data_offset``:
+    (start, stop) as offsets in the file (terminator included, length and trailer not), where
+    the page frames end, and the largest plausible frame. Raises TruncatedError if the index
+    starts before ``data_offset``."""
+    start = page_index_start(tail, file_size)
+    if start < data_offset:
+        raise TruncatedError(f"page index starts at {start}, before the fetched tail at {data_offset}")
+    max_frame = (page_size or MAX_PAGE_SIZE) + MAX_BLOCK_OVERHEAD + 10
+    return start, file_size - TRAILER_SIZE - 8, start - PAGE_HEADER_SIZE, max_frame
+
+
+def index_body(data: bytes | memoryview, file_size: int, data_offset: int | None = None,
+               page_size: int | None = None) -> tuple[memoryview, int, int]:
+    """The index's varints in ``data`` (the bytes ``[data_offset, file_size)`` of a file), where
+    the page frames end, and the largest plausible frame; raises as :func:`parse_page_index`."""
+    if data_offset is None:
+        data_offset = file_size - len(data)
+    if data_offset + len(data) != file_size:
+        raise TruncatedError("page index data does not reach the end of the file")
+    start, stop, frames_end, max_frame = index_span(data, file_size, data_offset, page_size)
+    return memoryview(data)[start - data_offset:stop - data_offset], frames_end, max_frame
+
+
 def parse_page_index(data: bytes | memoryview, file_size: int, data_offset: int | None = None,
                      page_size: int | None = None) -> PageIndex:
     """Parse the page index from ``data``, the bytes ``[data_offset, file_size)`` of a file.
 
     ``data_offset`` defaults to ``file_size - len(data)`` (a tail). Raises TruncatedError if the
     index starts before ``data_offset`` (fetch more), MalformedIndexError if it is inconsistent.
+    (``ltxvfs.index`` decodes the same bytes into flat arrays, with the same checks.)
     """
-    if data_offset is None:
-        data_offset = file_size - len(data)
-    if data_offset + len(data) != file_size:
-        raise TruncatedError("page index data does not reach the end of the file")
-    start = page_index_start(data, file_size)
-    if start < data_offset:
-        raise TruncatedError(f"page index starts at {start}, before the fetched tail at {data_offset}")
-    i, end = start - data_offset, len(data) - TRAILER_SIZE - 8
-    frames_end = start - PAGE_HEADER_SIZE
-    max_frame = (page_size or MAX_PAGE_SIZE) + MAX_BLOCK_OVERHEAD + 10
+    body, frames_end, max_frame = index_body(data, file_size, data_offset, page_size)
     with paused_gc():
-        return _parse_entries(bytes(data[i:end]), frames_end, max_frame)
+        pgnos, offsets, sizes = check_entries(uvarints(bytes(body)), frames_end, max_frame)
+        return dict(zip(pgnos, zip(offsets, sizes, strict=True), strict=True))
 
 
-def _parse_entries(buf: bytes, frames_end: int, max_frame: int) -> PageIndex:
-    values = _uvarints(buf)
+def check_entries(values: list[int], frames_end: int, max_frame: int
+                  ) -> tuple[list[int], list[int], list[int]]:
+    """The index's varints checked and split into columns: (pgnos, offsets, sizes)."""
     if not values or values[-1] != 0 or len(values) % 3 != 1:
         raise MalformedIndexError("page index: terminator is not at the recorded index length")
     # Checked column by column with builtins (C loops): a 50,000-page snapshot's index is
@@ -204,10 +223,10 @@ def _parse_entries(buf: bytes, frames_end: int, max_frame: int) -> PageIndex:
             if o < HEADER_SIZE or z <= PAGE_HEADER_SIZE or z > max_frame or o + z > frames_end)
         raise MalformedIndexError(
             f"page index: frame of page {pgno} at {offset}+{size} is outside the page data")
-    return dict(zip(pgnos, zip(offsets, sizes, strict=True), strict=True))
+    return pgnos, offsets, sizes
 
 
-def _uvarints(buf: bytes) -> list[int]:
+def uvarints(buf: bytes) -> list[int]:
     """Every varint of ``buf``, which must end exactly at the end of one.
 
     One tight loop rather than a call per varint: a 50,000-page snapshot's index has 150,000
