@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import threading
 
 import apsw
@@ -23,6 +24,8 @@ log = logging.getLogger("ltxvfs")
 
 _registered: dict[str, LitestreamVFS] = {}
 _register_lock = threading.Lock()
+if hasattr(os, "register_at_fork"):  # a parent's thread may hold it at fork
+    os.register_at_fork(after_in_child=lambda: globals().update(_register_lock=threading.Lock()))
 
 
 def register(name: str = "litestream", config: VFSConfig | None = None,

@@ -16,6 +16,7 @@ PUTs + 1 DELETE) and caches the verdict per replica location (``client.identity`
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 from .config import SINGLE_WRITER_MODES
@@ -28,6 +29,8 @@ log = logging.getLogger("ltxvfs.writer")
 _verdicts: dict[str, tuple[bool, str]] = {}
 _locks: dict[str, threading.Lock] = {}
 _lock = threading.Lock()
+if hasattr(os, "register_at_fork"):  # a parent's thread may hold it at fork
+    os.register_at_fork(after_in_child=lambda: globals().update(_lock=threading.Lock()))
 
 ADVICE = ("use a store that keeps conditional writes (docs/write-mode.md, \"Which object stores "
           "are safe for write mode\"), or, if you make sure that only one process ever writes "

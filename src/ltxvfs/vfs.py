@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import re
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -104,6 +106,11 @@ class LitestreamVFS(apsw.VFS):
         #: Journals (in memory, spilled to the scratch directory when large) and temp files.
         self.local_files = LocalFiles(lambda create: self._private_dir() if create else self._tmpdir)
         self.journals = self.local_files.journals
+        self._start_threads()
+        _instances.add(self)
+        super().__init__(name, base="", makedefault=makedefault)
+
+    def _start_threads(self) -> None:
         # Two pools, so that no task ever waits on a task queued behind it: jobs (polls, syncs,
         # compaction) wait for I/O (index fetches, prefetches); I/O tasks wait for nothing.
         self.pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="ltxvfs-io")
@@ -111,7 +118,23 @@ class LitestreamVFS(apsw.VFS):
         self.scheduler = Scheduler(self.jobs_pool)
         self.hydration_pool = ThreadPoolExecutor(HYDRATION_PARALLEL,
                                                  thread_name_prefix="ltxvfs-hydrate")
-        super().__init__(name, base="", makedefault=makedefault)
+
+    def _after_fork_in_child(self) -> None:
+        """A forked child (gunicorn --preload, multiprocessing's fork, Celery's prefork pool)
+        has none of the parent's threads, and any lock one of them held stays held for ever.
+        The child starts afresh: new pools and scheduler, new locks, no replicas — the
+        parent's replicas (their followers, writers, hydrators, buffers, scratch directory)
+        stay the parent's, and the child opens its own as its connections ask. They are kept
+        referenced, never closed here: closing would end what the parent still uses (a file
+        lock shared by both descriptors, the buffer, the scratch directory)."""
+        _inherited.append((self._replicas, self._tmpdir, self.local_files))
+        self._replicas, self._configs, self._key_locks = {}, {}, {}
+        self._buffer_paths, self._hydration_paths = {}, {}
+        self._tmpdir = None
+        self._lock = threading.RLock()
+        self.local_files = LocalFiles(lambda create: self._private_dir() if create else self._tmpdir)
+        self.journals = self.local_files.journals
+        self._start_threads()
 
     # --- opening --------------------------------------------------------------------------------
 
@@ -495,3 +518,17 @@ class LitestreamVFS(apsw.VFS):
         if self._tmpdir is not None:
             remove_scratch_dir(self._tmpdir)
             self._tmpdir = None
+
+
+#: Every VFS of this process, and what forked children inherited and must leave alone.
+_instances: weakref.WeakSet[LitestreamVFS] = weakref.WeakSet()
+_inherited: list[object] = []
+
+
+def _after_fork_in_child() -> None:
+    for vfs in list(_instances):
+        vfs._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

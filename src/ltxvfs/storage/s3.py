@@ -503,6 +503,8 @@ class S3ReplicaClient(ReplicaClient):
 
 
 _session_lock = threading.Lock()
+if hasattr(os, "register_at_fork"):  # a parent's thread may hold it at fork
+    os.register_at_fork(after_in_child=lambda: globals().update(_session_lock=threading.Lock()))
 _session: boto3.session.Session | None = None
 
 
