@@ -91,6 +91,8 @@ def test_write_mode_configured_by_environment_alone(tmp_path):
         "LITESTREAM_BUFFER_PATH": str(buffer),
         "LITESTREAM_SYNC_INTERVAL": "-1s",  # explicit syncs only
         "LITESTREAM_POLL_INTERVAL": "1m30s",
+        "LITESTREAM_IDLE_POLL_INTERVAL": "10m",
+        "LITESTREAM_MAX_LAG": "4m",
         "LITESTREAM_CACHE_SIZE": "3MiB",
         "LITESTREAM_OPEN_TIMEOUT": "2500ms",
         "LITESTREAM_LOG_LEVEL": "debug",
