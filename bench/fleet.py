@@ -8,7 +8,8 @@ mode, straight to the stand-in: not counted) commits one small transaction a sec
 1. *open*: the readers open the replica;
 2. *busy*: each does the same ``--lookups`` random point lookups (same seed);
 3. *idle*: no reads for ``--idle-seconds``, the writer still committing;
-4. *late read*: one read each; does it see the writer's newest TXID?
+4. *late read*: one read each; how old was the data it saw (since the first commit it missed)?
+   ``max_lag`` (default 3 × ``poll_interval``) bounds it, plus the writer's own upload time.
 
 Requests are counted by kind by the proxy (all readers together: the host), bytes too; disk is
 what ``cache_dir`` and the hydration files hold at the end. Results go between
@@ -147,13 +148,13 @@ def run_config(name: str, procs: int, params: dict[str, str], m: dict, stub, pro
     try:
         if writer.reply_line(120) != "ready":
             raise RuntimeError(f"writer did not start: {(tmp / 'writer.err').read_text()[-800:]}")
-        newest = [0]
+        synced: list[tuple[float, int]] = []  # (when, TXID) of each of the writer's syncs
 
-        def follow_writer() -> None:  # the newest TXID the writer synced
+        def follow_writer() -> None:
             for line in writer.proc.stdout:  # type: ignore[union-attr]
                 parts = line.split()
                 if len(parts) == 2 and parts[0] == "txid":
-                    newest[0] = max(newest[0], int(parts[1], 16))
+                    synced.append((time.monotonic(), int(parts[1], 16)))
 
         threading.Thread(target=follow_writer, daemon=True).start()
         reader_uri = vfs_uri(s3_url(proxy.url, m["bucket"], copy), params)
@@ -174,13 +175,17 @@ def run_config(name: str, procs: int, params: dict[str, str], m: dict, stub, pro
         time.sleep(args.idle_seconds)  # the idle period itself is what is measured
         s3, t3 = proxy_stats(proxy.url), time.monotonic()
         res["idle"] = dict(stats_delta(s2, s3), s=t3 - t2)
-        target = newest[0]
         for r in readers:
             r.send("read")
         reads = [r.reply(60) for r in readers]
         s4, t4 = proxy_stats(proxy.url), time.monotonic()
-        res["late_read"] = dict(stats_delta(s3, s4), s=t4 - t3,
-                                newest=sum(int(x["txid"], 16) >= target for x in reads))
+        # How old the data each read saw was: since the first sync it did not see (0: none).
+        ages = []
+        for x in reads:
+            seen = int(x["txid"], 16)
+            missed = [when for when, txid in list(synced) if txid > seen and when <= t3]
+            ages.append(t3 - min(missed) if missed else 0.0)
+        res["late_read"] = dict(stats_delta(s3, s4), s=t4 - t3, max_age_s=max(ages))
         for r in readers:
             r.send("stats")
         res["stats"] = [r.reply(60) for r in readers]
@@ -240,7 +245,7 @@ def render(meta: dict, results: list[dict]) -> str:
             f"| {per_min(b, 'LIST')} | {b['bytes_down'] / 1e6:.1f} "
             f"| {b['wall_s']:.1f} ({b['us_per_lookup']:.0f}) "
             f"| {per_min(i, 'LIST')} | {i['counts'].get('GET', 0) + i['counts'].get('GET_RANGE', 0)} "
-            f"| {lr['counts'].get('LIST', 0)}, {lr['newest']}/{r['procs']} "
+            f"| {lr['counts'].get('LIST', 0)}, {lr['max_age_s']:.1f} "
             f"| {r['disk']['cache_dir'] / 1e6:.1f} MB, {r['disk']['hydration'] / 1e6:.1f} MB |")
     lines += ["", "Per reader at the end (`ltxvfs.stats`): polls / LISTs made / shared records "
               "used / current poll interval (s):", ""]
