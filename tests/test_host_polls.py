@@ -169,7 +169,8 @@ def _record_path(replica) -> Path:
     return replica.shared.directory / RECORD
 
 
-@pytest.mark.parametrize("kind", ["torn", "foreign", "replaced", "future"])
+@pytest.mark.parametrize("kind", ["torn", "foreign", "replaced", "tip-missing", "old",
+                                  "future"])
 def test_a_bad_poll_record_is_ignored(vfs, primary, tmp_path, kind):
     """A record another process could not have written for this replica's history is never
     used: the follower LISTs itself and reads the right rows."""
@@ -192,6 +193,10 @@ def test_a_bad_poll_record_is_ignored(vfs, primary, tmp_path, kind):
         from dataclasses import replace
         old = replace(tip, etag='"another-history"')
         replica.shared.write(Listing(tip.min_txid, time.time(), [old, fake_next[1]], False))
+    elif kind == "tip-missing":  # listed from our TXID, yet without our tip
+        replica.shared.write(Listing(tip.min_txid, time.time(), fake_next[1:], False))
+    elif kind == "old":  # made before our own last check: nothing we do not know
+        replica.shared.write(Listing(tip.min_txid, replica._checked_wall - 1, fake_next, False))
     else:  # from the future: the clock moved back
         replica.shared.write(Listing(tip.min_txid, time.time() + 3600, fake_next, False))
     lists = replica.lists
@@ -221,6 +226,31 @@ def test_a_good_record_answers_a_poll_and_the_files_come_from_storage(vfs, prima
         [(1, "one"), (2, "two")]
     assert oct(_record_path(replica).stat().st_mode & 0o777) == "0o600"
     con.close()
+
+
+def test_a_held_lock_delays_a_poll_boundedly_then_it_lists_itself(tmp_path, monkeypatch):
+    """Another process holds the poll lock (LISTing, or stopped): we wait for its record at most
+    LOCK_WAIT, then LIST ourselves; a record that appears meanwhile is used at once."""
+    import fcntl
+    import os
+
+    from ltxvfs.host import polls
+
+    monkeypatch.setattr(polls, "LOCK_WAIT", 0.3)
+    shared = SharedPolls(tmp_path / "polls", "s3:x|b|p")
+    holder = os.open(tmp_path / "polls" / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # another open file description: conflicts like a process
+    calls = []
+    try:
+        got = shared.listing(5, 10.0, 0.0, lambda start: calls.append(start) or [])
+        assert (got.shared, calls, shared.lists) == (False, [5], 1)
+        # The holder's record appears: the next poll (newer than what we had) uses it, no LIST.
+        other = SharedPolls(tmp_path / "polls", "s3:x|b|p")
+        other.write(Listing(5, time.time(), [], False))
+        got = shared.listing(5, 10.0, got.taken_at, lambda start: calls.append(start) or [])
+        assert (got.shared, calls, shared.shared) == (True, [5], 1)
+    finally:
+        os.close(holder)
 
 
 def test_a_read_after_an_idle_period_checks_first(vfs, primary):
@@ -358,3 +388,16 @@ def test_two_hosts_each_list_for_themselves(fleet, primary, tmp_path):
     assert host_a > 0 and host_b > 0
     assert host_a <= 1.2 * max(polls[:2]) + 2 and host_b <= 1.2 * max(polls[2:]) + 2
     assert (tmp_path / "a").is_dir() and (tmp_path / "b").is_dir()
+
+
+def test_the_lister_lists_from_the_previous_records_txid_when_a_little_behind(tmp_path):
+    """A process one commit behind the lister can still use the lister's record: the LIST
+    starts from the previous record's TXID (a few more names, no more requests)."""
+    shared = SharedPolls(tmp_path / "polls", "s3:x|b|p")
+    shared.write(Listing(3, time.time() - 5, [], False))
+    calls = []
+    got = shared.listing(5, 1.0, time.time(), lambda start: calls.append(start) or [])
+    assert calls == [3] and got.seek == 3 and shared.read().seek == 3
+    shared.write(Listing(1, time.time() - 5, [], False))  # far behind: from our own TXID
+    shared.listing(500, 1.0, time.time(), lambda start: calls.append(start) or [])
+    assert calls == [3, 500]

@@ -243,13 +243,13 @@ class Replica:
 
     def _list(self, seek: int, fresh: float) -> Listing:
         """L0 from ``seek``: our own LIST, or another process's record (shared polls)."""
-        def list_now() -> list[FileInfo]:
+        def list_now(start: int) -> list[FileInfo]:
             self.lists += 1
-            return self.client.list_files(0, seek=seek)
+            return self.client.list_files(0, seek=start)
 
         if self.shared is None:
             taken = time.time()
-            return Listing(seek, taken, list_now(), shared=False)
+            return Listing(seek, taken, list_now(seek), shared=False)
         listing = self.shared.listing(seek, fresh, self._checked_wall, list_now)
         if listing.shared:
             self.shared_used += 1

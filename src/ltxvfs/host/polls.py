@@ -54,6 +54,9 @@ WAIT_STEP = 0.005
 CLOCK_SLACK = 1.0
 #: Listings with more files than this are not shared (a far-behind follower's; rare, large).
 MAX_FILES = 10_000
+#: A lister starts its LIST from the previous record's TXID when that is at most this far behind
+#: its own, so that a process one commit behind the lister can still use the record.
+MAX_BEHIND = 64
 RECORD = "l0.json"
 LOCK = "lock"
 
@@ -131,9 +134,14 @@ class SharedPolls:
 
     # --- records ------------------------------------------------------------------------------
 
-    def _list(self, seek: int, list_now: Callable[[], list[FileInfo]]) -> Listing:
+    def _list(self, seek: int, list_now: Callable[[int], list[FileInfo]]) -> Listing:
+        # From the previous record's TXID if it is a little behind ours (the same LIST, a few
+        # more names): processes that have not applied the last commit yet can use this one.
+        prev = self.read() if fcntl is not None else None
+        if prev is not None and seek - MAX_BEHIND <= prev.seek < seek:
+            seek = max(prev.seek, 1)
         taken_at = time.time()
-        files = list_now()
+        files = list_now(seek)
         self.lists += 1
         listing = Listing(seek, taken_at, files, shared=False)
         if fcntl is not None:
