@@ -401,3 +401,22 @@ def test_the_lister_lists_from_the_previous_records_txid_when_a_little_behind(tm
     shared.write(Listing(1, time.time() - 5, [], False))  # far behind: from our own TXID
     shared.listing(500, 1.0, time.time(), lambda start: calls.append(start) or [])
     assert calls == [3, 500]
+
+
+def test_a_deleted_polls_directory_is_recreated_and_polls_go_on(vfs, primary, tmp_path):
+    import shutil
+
+    con = apsw.Connection(uri(primary.url, poll_interval="1h", max_lag="1h",
+                              cache_dir=str(tmp_path / "cache")), flags=RO)
+    replica = _replica(vfs, primary.url)
+    replica.poll(fresh=3600)
+    shutil.rmtree(replica.shared.directory)
+    primary.commit("INSERT INTO t VALUES (2, 'two')")
+    replica.poll(fresh=3600)
+    assert replica.last_error is None
+    assert _record_path(replica).exists()
+    shutil.rmtree(replica.shared.directory.parent)  # the whole replica directory: poll alone
+    primary.commit("INSERT INTO t VALUES (3, 'three')")
+    replica.poll(fresh=3600)
+    assert con.execute("SELECT count(*) FROM t").fetchall() == [(3,)]
+    con.close()

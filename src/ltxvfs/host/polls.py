@@ -110,7 +110,13 @@ class SharedPolls:
         found = self._usable(seek, fresh, newer_than)
         if found is not None:
             return found
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            self.directory.mkdir(mode=0o700, exist_ok=True)  # someone may have deleted it
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as err:  # the cache directory is gone or broken: poll alone
+            log.warning("poll lock of %s unusable (%s); listing without sharing",
+                        self.identity, err)
+            return self._list(seek, list_now)
         try:
             deadline = time.monotonic() + LOCK_WAIT
             while True:
@@ -173,6 +179,7 @@ class SharedPolls:
         }
         text = json.dumps(body, separators=(",", ":"), sort_keys=True)
         data = json.dumps({"sum": _digest(text), "body": text}).encode()
+        self.directory.mkdir(mode=0o700, exist_ok=True)
         tmp = self.directory / f".{RECORD}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
