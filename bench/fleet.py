@@ -229,7 +229,7 @@ def render(meta: dict, results: list[dict]) -> str:
         f"{meta['idle_s']:g} s; extra URI parameters: `{meta['extra'] or 'none'}`.",
         "",
         "| config | procs | open: requests | busy: GET | busy: LIST | busy: MB | busy: wall s "
-        "(median µs/lookup) | idle: LIST | idle: GET | late read: LIST, sees newest | "
+        "(median µs/lookup) | idle: LIST | idle: GET | late read: LIST, data age s | "
         "disk: cache_dir, hydration |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
