@@ -7,6 +7,7 @@ stdin with one JSON line on stdout:
 * ``read``: a new connection reads ``t`` in one transaction:
   ``{"txid", "rows", "digest", "progress", "file"}`` (``{"error"}`` if it fails);
 * ``poll``: polls the replica now: ``{"txid"}``;
+* ``stats``: ``PRAGMA litestream_stats`` of the held connection;
 * ``close``: closes the connections: ``{"closed": true}``, then exits.
 
 Log records (WARNING and up) go to stderr.
@@ -42,8 +43,10 @@ def read(uri: str) -> dict:
     con = apsw.Connection(uri, flags=FLAGS)
     try:
         con.execute("BEGIN")
-        txid = one(con, "PRAGMA litestream_txid")
         rows = con.execute("SELECT id, b FROM t ORDER BY id").fetchall()
+        # After the first read: before it, the PRAGMA names the state a transaction would get
+        # at that moment, not necessarily the one the SELECT then chose.
+        txid = one(con, "PRAGMA litestream_txid")
         con.execute("COMMIT")
         return {"txid": txid, "rows": len(rows), "digest": digest(rows),
                 "progress": one(con, "PRAGMA litestream_hydration_progress"),
@@ -68,6 +71,8 @@ def main() -> int:
         elif cmd == "poll":
             (replica,) = vfs.replicas()
             answer = {"txid": f"{replica.poll().txid:016x}"}
+        elif cmd == "stats":
+            answer = json.loads(one(held, "PRAGMA litestream_stats"))
         elif cmd == "close":
             held.close()
             print(json.dumps({"closed": True}), flush=True)

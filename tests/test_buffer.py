@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from ltxvfs import buffer as buffer_mod
+from ltxvfs import bufferlog
 from ltxvfs.buffer import RECORDS_START, BufferError, WriteBuffer
 
 REPLICA = 0x1234_5678_9ABC_DEF0
@@ -72,8 +73,11 @@ def test_scan_with_short_reads_keeps_every_committed_record(tmp_path, monkeypatc
     buf = new_buffer(path)
     want = fill(buf, commits=40, pages_per_commit=5)
     buf.write_page(999, page(999, 99))  # an unfinished transaction: dropped on recovery
+    buf.fsync()  # written to the file (an open transaction's records wait in memory otherwise)
+    end = buf._end
     buf.close()
     size = path.stat().st_size
+    assert size > end, "the file has its zero tail"
 
     real = os.pread
     limit = 3001  # bytes per call: smaller than a record, so records straddle every read
@@ -84,7 +88,7 @@ def test_scan_with_short_reads_keeps_every_committed_record(tmp_path, monkeypatc
     monkeypatch.setattr(os, "pread", short_pread)
     buf, found = reopen(path)
     assert found.commits == 40, f"scan stopped early: {found.commits} of 40 commits ({size} bytes)"
-    assert found.end == size
+    assert found.end == end
     assert committed_pages(buf, found) == want
     # Adopting rewrites the file: every committed record survives it, the open transaction not.
     buf.adopt(found, found.base_txid, 0, RECORDS_START)
@@ -100,7 +104,7 @@ def test_scan_with_short_reads_keeps_every_committed_record(tmp_path, monkeypatc
 
 def test_scan_across_many_chunk_boundaries(tmp_path, monkeypatch):
     """Records of many sizes (pages, truncates, commits, sync marks) across a tiny read chunk."""
-    monkeypatch.setattr(buffer_mod, "CHUNK", 1000, raising=False)
+    monkeypatch.setattr(bufferlog, "CHUNK", 1000)
     path = tmp_path / "buf"
     buf = new_buffer(path, base_size=3)
     want: dict[int, bytes] = {}
@@ -257,12 +261,31 @@ def history(path: Path, commits: int) -> tuple[list[dict[int, bytes]], list[int]
     return states, ends
 
 
+def _tear(path: Path, at: int, end: int, tail: str) -> None:
+    """Tear the log at ``at`` (its records end at ``end``): the file cut there (a buffer without
+    a preallocated tail, as written before it existed), or zeros from there on with the file's
+    size kept (a crash inside the preallocated tail: the write that never reached the disk)."""
+    if tail == "cut":
+        os.truncate(path, at)
+        return
+    size = path.stat().st_size
+    assert size > end, "the buffer has a zero tail"
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(bytes(end - at))
+    assert path.stat().st_size == size
+
+
+TAILS = ["cut", "zeros"]
+
+
+@pytest.mark.parametrize("tail", TAILS)
 @pytest.mark.parametrize("cut", [1, 5, 9, 16])  # inside the COMMIT record: type, length, payload, CRC
-def test_a_torn_last_commit_record_drops_that_transaction_only(tmp_path, cut):
+def test_a_torn_last_commit_record_drops_that_transaction_only(tmp_path, cut, tail):
     path = tmp_path / "buf"
     states, ends = history(path, 12)
     commit_record = 5 + 12 + 4
-    os.truncate(path, ends[-1] - commit_record + cut)
+    _tear(path, ends[-1] - commit_record + cut, ends[-1], tail)
     buf, found = reopen(path)
     assert found.commits == 11
     assert committed_pages(buf, found) == states[11]
@@ -271,10 +294,12 @@ def test_a_torn_last_commit_record_drops_that_transaction_only(tmp_path, cut):
     buf.close()
 
 
-def test_a_torn_page_record_of_the_last_transaction_drops_that_transaction_only(tmp_path):
+@pytest.mark.parametrize("tail", TAILS)
+def test_a_torn_page_record_of_the_last_transaction_drops_that_transaction_only(tmp_path, tail):
     path = tmp_path / "buf"
     states, ends = history(path, 12)
-    os.truncate(path, ends[10] + 5 + 4 + 100)  # the first page record after commit 11, cut short
+    # the first page record after commit 11, cut short
+    _tear(path, ends[10] + 5 + 4 + 100, ends[-1], tail)
     buf, found = reopen(path)
     assert found.commits == 11
     assert committed_pages(buf, found) == states[11]
@@ -341,10 +366,12 @@ def test_a_flipped_byte_in_the_open_transaction_drops_only_it(tmp_path):
     states, ends = history(path, 6)
     buf = WriteBuffer(path, REPLICA)
     buf.open()
-    buf._end = path.stat().st_size  # append after the closed file's records
+    buf._end = buf._written = ends[-1]  # append after the closed file's records
+    buf._alloc = path.stat().st_size
     buf.page_size = PAGE
     buf.write_page(7, page(7, 7))
     buf.write_page(8, page(8, 7))
+    buf.fsync()  # into the file: an open transaction's records wait in memory otherwise
     buf.close()
     _flip(path, ends[-1] + 5 + 4 + 10)
     buf, found = reopen(path)
@@ -408,4 +435,120 @@ def test_a_sparse_buffer_of_8_gib_is_scanned_and_rewritten_in_bounded_memory(tmp
     assert peak < 4 * buffer_mod.CHUNK, f"peak {peak} bytes"
     assert path.stat().st_size == ends[-1], "the rewrite drops the hole"
     assert committed_pages(buf, found) == states[12]
+    buf.close()
+
+
+# --- issue 17 item 4: the preallocated zero tail, fdatasync ------------------------------------
+
+
+def test_a_buffer_without_a_zero_tail_is_recovered_and_continued(tmp_path):
+    """Buffers written before the zero tail existed end at their last record: the format is the
+    same (no version change), so they are recovered as they are, and continued with a tail."""
+    path = tmp_path / "buf"
+    states, ends = history(path, 5)
+    os.truncate(path, ends[-1])  # exactly what the previous version left
+    buf, found = reopen(path)
+    assert found.commits == 5 and found.end == ends[-1]
+    assert committed_pages(buf, found) == states[5]
+    buf.adopt(found, found.base_txid, 0, RECORDS_START)
+    buf.write_page(9, page(9, 6))
+    buf.commit(fsync=True)
+    end = buf._end
+    buf.close()
+    assert path.stat().st_size > end, "continued with a zero tail"
+    buf, again = reopen(path)
+    assert again.commits == 6 and again.end == end
+    assert committed_pages(buf, again) == {**states[5], 9: page(9, 6)}
+    buf.close()
+
+
+def test_the_zero_tail_grows_in_steps_and_commits_inside_it_keep_the_size(tmp_path, monkeypatch):
+    monkeypatch.setattr(buffer_mod, "PREALLOC", 64 << 10)
+    path = tmp_path / "buf"
+    buf = new_buffer(path)
+    synced: list[str] = []
+    for name in ("fsync", "fdatasync"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda fd, name=name, real=real: (synced.append(name),
+                                                                        real(fd))[1])
+    sizes = []
+    for c in range(60):
+        buf.write_page(1 + c % 3, page(1 + c % 3, c))
+        buf.commit(fsync=True)
+        size = path.stat().st_size
+        assert size % (64 << 10) == 0 and size > buf._end, (c, size, buf._end)
+        sizes.append(size)
+    assert synced == ["fdatasync"] * 60
+    grew = sum(1 for a, b in zip(sizes, sizes[1:], strict=False) if b != a)
+    assert sizes == sorted(sizes) and 1 <= grew <= 60 * (PAGE + 30) // (64 << 10) + 1
+    end = buf._end
+    buf.close()
+    buf, found = reopen(path)
+    assert found.commits == 60 and found.end == end
+    assert committed_pages(buf, found) == {p: page(p, c) for c in range(57, 60)
+                                           for p in [1 + c % 3]}
+    buf.close()
+
+
+def test_a_rollback_zeros_its_records_and_keeps_the_tail_and_the_sync_marks(tmp_path, monkeypatch):
+    """A rolled-back transaction's records that reached the file (more than FLUSH bytes) are
+    zeroed, not left for recovery to find; a SYNC mark written among them stays."""
+    monkeypatch.setattr(buffer_mod, "FLUSH", 3 * PAGE)
+    path = tmp_path / "buf"
+    buf = new_buffer(path, base_size=2)
+    buf.write_page(1, page(1, 1))
+    buf.commit(fsync=True)
+    committed_end = buf._end
+    size = path.stat().st_size
+    for pgno in range(2, 9):
+        buf.write_page(pgno, page(pgno, 2))
+    buf.mark_sync(8, committed_end, 1234)
+    buf.write_page(9, page(9, 2))
+    assert buf._written > committed_end, "the test needs records of it in the file"
+    buf.rollback()
+    assert path.stat().st_size == size
+    mark_end = committed_end + 5 + 24 + 4
+    assert buf._end == mark_end
+    assert buf.read_page(2) is None
+    with open(path, "rb") as f:
+        f.seek(mark_end)
+        assert f.read() == bytes(size - mark_end), "rolled-back records left in the file"
+    buf.close()
+    buf, found = reopen(path)
+    assert found.commits == 1 and found.end == mark_end and found.sync is not None
+    assert found.sync.checksum == 1234
+    assert set(found.pending.offsets) == {1}
+    buf.close()
+
+
+def test_open_transaction_pages_are_read_from_memory_before_they_are_written(tmp_path):
+    path = tmp_path / "buf"
+    buf = new_buffer(path)
+    buf.write_page(3, page(3, 1))
+    assert buf._written < buf._end, "the record waits in memory"
+    assert buf.read_page(3) == page(3, 1)
+    buf.commit(fsync=False)
+    assert buf._written == buf._end
+    assert buf.read_page(3) == page(3, 1)
+    buf.close()
+
+
+def test_a_large_commit_grows_the_file_without_a_zero_tail(tmp_path, monkeypatch):
+    """Only small commits grow the tail (its zeros are flushed too): a large one appends."""
+    monkeypatch.setattr(buffer_mod, "PREALLOC", 64 << 10)
+    monkeypatch.setattr(buffer_mod, "SMALL_COMMIT", 8 * PAGE)
+    path = tmp_path / "buf"
+    buf = new_buffer(path)
+    start = path.stat().st_size
+    for pgno in range(1, 40):  # ~160 KiB: past the tail
+        buf.write_page(pgno, page(pgno, 1))
+    buf.commit(fsync=True)
+    assert path.stat().st_size == buf._end > start
+    buf.write_page(1, page(1, 2))  # a small one: a tail again
+    buf.commit(fsync=True)
+    assert path.stat().st_size % (64 << 10) == 0 and path.stat().st_size > buf._end
+    end = buf._end
+    buf.close()
+    buf, found = reopen(path)
+    assert found.commits == 2 and found.end == end
     buf.close()

@@ -529,7 +529,7 @@ def test_close_that_gives_up_waiting_leaves_the_descriptor_to_the_last_writer(ri
     assert ("write", fd) not in events[events.index(("close", fd)):], events
 
 
-# --- one hydration file, one process ---------------------------------------------------------------
+# --- one hydration file, shared by the processes of a host ------------------------------------
 
 
 def _shared_path_uri(replica, target, poll: str) -> str:
@@ -542,11 +542,12 @@ def _settled(child) -> bool:
     return progress == "100.0" or progress.startswith("failed")
 
 
-def test_a_second_process_given_the_same_path_reads_remotely_and_leaves_the_file_alone(
+def test_a_second_process_given_the_same_path_reads_the_copy_only_at_its_own_state(
         replica, tmp_path):
-    """Web workers all given LITESTREAM_HYDRATION_PATH: the file belongs to the first; the
-    second says so, reads remotely (rows and TXIDs its own) and never deletes the file
-    (issue 12, item 16)."""
+    """Web workers all given LITESTREAM_HYDRATION_PATH share one copy (issue 18): the second
+    process reads the first one's file, but only while the file equals its own state — one
+    transaction behind the copy it reads remotely (its own rows), and never writes or deletes
+    the file (issue 12, item 16)."""
     target = tmp_path / "copies" / "copy.db"
 
     def uri(poll: str) -> str:
@@ -559,29 +560,31 @@ def test_a_second_process_given_the_same_path_reads_remotely_and_leaves_the_file
     try:
         wait_for(lambda: a.ask("read")["progress"] == "100.0", timeout=60)
         b = Child(uri("1h"), tmp_path / "b.log")  # polls only when told to
-        wait_for(lambda: _settled(b), timeout=60)
+        r = b.ask("read")
+        assert (r["txid"], r["rows"], r["digest"], r["progress"]) == (*t1, "100.0"), r
+        assert b.ask("stats")["hydration_role"] == "reader"
         replica.commit("DELETE FROM t WHERE id > 300", "UPDATE t SET b = x'02' WHERE id <= 50")
         t2 = ("0000000000000002", 300, digest(replica.rows(sql)))
         wait_for(lambda: (lambda r: (r["txid"], r["progress"]) == (t2[0], "100.0"))(a.ask("read")),
                  timeout=60)
-        r = b.ask("read")  # B has not polled: TXID 1, and TXID 1's rows
+        before = b.ask("stats")["hydration_file_reads"]
+        r = b.ask("read")  # B has not polled: TXID 1, and TXID 1's rows, none from the copy
         assert (r.get("txid"), r.get("rows"), r.get("digest")) == t1, \
             f"B, at TXID 1, read {r} while A's copy holds TXID 2"
-        assert r["progress"] == (f"failed: hydration file {target} is in use by another "
-                                 "process; reads stay remote"), r
+        assert r["progress"] == "99.9", r
+        assert b.ask("stats")["hydration_file_reads"] == before
         assert b.ask("poll") == {"txid": t2[0]}
         r = b.ask("read")
-        assert (r["txid"], r["rows"], r["digest"]) == t2, r
+        assert (r["txid"], r["rows"], r["digest"], r["progress"]) == (*t2, "100.0"), r
+        assert b.ask("stats")["hydration_file_reads"] > before
         b.close()
         assert target.exists(), "B closing deleted A's hydration file"
-        log = (tmp_path / "b.log").read_text()
-        assert f"WARNING ltxvfs.hydrate hydration file {target} is in use by another process" \
-            in log, log
         r = a.ask("read")
         assert (r["txid"], r["rows"], r["digest"], r["progress"]) == (*t2, "100.0"), r
         assert page_bytes(target) == page_bytes(replica.path)
         a.close()
         assert not target.exists()
+        assert not target.with_name("copy.db.meta").exists()
     finally:
         a.kill()
         if b is not None:
@@ -609,26 +612,36 @@ def test_a_second_process_closing_leaves_the_first_ones_file(replica, tmp_path):
             b.kill()
 
 
-def test_a_file_removed_between_our_open_and_our_lock_is_opened_again(tmp_path, monkeypatch):
-    """Its previous owner removed the file (and then let go of the lock) after we opened it: a
-    lock on that removed file would guard nothing, so the path is opened again."""
+def test_a_record_removed_between_our_open_and_our_lock_is_opened_again(tmp_path, monkeypatch):
+    """The last user removed the files (and then let go of its lock) after we opened the
+    record: a lock on that removed record would guard nothing, so the path is opened again."""
     import fcntl
 
+    from ltxvfs.host import sharedcopy
+
     path = tmp_path / "copy.db"
-    path.write_bytes(b"the previous owner's copy")
+    meta = tmp_path / "copy.db.meta"
+    meta.write_bytes(b"the previous users' record")
     real, calls = fcntl.flock, []
 
     def flock(fd, op):
         calls.append(fd)
         if len(calls) == 1:
-            path.unlink()
+            meta.unlink()
         return real(fd, op)
 
-    monkeypatch.setattr(hydrate.fcntl, "flock", flock)
-    fd = hydrate._open_owned(path)
+    monkeypatch.setattr(sharedcopy.fcntl, "flock", flock)
+    copy = sharedcopy.SharedCopy(path)
+    copy.open()
     try:
         assert len(calls) == 2
-        assert os.fstat(fd).st_ino == os.stat(path).st_ino
-        assert hydrate._open_owned(path) is None  # and we hold it now
+        assert os.fstat(copy.mfd).st_ino == os.stat(meta).st_ino
+        assert copy.try_build()
+        other = sharedcopy.SharedCopy(path)
+        other.open()  # a second user joins, and cannot build while we do
+        assert not other.try_build()
+        assert other.close(keep=False) is False  # not the last one: nothing deleted
+        assert path.exists() and meta.exists()
     finally:
-        os.close(fd)
+        assert copy.close(keep=False) is True
+    assert not path.exists() and not meta.exists()

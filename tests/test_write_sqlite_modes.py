@@ -5,7 +5,9 @@ What each ``synchronous`` level guarantees in write mode (docs/write-mode.md):
 
 * every level, every ``locking_mode``: a commit is in the write buffer (``write()``) before
   COMMIT returns, so a process crash (kill -9) loses no acknowledged commit;
-* NORMAL, FULL, EXTRA: the buffer is also fsynced before COMMIT returns (power loss);
+* NORMAL, FULL, EXTRA: the buffer is also fsynced before COMMIT returns (power loss) — with
+  one ``fdatasync``, which flushes the data alone while the commit stays inside the buffer's
+  preallocated zero tail (the file's size does not change);
 * OFF: no fsync — an operating-system crash or power loss can lose recent commits.
 """
 
@@ -21,12 +23,15 @@ import apsw
 import pytest
 
 import ltxvfs
+import ltxvfs.localfiles
+from ltxvfs.bufferlog import HEADER, scan
 from ltxvfs.restore import restore
 from ltxvfs.storage import open_replica
 
 from test_write import RW, rows, uri, writer
 
 HERE = Path(__file__).parent
+PREALLOC = 16 << 10  # the kill -9 tests' writers grow the zero tail every few commits
 MODES = [(sync, lock) for sync in ("OFF", "NORMAL", "FULL", "EXTRA")
          for lock in ("NORMAL", "EXCLUSIVE")]
 
@@ -76,20 +81,28 @@ def test_every_commit_reaches_the_buffer_and_the_replica(vfs, tmp_path, synchron
 @pytest.mark.parametrize(("synchronous", "locking_mode"), MODES)
 def test_fsync_before_commit_returns_unless_synchronous_is_off(vfs, tmp_path, monkeypatch,
                                                                synchronous, locking_mode):
+    """One ``fdatasync`` of the buffer per commit (none at OFF), no ``fsync``; the buffer file's
+    size stays the same from commit to commit inside its preallocated tail, so that
+    ``fdatasync`` has no metadata to journal."""
     url = (tmp_path / "replica").as_uri()
     con = writer(url, tmp_path, sync_interval="-1s")
     con.execute(f"PRAGMA synchronous = {synchronous}")
     con.execute(f"PRAGMA locking_mode = {locking_mode}")
     con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
-    buffer_fd = next(r for r in vfs.replicas() if r.client.url == url).writer.buffer._fd
-    synced = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    buffer = next(r for r in vfs.replicas() if r.client.url == url).writer.buffer
+    buffer_fd, size = buffer._fd, os.fstat(buffer._fd).st_size
+    assert size - buffer._end > 3 * 3 * 4200, "the tail has room for the commits below"
+    calls: list[tuple[str, int]] = []
+    for name in ("fsync", "fdatasync"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda fd, name=name, real=real: (calls.append((name, fd)),
+                                                                        real(fd))[1])
     for i in range(3):
-        before = len([fd for fd in synced if fd == buffer_fd])
+        before = len(calls)
         con.execute("INSERT INTO t VALUES (?, 'x')", (i,))
-        after = len([fd for fd in synced if fd == buffer_fd])
-        assert after - before == (0 if synchronous == "OFF" else 1), (synchronous, synced)
+        mine = [name for name, fd in calls[before:] if fd == buffer_fd]
+        assert mine == ([] if synchronous == "OFF" else ["fdatasync"]), (synchronous, calls)
+        assert os.fstat(buffer_fd).st_size == size, "the buffer file grew at a commit"
     monkeypatch.undo()
     con.close()
 
@@ -98,7 +111,8 @@ def test_fsync_before_commit_returns_unless_synchronous_is_off(vfs, tmp_path, mo
 def test_no_acknowledged_commit_is_lost_to_kill_nine(tmp_path, synchronous, locking_mode):
     url = (tmp_path / "replica").as_uri()
     u = uri(url, tmp_path / "buf", sync_interval="-1s")
-    env = {**os.environ, "WRITER_PRAGMAS": f"synchronous={synchronous};locking_mode={locking_mode}"}
+    env = {**os.environ, "WRITER_PRAGMAS": f"synchronous={synchronous};locking_mode={locking_mode}",
+           "WRITER_PREALLOC": str(PREALLOC)}
     p = subprocess.Popen([sys.executable, str(HERE / "writer_proc.py"), u, "1", "100000"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     seen = []
@@ -111,6 +125,17 @@ def test_no_acknowledged_commit_is_lost_to_kill_nine(tmp_path, synchronous, lock
     p.send_signal(signal.SIGKILL)
     p.wait(30)
     assert len(seen) == 30, p.stderr.read() if p.stderr else ""
+    # What the crash left: committed records, then the zero tail (no phantom record in it).
+    fd = os.open(tmp_path / "buf", os.O_RDONLY)
+    try:
+        found = scan(fd, tmp_path / "buf", HEADER.unpack(os.pread(fd, HEADER.size, 0))[5])
+        size = os.fstat(fd).st_size
+        assert size % PREALLOC == 0 and size > found.end, "no preallocated tail at the crash"
+        # A kill does not tear a write: what follows the records is the zero tail, untouched.
+        assert os.pread(fd, size - found.end, found.end) == bytes(size - found.end)
+    finally:
+        os.close(fd)
+    assert found.commits >= len(seen) + 1  # CREATE TABLE, then each acknowledged row at least
     ltxvfs.register()
     con = apsw.Connection(u, flags=RW)  # recovers the buffer and syncs it
     got = [r[0] for r in con.execute("SELECT id FROM t ORDER BY id")]
@@ -167,7 +192,13 @@ def test_rollback_journals_are_not_shared_between_replicas_of_one_name(vfs, tmp_
     assert {v for _, v in restored_rows(y, tmp_path / "y.db", "SELECT id, v FROM t")} == {"b"}
 
 
-def test_journals_and_their_stand_ins_go_when_the_database_closes(vfs, tmp_path):
+@pytest.mark.parametrize("where", ["memory", "file"])
+def test_journals_and_their_stand_ins_go_when_the_database_closes(vfs, tmp_path, monkeypatch,
+                                                                  where):
+    """A journal lives in memory until it outgrows SPILL, then in the private directory; either
+    way it goes when the database closes (PERSIST keeps it until then)."""
+    if where == "file":
+        monkeypatch.setattr(ltxvfs.localfiles, "SPILL", 0)
     url = (tmp_path / "replica").as_uri()
     scratch_before = set(os.listdir(vfs._private_dir()))
     for _ in range(3):
@@ -175,9 +206,41 @@ def test_journals_and_their_stand_ins_go_when_the_database_closes(vfs, tmp_path)
         con.execute("PRAGMA journal_mode = PERSIST")  # leaves its journal behind
         con.execute("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY)")
         con.execute("INSERT INTO t DEFAULT VALUES")
-        assert set(os.listdir(vfs._private_dir())) - scratch_before, "the journal lives there"
+        journal = con.filename + "-journal"
+        assert vfs.journals.exists(journal), "PERSIST keeps the journal"
+        on_disk = {n for n in set(os.listdir(vfs._private_dir())) - scratch_before
+                   if n.endswith("-journal")}
+        assert len(on_disk) == (1 if where == "file" else 0)
         con.close()
+        assert not vfs.journals.exists(journal)
         assert set(os.listdir(vfs._private_dir())) == scratch_before
+
+
+@pytest.mark.parametrize("spill", [1 << 20, 0, 64 << 10])  # memory / file / moved mid-transaction
+@pytest.mark.parametrize("journal_mode", ["DELETE", "PERSIST", "TRUNCATE"])
+def test_a_rollback_plays_the_journal_back_wherever_it_lives(vfs, tmp_path, monkeypatch, spill,
+                                                              journal_mode):
+    monkeypatch.setattr(ltxvfs.localfiles, "SPILL", spill)
+    url = (tmp_path / "replica").as_uri()
+    con = writer(url, tmp_path, sync_interval="-1s")
+    con.execute(f"PRAGMA journal_mode = {journal_mode}")
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT, pad BLOB)")
+    con.execute("WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < 400)"
+                " INSERT INTO t SELECT i, 'old', randomblob(400) FROM s")
+    original = rows(con, "SELECT id, v, pad FROM t ORDER BY id")
+    con.execute("PRAGMA cache_size = 10")
+    for _ in range(2):  # the second time reuses what PERSIST/TRUNCATE left
+        con.execute("BEGIN")
+        con.execute("UPDATE t SET v = 'new'")  # spills pages: the journal is played back
+        con.execute("DELETE FROM t WHERE id > 200")
+        con.execute("ROLLBACK")
+        assert rows(con, "SELECT id, v, pad FROM t ORDER BY id") == original
+        assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    con.execute("UPDATE t SET v = 'committed' WHERE id = 1")
+    con.execute("PRAGMA litestream_sync")
+    con.close()
+    want = [(1, "committed"), *((i, v) for i, v, _ in original[1:])]
+    assert restored_rows(url, tmp_path / "out.db", "SELECT id, v FROM t ORDER BY id") == want
 
 
 def test_changing_the_page_size_is_refused_not_accepted_and_then_every_write_fails(vfs, tmp_path):

@@ -4,7 +4,8 @@ Inserts rows START..START+COUNT-1 into ``t(id INTEGER PRIMARY KEY, who TEXT, bod
 commit each, printing ``committed <id>`` (flushed) after each commit returns and ``synced <txid>``
 after each explicit sync (every SYNC commits, if given). Exits 3 on ConflictError, printing it.
 With ``WRITER_BARRIER=1`` it prints ``ready`` once open and waits for a line on stdin.
-``WRITER_PRAGMAS="synchronous=OFF;locking_mode=EXCLUSIVE"`` runs those PRAGMAs after opening.
+``WRITER_PRAGMAS="synchronous=OFF;locking_mode=EXCLUSIVE"`` runs those PRAGMAs after opening;
+``WRITER_PREALLOC=N`` grows the write buffer's zero tail N bytes at a time.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from faults import wait_at_barrier
 def main() -> int:
     uri, start, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     sync_every = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+    if os.environ.get("WRITER_PREALLOC"):  # a small zero tail: crashes meet its growth too
+        from ltxvfs import buffer
+
+        buffer.PREALLOC = int(os.environ["WRITER_PREALLOC"])
     ltxvfs.register()
     con = apsw.Connection(uri, flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
                           | apsw.SQLITE_OPEN_URI)

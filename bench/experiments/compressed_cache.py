@@ -24,8 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lz4.block
-
 from dataset import _payload  # the bench dataset's rows
+
 from ltxvfs.ltx import Encoder, Header, decode_file
 from ltxvfs.publish import database_pages
 

@@ -23,6 +23,7 @@ import apsw
 
 from .errors import ConflictError, LitestreamError, LTXError, ObjectNotFoundError, StorageError
 from .follow import Replica
+from .host.frames import DiskCache
 from .locks import NONE, RESERVED, SHARED
 from .pages import DatabaseState, PageNotFoundError
 from .pragmas import PragmaError, format_time, handle_pragma
@@ -410,7 +411,13 @@ class LitestreamFile:
             "conflicts": writer.conflicts if writer else 0,
             "sync_error": (writer.last_error or "") if writer else "",
             "hydration": hydrator.progress() if hydrator else "off",
+            # One copy per host: "builder" (this process writes it) or "reader" (another does).
+            "hydration_role": hydrator.role if hydrator else "",
+            "hydration_fetched_bytes": hydrator.fetched_bytes if hydrator else 0,
+            "hydration_file_reads": hydrator.file_reads if hydrator else 0,
+            "hydration_takeovers": hydrator.takeovers if hydrator else 0,
             "requests": requests.snapshot() if requests is not None else {},
+            **(store.disk.stats() if store.disk is not None else DiskCache.off_stats()),
         }
 
     def sync_error(self) -> str:

@@ -412,7 +412,7 @@ class Replica:
             for c in candidates:
                 key = (c.level, c.min_txid, c.max_txid)
                 if key not in indexes:
-                    indexes[key] = fetch_file_index(self.client, c).pages
+                    indexes[key] = fetch_file_index(self.client, c, disk=self.store.disk).pages
                 pages = indexes[key]
                 if all(p in pages and (c.max_txid <= state.txid or _unchanged(latest, p, state))
                        for p in pgnos):

@@ -15,21 +15,19 @@ waited for (queued ones cancelled) on every way out of ``_hydrate``: success, fa
 descriptor is closed only when no task can write to it any more: ``close()`` waits for the
 thread (which waits for its tasks); if that wait runs out, the thread closes it when it ends.
 
-A hydration file belongs to one process: an exclusive ``flock`` on the file itself, taken before
-anything is written. A second process (or a second VFS in this one) given the same path logs a
-WARNING, reads remotely and never writes or deletes the file; its progress says ``failed: ...
-in use by another process``. (One copy shared by a host's processes is a later design.)
-
-On close the file is deleted, unless ``persistent``: then it stays with ``<file>.meta`` (TXID and
-the checksum of the LTX file that ended at it), and the next open resumes from it if the replica
-still holds that very file, else starts over.
+One copy per host (host/sharedcopy.py): every process given the same path uses the same file.
+The first to take the builder lock builds it and keeps it current; it publishes what the file
+holds in the shared record (a seqlock), through which the other processes read the file — only
+pages of exactly their own state, never while the builder writes. They try to take the builder
+lock on each wake of their thread (a state change, or every ``TAKEOVER_INTERVAL``); when the
+builder exits or dies, one of them takes it and resumes from what the record says the file
+holds: the state it equals (if the replica still holds the LTX file that state ended with), or
+the target it was being built for and which pages of it were written. The last process out
+deletes the file, unless ``persistent``; a persistent file is fsynced first and marked synced.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import json
 import logging
 import os
 import threading
@@ -39,6 +37,7 @@ from pathlib import Path
 from .errors import LitestreamError, ObjectNotFoundError
 from .follow import Replica
 from .gcpause import paused_gc
+from .host.sharedcopy import Record, SharedCopy, identity
 from .ltx import decode_page_frame, lock_pgno
 from .pages import DatabaseState, PageRef, frame_key, state_at
 
@@ -51,6 +50,9 @@ _IOV_MAX = 1024
 #: How long close() waits for the hydration thread and its fetch tasks to finish; past that the
 #: thread closes (and removes) the file itself once its last task has finished.
 CLOSE_WAIT = 30.0
+#: How often a process that reads another process's copy tries to take over building it (one
+#: non-blocking ``flock``); it also tries whenever its replica's state changes.
+TAKEOVER_INTERVAL = 1.0
 
 
 class Hydrator:
@@ -60,45 +62,71 @@ class Hydrator:
         self.path = Path(path)
         self.persistent = persistent
         self._pool = pool
-        self._fd = -1
+        self.copy = SharedCopy(self.path, replica.key)
+        self._fd = -1  # the builder's writable descriptor
         self._lock = threading.Lock()
         self._wake = threading.Condition()
         self._stop = False
-        #: The state the file equals (reads of exactly this state use the file); None while
-        #: the file is being built or catching up.
+        #: The state the file equals, while this process builds it (reads of exactly this state
+        #: use the file); None while the file is being built or catching up.
         self.state: DatabaseState | None = None
         self._written: DatabaseState | None = None  # what the file holds so far
         #: Pages an unfinished attempt may have written beyond ``_written``: rewritten next time.
         self._unsure: set[int] = set()
+        self._bits = bytearray()  # the record's bitmap of the target being written
+        self._bits_lock = threading.Lock()
+        self._ident: tuple[DatabaseState | None, bytes] = (None, b"")
         self._life = threading.Lock()  # decides who closes the descriptor: close() or the thread
         self._finished = False  # the thread has ended (and with it every fetch task)
         self._orphaned = False  # close() stopped waiting: the thread closes the file at its end
+        #: "builder" (this process writes the copy), "reader" (another one does), "" not started.
+        self.role = ""
+        self.takeovers = 0  # times this process took over building from another one
         self.done_pages = 0
         self.total_pages = 0
         self.fetched_pages = 0  # pages that needed a GET (not in the page cache)
+        self.fetched_bytes = 0  # bytes of frames those GETs downloaded
+        self.file_reads = 0  # pages served from the copy
         self.error: str | None = None
         self._thread = threading.Thread(target=self._run, name="ltxvfs-hydrate", daemon=True)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Open and lock the file, then hydrate in the background. A file another process
-        holds is left alone: reads stay remote and ``progress()`` says why."""
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = _open_owned(self.path)
-        if fd is None:
-            self.error = f"hydration file {self.path} is in use by another process; reads stay remote"
-            log.warning("%s (each process needs a hydration path of its own for a local copy)",
-                        self.error)
-            return
-        self._fd = fd
+        """Join the copy at the path (raises OSError if it cannot be created), build it if no
+        other process does, and work in the background."""
+        self.copy.open()
+        try:
+            if self.copy.other_replica() and not self.copy.try_build():
+                self.error = (f"hydration file {self.path} holds a copy of another replica, "
+                              "built by another process; reads stay remote")
+                log.warning("%s (give each replica a hydration path of its own)", self.error)
+                self.copy.close(keep=True)
+                return
+            if self.copy.builder or self.copy.try_build():
+                self._become_builder()
+            else:
+                self.role = "reader"
+                log.info("hydration file %s is built by another process (pid %d); reading it "
+                         "when it equals our state", self.path, self.copy.record().pid)
+        except BaseException:
+            self.copy.close(keep=True)
+            raise
         self.replica.listeners.append(self._changed)
         self._thread.start()
 
+    def _become_builder(self) -> None:
+        try:
+            self._fd = self.copy.open_writable()
+        except OSError:
+            self.copy.close(keep=True)
+            raise
+        self.role = "builder"
+
     def close(self) -> None:
-        """Stop, wait for every writer of the file, then close it (and remove it unless it is
-        kept). If the thread does not finish within ``CLOSE_WAIT`` (a GET hanging), the file is
-        left to it: it closes and removes the file when its last task has finished."""
+        """Stop, wait for every writer of the file, then close it (the last process out removes
+        it unless it is kept). If the thread does not finish within ``CLOSE_WAIT`` (a GET
+        hanging), the file is left to it: it closes it when its last task has finished."""
         with self._wake:
             self._stop = True
             self._wake.notify_all()
@@ -109,31 +137,32 @@ class Hydrator:
         with self._life:
             if self._thread.ident is not None and not self._finished:
                 self._orphaned = True
-                log.warning("hydration into %s still busy after %gs; the file is closed and "
-                            "removed when its last fetch ends", self.path, CLOSE_WAIT)
+                log.warning("hydration into %s still busy after %gs; the file is closed "
+                            "when its last fetch ends", self.path, CLOSE_WAIT)
                 return
         self._release(may_keep=True)
 
     def _release(self, may_keep: bool) -> None:
-        """Close the descriptor: no writer is left. Persist or remove the file first, while we
-        still hold it."""
+        """Close the descriptors: no writer is left. A kept file is fsynced and marked synced
+        first, while we still build it."""
         with self._lock:
             state, self.state = self.state, None
-            if self._fd < 0:
+            if self.copy.mfd < 0:
                 return
-            keep = may_keep and self.persistent and state is not None and self.error is None
-            if keep:
-                try:
+            keep = may_keep and self.persistent
+            try:
+                if self._fd >= 0 and keep and state is not None and self.error is None:
                     os.fsync(self._fd)
-                    self._write_meta(state)
-                except (LitestreamError, OSError) as err:
-                    log.error("cannot keep hydration file %s: %s", self.path, err)
-                    keep = False
-            if not keep:
-                self.path.unlink(missing_ok=True)
-                self._meta_path().unlink(missing_ok=True)
-            os.close(self._fd)
-            self._fd = -1
+                    self.copy.mark_synced()
+            except OSError as err:
+                log.error("cannot sync hydration file %s: %s", self.path, err)
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+            try:
+                self.copy.close(keep=keep)
+            except OSError as err:
+                log.error("cannot remove hydration file %s: %s", self.path, err)
 
     def _thread_ended(self) -> None:
         with self._life:
@@ -150,40 +179,77 @@ class Hydrator:
 
     def read_page(self, state: DatabaseState, pgno: int) -> bytes | None:
         """The page from the file if the file equals ``state``, else None."""
-        if self.state is not state or not state.page_size:
+        if not state.page_size:
             return None
-        with self._lock:
-            if self.state is not state or self._fd < 0:
+        if self.state is state:  # we build it, and marked it as this very state
+            with self._lock:
+                # (no map: a forked child's inherited handle — the parent writes the file)
+                if self.state is not state or self._fd < 0 or self.copy.map is None:
+                    return None
+                data = os.pread(self._fd, state.page_size, (pgno - 1) * state.page_size)
+            if len(data) != state.page_size:
                 return None
-            data = os.pread(self._fd, state.page_size, (pgno - 1) * state.page_size)
-        return data if len(data) == state.page_size else None
+            self.file_reads += 1
+            return data
+        if not state.txid or self.copy.map is None:
+            return None
+        cached = self._ident
+        if cached[0] is state:
+            ident = cached[1]
+        else:
+            ident = identity(state.txid, state.tip)
+            self._ident = (state, ident)
+        with self._lock:  # the descriptors stay open while we read
+            if self.copy.map is None:
+                return None
+            data = self.copy.read(state.txid, ident, state.page_size, pgno)
+        if data is not None:
+            self.file_reads += 1
+        return data
 
     def progress(self) -> str:
         """``100.0`` exactly when reads of the latest state use the file: while it catches up
         with a newer transaction (reads of that are remote meanwhile) it says ``99.9``."""
         if self.error is not None:
             return f"failed: {self.error}"
-        state = self.state
-        if state is not None and state is self.replica.state:
-            return "100.0"
-        if not self.total_pages:
+        latest = self.replica.state
+        if self.role != "builder":
+            with self._lock:
+                rec = self.copy.record() if self.copy.map is not None else None
+            if rec is None or not rec.valid:
+                return "0.0"
+            if rec.complete and rec.txid == latest.txid and \
+                    rec.ident == identity(latest.txid, latest.tip):
+                return "100.0"
+            done, total = rec.done, rec.total
+        else:
+            state = self.state
+            if state is not None and state is latest:
+                return "100.0"
+            done, total = self.done_pages, self.total_pages
+        if not total:
             return "0.0"
-        return f"{min(99.9, 100.0 * self.done_pages / self.total_pages):.1f}"
+        return f"{min(99.9, 100.0 * done / total):.1f}"
 
     # --- the background work --------------------------------------------------------------------
 
     def _mark(self, state: DatabaseState | None) -> None:
         """Say what the file equals (None: nothing reads may use), under the lock reads take."""
         with self._lock:
+            if state is not None:
+                self.copy.publish()
             self.state = state
 
     def _run(self) -> None:
         try:
+            if not self._await_turn():
+                return
             self._written = self._resume()
             lost = 0
             while not self._stop:
                 target = self.replica.state
-                if target is not self._written:
+                # (a resumed partial build: the file is of ``target`` but for some pages)
+                if target is not self._written or self._unsure:
                     self._mark(None)  # before the first write for a new target
                     try:
                         if not self._hydrate(target):
@@ -205,14 +271,43 @@ class Hydrator:
             self._mark(None)
             log.error("hydration of %s into %s failed; reads stay remote: %s",
                       self.replica.client.url, self.path, err)
+            self._stop_building()
         finally:
             self._thread_ended()
+
+    def _stop_building(self) -> None:
+        """After a failure (every task of the attempt has ended): let another process of the
+        host build (it retries; a full disk fails it too), and read what it publishes."""
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+            if self.copy.builder:
+                self.copy.stop_building()
+                self.role = "reader"
+
+    def _await_turn(self) -> bool:
+        """Wait (reading through the other process's copy meanwhile) until we hold the builder
+        lock: True, or False when stopped."""
+        while self.role != "builder":
+            with self._wake:
+                if self._stop:
+                    return False
+                self._wake.wait(timeout=TAKEOVER_INTERVAL)
+                if self._stop:
+                    return False
+            if self.copy.try_build():
+                self._become_builder()
+                self.takeovers += 1
+                log.info("taking over hydration file %s (its builder exited)", self.path)
+        return True
 
     def _hydrate(self, target: DatabaseState) -> bool:
         """Write every page whose frame differs from what the file holds; cut to size. True when
         the file equals ``target``, False when stopped. Returns or raises only once no fetch
         task of this attempt is queued or running."""
         if not target.page_size:
+            self.copy.begin(0, bytes(16), (0, 0), 0, 0, None)  # nothing a reader may match
             return True
         old = self._written
         if old is not None and old.page_size not in (0, target.page_size):
@@ -226,6 +321,12 @@ class Hydrator:
         runs = _runs(target, todo)
         if old is not None:  # (with no base, a failed attempt is redone whole anyway)
             unsure.update(todo)  # until this attempt completes, these pages may hold anything
+        tip = target.tip
+        with self._bits_lock:  # readers of the record stop using the file from here on
+            self._bits = self.copy.begin(
+                target.txid, identity(target.txid, tip),
+                (tip.level, tip.min_txid) if tip is not None else (0, 0),
+                target.page_size, target.commit, None if old is None else todo)
         inflight: set[Future[None]] = set()
         try:
             for run in runs:
@@ -266,82 +367,60 @@ class Hydrator:
             pages = [decode_page_frame(data[off - start:off - start + size], state.page_size, pgno)
                      for pgno, (_, off, size) in run]
             self.fetched_pages += len(run)
+            self.fetched_bytes += len(data)
         if self._stop:  # closing: the file is about to be closed or removed
             return
-        _write_pages(self._fd, state.page_size, [p for p, _ in run], pages)
-        self.done_pages += len(run)
+        pgnos = [p for p, _ in run]
+        _write_pages(self._fd, state.page_size, pgnos, pages)
+        with self._bits_lock:
+            self.done_pages += len(run)
+            self.copy.written(self._bits, pgnos)  # a builder taking over need not redo them
+            self.copy.set_progress(self.done_pages, self.total_pages)
 
-    # --- persistence ------------------------------------------------------------------------------
-
-    def _meta_path(self) -> Path:
-        return self.path.with_name(self.path.name + ".meta")
-
-    def _write_meta(self, state: DatabaseState) -> None:
-        last = max((ref[0] for ref in state.index.values()), key=lambda f: f.max_txid, default=None)
-        if last is None:
-            return
-        trailer = self.replica.client.read(last.level, last.min_txid, last.max_txid,
-                                           last.size - 8, 8)
-        meta = {"txid": f"{state.txid:016x}", "page_size": state.page_size,
-                "commit": state.commit, "file": [last.level, last.min_txid, last.max_txid],
-                "checksum": trailer.hex()}
-        tmp = self._meta_path().with_suffix(".tmp")
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-            json.dump(meta, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._meta_path())
+    # --- resuming what the record says the file holds -------------------------------------------
 
     def _resume(self) -> DatabaseState | None:
-        """The state a persistent file still equals, or None (start over)."""
-        meta_path = self._meta_path()
-        if not self.persistent or not meta_path.exists():
-            os.ftruncate(self._fd, 0)
+        """The state the file (partly) holds, or None (start over). Also sets which of its
+        pages are not written yet (``_unsure``)."""
+        rec = self.copy.record()
+        if not rec.valid or not rec.txid or rec.replica != self.copy.replica:
+            return None
+        if not rec.trusted():
+            log.info("hydration file %s was left by an earlier boot without a sync; starting "
+                     "over", self.path)
             return None
         try:
-            meta = json.loads(meta_path.read_text())
-            level, lo, hi = meta["file"]
-            files = [f for f in self.replica.client.list_files(level, seek=lo)
-                     if (f.min_txid, f.max_txid) == (lo, hi)]
-            same = files and self.replica.client.read(
-                level, lo, hi, files[0].size - 8, 8).hex() == meta["checksum"]
-            if not same:
-                raise LitestreamError("the replica no longer holds the file it was built from")
-            state = state_at(self.replica.client, self._pool, txid=int(meta["txid"], 16))
-        except (LitestreamError, OSError, ValueError, KeyError) as err:
+            state = self._state_of(rec)
+        except (LitestreamError, OSError) as err:
             log.info("hydration file %s cannot be resumed (%s); starting over", self.path, err)
-            meta_path.unlink(missing_ok=True)
-            os.ftruncate(self._fd, 0)
             return None
-        log.info("resuming hydration file %s at TXID %016x", self.path, state.txid)
-        self.total_pages = self.done_pages = state.commit
+        if state is None or (state.page_size, state.commit) != (rec.page_size, rec.commit):
+            log.info("hydration file %s: the replica no longer holds the history it was built "
+                     "from; starting over", self.path)
+            return None
+        unsure = set() if rec.complete else self.copy.unsure_pages(rec)
+        self._unsure = unsure
+        self.total_pages = rec.commit
+        self.done_pages = rec.commit - len(unsure)
+        log.info("resuming hydration file %s at TXID %016x (%d pages to write)", self.path,
+                 state.txid, len(unsure))
         return state
 
-
-def _open_owned(path: Path) -> int | None:
-    """The file at ``path`` (created if missing), opened and exclusively locked, or None if
-    another open of it holds the lock. A file its previous owner removed between our open and
-    our lock is not at ``path`` any more (the lock would guard nothing): open again. An owner
-    removes the file before it lets go of the lock, so the file at ``path`` has one owner."""
-    for _ in range(8):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            try:
-                here = os.stat(path)
-            except FileNotFoundError:
-                here = None
-            mine = os.fstat(fd)
-        except BlockingIOError:
-            os.close(fd)
+    def _state_of(self, rec: Record) -> DatabaseState | None:
+        """The state named by the record, if the replica still holds its history: the latest
+        state when it is that one, else one built for its TXID after finding the LTX file it
+        ended with, unchanged (same ETag / inode), in the replica."""
+        latest = self.replica.state
+        if latest.txid == rec.txid and identity(latest.txid, latest.tip) == rec.ident:
+            return latest
+        client = self.replica.client
+        files = [f for f in client.list_files(rec.tip_level, seek=rec.tip_min)
+                 if (f.min_txid, f.max_txid) == (rec.tip_min, rec.txid)]
+        if not files or identity(rec.txid, files[0]) != rec.ident:
             return None
-        except BaseException:
-            os.close(fd)
-            raise
-        if here is not None and (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino):
-            return fd
-        os.close(fd)
-    raise OSError(errno.EAGAIN, "the file keeps being replaced while we lock it", str(path))
+        if latest.txid == rec.txid:
+            return latest  # the same history, reached through other files
+        return state_at(client, self._pool, txid=rec.txid)
 
 
 def _first_done(futures: set[Future[None]]) -> tuple[set[Future[None]], set[Future[None]]]:

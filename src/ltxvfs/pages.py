@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import lz4.block
 
@@ -28,6 +29,7 @@ from .errors import (
     TruncatedError,
 )
 from .gcpause import paused_gc
+from .host.pagestore import SharedFrames, index_bytes_via_disk, read_head, read_header
 from .ltx import (
     ESTIMATED_INDEX_TAIL,
     HEADER_SIZE,
@@ -40,6 +42,9 @@ from .ltx import (
 )
 from .plan import Plan, compute_plan
 from .storage.base import FileInfo, ReplicaClient
+
+if TYPE_CHECKING:
+    from .host.frames import DiskCache
 
 #: Readahead streams remembered, pages a stream may skip, bytes of unwanted frames read over.
 _STREAMS, _SLACK, _MAX_GAP = 8, 8, 64 * 1024
@@ -125,22 +130,17 @@ def tail_size(file_size: int) -> int:
     return min(max(ESTIMATED_INDEX_TAIL, file_size // 256), MAX_TAIL)
 
 
-def fetch_file_index(client: ReplicaClient, info: FileInfo, want_header: bool = False
-                     ) -> FileIndex:
+def fetch_file_index(client: ReplicaClient, info: FileInfo, want_header: bool = False,
+                     disk: DiskCache | None = None) -> FileIndex:
     """Read a file's page index from its tail: one ranged GET, two if the index is larger than
     the tail. A file up to ``WHOLE_FILE`` bytes comes whole in that GET (header, pages and
-    all: verified, and its pages cached), since a few more KiB cost no extra round trip."""
-    start = 0 if info.size <= WHOLE_FILE else info.size - tail_size(info.size)
-    tail = client.read(info.level, info.min_txid, info.max_txid, start, info.size - start)
-    if len(tail) != info.size - start:
-        raise TruncatedError(f"{info}: read {len(tail)} bytes of the tail, expected "
-                             f"{info.size - start} (object changed or truncated)")
-    try:
-        pages = parse_page_index(tail, info.size, start)
-    except TruncatedError:
-        begin = page_index_start(tail, info.size)
-        more = client.read(info.level, info.min_txid, info.max_txid, begin, start - begin)
-        pages = parse_page_index(more + tail, info.size, begin)
+    all: verified, and its pages cached), since a few more KiB cost no extra round trip.
+    With ``disk`` (the host's cache directory) the bytes come from there when some process of
+    the host fetched them before."""
+    if disk is None:
+        start, tail, pages = _read_index_bytes(client, info)
+    else:
+        start, tail, pages = index_bytes_via_disk(info, disk, lambda: _read_index_bytes(client, info))
     header = None
     if start == 0:
         whole = decode_file(tail, name=str(info))
@@ -148,8 +148,25 @@ def fetch_file_index(client: ReplicaClient, info: FileInfo, want_header: bool = 
             raise MalformedIndexError(f"{info}: page index does not match the page frames")
         return FileIndex(info, pages, whole.header, whole.pages, bytes(tail))
     if want_header:
-        header = Header.unpack(client.read(info.level, info.min_txid, info.max_txid, 0, HEADER_SIZE))
+        header = Header.unpack(read_header(client, info, disk))
     return FileIndex(info, pages, header)
+
+
+def _read_index_bytes(client: ReplicaClient, info: FileInfo
+                      ) -> tuple[int, bytes, dict[int, tuple[int, int]]]:
+    """(offset, bytes from there to the end, the page index they hold): the tail GET, and a
+    second GET for the rest of an index larger than the tail."""
+    start = 0 if info.size <= WHOLE_FILE else info.size - tail_size(info.size)
+    tail = client.read(info.level, info.min_txid, info.max_txid, start, info.size - start)
+    if len(tail) != info.size - start:
+        raise TruncatedError(f"{info}: read {len(tail)} bytes of the tail, expected "
+                             f"{info.size - start} (object changed or truncated)")
+    try:
+        return start, tail, parse_page_index(tail, info.size, start)
+    except TruncatedError:
+        begin = page_index_start(tail, info.size)
+        more = client.read(info.level, info.min_txid, info.max_txid, begin, start - begin)
+        return begin, more + tail, parse_page_index(more + tail, info.size, begin)
 
 
 def fetch_indexes(client: ReplicaClient, files: Sequence[FileInfo], pool: ThreadPoolExecutor,
@@ -158,9 +175,10 @@ def fetch_indexes(client: ReplicaClient, files: Sequence[FileInfo], pool: Thread
     the same round trip). Pages of files that arrived whole go into ``store``'s cache."""
     last = files[-1]
     header = None
+    disk = store.disk if store is not None else None
     if last.size > WHOLE_FILE:
-        header = pool.submit(client.read, last.level, last.min_txid, last.max_txid, 0, HEADER_SIZE)
-    futures = [pool.submit(fetch_file_index, client, f) for f in files]
+        header = pool.submit(read_header, client, last, disk)
+    futures = [pool.submit(fetch_file_index, client, f, False, disk) for f in files]
     indexes = [f.result() for f in futures]
     if header is not None:
         indexes[-1] = replace(indexes[-1], header=Header.unpack(header.result()))
@@ -181,7 +199,7 @@ def build_state(client: ReplicaClient, plan: Plan, pool: ThreadPoolExecutor,
     head = None
     if store is not None and first.size > WHOLE_FILE:
         size = min(HEAD_PREFETCH, first.size - tail_size(first.size))
-        head = pool.submit(client.read, first.level, first.min_txid, first.max_txid, 0, size)
+        head = pool.submit(read_head, client, first, size, store.disk)
     indexes = fetch_indexes(client, plan.files, pool, store)
     if head is not None and store is not None:
         try:
@@ -225,16 +243,21 @@ def _key(ref: PageRef) -> tuple:
     return frame_key(ref[0], ref[1])
 
 
-class PageStore:
+class PageStore(SharedFrames):
     """Pages of one replica: cache + fetcher shared by every connection to it."""
+
+    _frame_key = staticmethod(frame_key)  # for SharedFrames (host/pagestore.py)
 
     #: Readahead grows (doubling) up to this many pages per GET while reads are sequential.
     MAX_READAHEAD_PAGES = 256
     MAX_READAHEAD_BYTES = 4 * 1024 * 1024
 
-    def __init__(self, client: ReplicaClient, cache_bytes: int) -> None:
+    def __init__(self, client: ReplicaClient, cache_bytes: int,
+                 disk: DiskCache | None = None) -> None:
         self.client = client
         self.cache = PageCache(cache_bytes)
+        #: The host's cache directory for this replica (``cache_dir``), or None.
+        self.disk = disk
         self._inflight: dict[tuple, Future[bytes]] = {}
         self._lock = threading.Lock()
         self._streams: dict[int, int] = {}  # last page of a recent run -> its window
@@ -256,6 +279,10 @@ class PageStore:
         if page is not None:
             return page if len(page) == state.page_size else \
                 lz4.block.decompress(page, uncompressed_size=state.page_size)
+        if self.disk is not None:
+            page = self._disk_page(ref, pgno, state.page_size)
+            if page is not None:
+                return page
         return self._miss(state, pgno, ref)
 
     def peek_page(self, key: tuple, page_size: int) -> bytes | None:
@@ -283,8 +310,11 @@ class PageStore:
         if not owner:
             return fut.result()
         try:
-            self._fetch_run(state.page_size, [(p, r, f) for p, (r, f) in futures.items()],
-                            sequential)
+            items = [(p, r, f) for p, (r, f) in futures.items()]
+            if self.disk is not None:
+                self._fetch_shared(state.page_size, items, sequential)
+            else:
+                self._fetch_run(state.page_size, items, sequential)
         finally:
             with self._lock:
                 for r, _ in futures.values():
@@ -320,6 +350,8 @@ class PageStore:
             if r is None:
                 break
             nxt += 1
+            if r[0] is info and self.disk is not None and self.disk.known(info, r[1]):
+                break  # on disk, or another process is fetching it
             if r[0] is not info or _key(r) in self._inflight or _key(r) in self.cache:
                 skipped += 1
                 continue
@@ -334,7 +366,7 @@ class PageStore:
         return run, sequential
 
     def _fetch_run(self, page_size: int, run: list[tuple[int, PageRef, Future[bytes]]],
-                   sequential: bool) -> None:
+                   sequential: bool, claimed: int = 0) -> None:
         info = run[0][1][0]
         start = run[0][1][1]
         end = run[-1][1][1] + run[-1][1][2]
@@ -350,6 +382,9 @@ class PageStore:
                 page = decode_page_frame(frame, page_size, pgno)
                 self._put(frame_key(info, off), page, frame, sequential)
                 fut.set_result(page)
+            if self.disk is not None:
+                self._frames_to_disk(info, view, start, [(off, size) for _, (_, off, size), _
+                                                         in run], claimed=claimed)
         except BaseException as err:
             for _, _, fut in run:
                 if not fut.done():
@@ -366,6 +401,8 @@ class PageStore:
                     off, size = fi.pages[pgno]
                     self._put(frame_key(info, off), page,
                               raw[off:off + size] if raw is not None else None, True)
+                if self.disk is not None and raw is not None:
+                    self._frames_to_disk(info, raw, 0, sorted(fi.pages.values()), seeded=True)
 
     def _put(self, key: tuple, page: bytes, frame: bytes | memoryview | None,
              sequential: bool) -> None:
@@ -385,9 +422,13 @@ class PageStore:
             page_size = Header.unpack(head[:HEADER_SIZE]).page_size
         view = memoryview(head)
         budget = min(HEAD_PREFETCH, self.cache.capacity // 4)  # never crowd the cache
+        inside = []
         for pgno, (off, size) in fi.pages.items():
             if off + size > len(head) or budget < page_size:
                 break
             page = decode_page_frame(view[off:off + size], page_size, pgno)
             self.cache.put(frame_key(info, off), page, sequential=True)
             budget -= page_size
+            inside.append((off, size))
+        if self.disk is not None and inside:
+            self._frames_to_disk(info, view, 0, inside, seeded=True)

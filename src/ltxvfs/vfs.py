@@ -3,18 +3,17 @@
 * Main databases open on a :class:`~ltxvfs.follow.Replica` — one per replica URL, shared by its
   connections in this process: one page cache, one poller (read mode) or one writer (write mode).
   The file object SQLite uses is :class:`~ltxvfs.dbfile.LitestreamFile`.
-* Journals and temp files are ordinary local files (the base VFS); WAL files are refused, and
-  page 1 always says rollback-journal mode. In write mode the rollback journal stays local: the
-  write buffer, not the journal, is what makes commits durable and recoverable.
+* Rollback journals stay local, in memory while small; temp files are ordinary local files
+  (the base VFS); neither is ever synced (localfiles.py). WAL files are refused, and page 1 always
+  says rollback-journal mode. The write buffer, not the journal, is what makes commits durable
+  and recoverable.
 * Background work (polls, syncs) of every database runs on one shared scheduler and pool.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
-import os
 import re
 import threading
 import time
@@ -37,10 +36,12 @@ from .config import (
 from .dbfile import LitestreamFile
 from .errors import ConflictError, LitestreamError, TxNotAvailableError
 from .follow import Replica
+from .host.frames import DiskCache
 from .host.polls import shared_polls
 from .hydrate import PARALLEL as HYDRATION_PARALLEL
 from .hydrate import Hydrator
 from .jobs import JOB_THREADS, POOL_THREADS, Scheduler
+from .localfiles import LocalFiles
 from .pages import DatabaseState, PageStore, state_at
 from .plan import list_levels
 from .scratch import make_scratch_dir, remove_scratch_dir
@@ -74,15 +75,6 @@ def display_name(name: str) -> str:
     return _OPEN_MARK_RE.sub("", name)
 
 
-class _LocalFile(apsw.VFSFile):
-    """A journal or temp file on local disk, with no fsync: crash recovery never uses them (the
-    write buffer does, and hot journals are hidden by ``xAccess``), so syncing them would only
-    make every commit wait for two more disk flushes."""
-
-    def xSync(self, flags: int) -> None:  # noqa: N802
-        pass
-
-
 class LitestreamVFS(apsw.VFS):
     """Register with :func:`ltxvfs.register`; keep a reference (APSW drops unreferenced VFSes)."""
 
@@ -110,6 +102,9 @@ class LitestreamVFS(apsw.VFS):
         self._hydration_paths: dict[Path, int] = {}  # path -> id of the replica hydrating there
         self._tmpdir: str | None = None
         self._lock = threading.RLock()
+        #: Journals (in memory, spilled to the scratch directory when large) and temp files.
+        self.local_files = LocalFiles(lambda create: self._private_dir() if create else self._tmpdir)
+        self.journals = self.local_files.journals
         # Two pools, so that no task ever waits on a task queued behind it: jobs (polls, syncs,
         # compaction) wait for I/O (index fetches, prefetches); I/O tasks wait for nothing.
         self.pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="ltxvfs-io")
@@ -142,9 +137,7 @@ class LitestreamVFS(apsw.VFS):
                                   may_write=bool(flags[1] & apsw.SQLITE_OPEN_READWRITE))
         if flags[0] & apsw.SQLITE_OPEN_WAL:
             raise apsw.CantOpenError("litestream: WAL mode is not supported (rollback journal only)")
-        if name is not None:
-            name = self._local_path(str(name))
-        return _LocalFile("", name, flags)
+        return self.local_files.open(None if name is None else str(name), flags)
 
     def xSleep(self, microseconds: int) -> int:  # noqa: N802
         """SQLite's busy handler sleeps here. apsw's inherited xSleep holds the GIL while it
@@ -155,10 +148,11 @@ class LitestreamVFS(apsw.VFS):
     def xAccess(self, pathname, flags):  # noqa: N802
         if pathname.endswith(("-wal", "-journal", "-shm")):
             return False  # no hot journal or WAL ever lives next to a replica
-        return super().xAccess(self._local_path(pathname), flags)
+        return super().xAccess(self.local_files.path(pathname), flags)
 
     def xDelete(self, filename, syncdir):  # noqa: N802
-        return super().xDelete(self._local_path(filename), syncdir)
+        path = self.local_files.delete(filename)
+        return None if path is None else super().xDelete(path, syncdir)
 
     def _private_dir(self) -> str:
         """A 0700 temp directory of this VFS for journals and temporary hydration files."""
@@ -167,33 +161,8 @@ class LitestreamVFS(apsw.VFS):
                 self._tmpdir = make_scratch_dir()
         return self._tmpdir
 
-    def _local_path(self, name: str) -> str:
-        """Journals of replica databases live in the private temp directory (0700), named
-        after a hash of the database's full name — unique per open (``xFullPathname``), so
-        connections to two replicas that share a name never share a journal. The unix VFS
-        gives a journal the permissions of the file its name minus '-suffix' names, so an
-        empty 0600 stand-in is created for it (removed when the database closes)."""
-        cut = name.rfind("-")
-        if cut <= 0:
-            return name
-        stem = self._stem(name[:cut])
-        if not os.path.exists(stem):
-            os.close(os.open(stem, os.O_WRONLY | os.O_CREAT, 0o600))
-        return stem + name[cut:]
-
-    def _stem(self, db_name: str) -> str:
-        return os.path.join(self._private_dir(), hashlib.sha256(db_name.encode()).hexdigest()[:20])
-
     def forget_local_files(self, db_name: str) -> None:
-        """A closed database's stand-in and leftover journals go (its name is never reused)."""
-        if self._tmpdir is None:
-            return
-        stem = self._stem(db_name)
-        for suffix in ("", "-journal"):
-            try:
-                os.unlink(stem + suffix)
-            except FileNotFoundError:
-                pass
+        self.local_files.forget(db_name)
 
     def xFullPathname(self, name):  # noqa: N802
         """The name, made unique per open (SQLite derives the journal's name from it): the
@@ -281,7 +250,9 @@ class LitestreamVFS(apsw.VFS):
                 client.check()  # a mistyped directory fails now, not after open_timeout
             deadline = time.monotonic() + cfg.open_timeout
             shared = shared_polls(cfg.cache_dir, client.identity)  # ConfigError: unsafe dir
-            store = PageStore(client, cfg.cache_size)
+            disk = DiskCache.open(cfg.cache_dir, client.identity, cfg.cache_dir_size) \
+                if cfg.cache_dir else None
+            store = PageStore(client, cfg.cache_size, disk)
             while True:
                 try:
                     state = state_at(client, self.pool, store)

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import hashlib
 import logging
 import os
 import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
+from datetime import UTC
 from typing import Any, BinaryIO
 
 import boto3
@@ -29,23 +28,26 @@ from ..errors import (
     ObjectExistsError,
     ObjectNotFoundError,
     StorageError,
-    UnsafeStoreError,
 )
 from .base import (
     MAX_LEVEL,
-    PROBE_BODY,
-    PROBE_DIR,
     FileInfo,
     ReplicaClient,
     check_level,
     ltx_filename,
     parse_ltx_filename,
-    probe_name,
 )
 from .redact import SECRETS
+from .s3_metadata import METADATA_KEY, format_timestamp, ms_to_datetime, parse_timestamp
+from .s3_stores import (
+    add_content_md5,
+    add_tigris_header,
+    forbid_overwrite_adder,
+    forbid_overwrite_header,
+    probe_create_only,
+)
 from .url import DEFAULT_REGION, ReplicaURL, parse_replica_url, redact_url
 
-METADATA_KEY = "litestream-timestamp"
 DELETE_BATCH = 1000
 MAX_PARTS = 10_000
 log = logging.getLogger("ltxvfs.storage")
@@ -56,7 +58,6 @@ DEFAULT_METADATA_CONCURRENCY = 16  # HEADs in flight when a listing asks for tim
 #: GETs of one range when the response body breaks off mid-stream (botocore does not retry that).
 BODY_ATTEMPTS = 4
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ACCESS_CODES = frozenset({
     "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
     "ExpiredToken", "InvalidToken", "TokenRefreshRequired", "AccountProblem",
@@ -66,41 +67,9 @@ _ACCESS_CODES = frozenset({
 #: FileAlreadyExists (x-oss-forbid-overwrite), IBM COS's 409 ObjectAlreadyExists.
 _EXISTS_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict",
                            "FileAlreadyExists", "ObjectAlreadyExists"})
-#: Stores that spell "create only" with a header of their own (value ``true``), by endpoint host
-#: suffix: sent beside ``If-None-Match: *`` on every create-only write; the probe checks that
-#: one of them is kept.
-_FORBID_OVERWRITE_HEADERS = ((".aliyuncs.com", "x-oss-forbid-overwrite"),
-                             (".myqcloud.com", "x-cos-forbid-overwrite"),
-                             (".tencentcos.cn", "x-cos-forbid-overwrite"))
 _KIND_BY_OPERATION = {"ListObjectsV2": "LIST", "ListObjects": "LIST", "ListParts": "LIST",
                       "ListMultipartUploads": "LIST", "DeleteObjects": "DELETE"}
 _KIND_BY_METHOD = {"GET": "GET", "HEAD": "HEAD", "DELETE": "DELETE"}
-
-
-def ms_to_datetime(ms: int) -> datetime:
-    """An LTX header timestamp (Unix ms) as an aware UTC datetime."""
-    return _EPOCH + timedelta(milliseconds=ms)
-
-
-def format_timestamp(ms: int) -> str:
-    """Go's ``time.RFC3339Nano`` in UTC, as Litestream writes ``litestream-timestamp``.
-
-    Fractional seconds appear only when non-zero, with trailing zeros trimmed:
-    ``2023-11-14T22:13:20Z``, ``2023-11-14T22:13:20.1Z``, ``2023-11-14T22:13:20.123Z``.
-    """
-    t = ms_to_datetime(ms)
-    text = f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}"
-    frac = f"{t.microsecond // 1000:03d}".rstrip("0")
-    return f"{text}.{frac}Z" if frac else f"{text}Z"
-
-
-def parse_timestamp(text: str) -> datetime | None:
-    """An RFC 3339 timestamp with a zone (Go writes up to 9 fractional digits) as UTC, or None."""
-    try:
-        parsed = datetime.fromisoformat(text.strip())
-    except ValueError:
-        return None
-    return parsed.astimezone(UTC) if parsed.tzinfo is not None else None
 
 
 def resolve_credentials(environ: Mapping[str, str]) -> tuple[str, str] | None:
@@ -260,11 +229,11 @@ class S3ReplicaClient(ReplicaClient):
         client = _new_client(region_name=region, **kwargs)
         self._count_on(client)
         if cfg.require_content_md5:
-            client.meta.events.register("before-sign.s3.DeleteObjects", _add_content_md5)
+            client.meta.events.register("before-sign.s3.DeleteObjects", add_content_md5)
         if cfg.is_tigris:
-            client.meta.events.register("before-sign.s3", _add_tigris_header)
+            client.meta.events.register("before-sign.s3", add_tigris_header)
         if self.forbid_overwrite_header:
-            add = _forbid_overwrite_adder(self.forbid_overwrite_header)
+            add = forbid_overwrite_adder(self.forbid_overwrite_header)
             for operation in ("PutObject", "CompleteMultipartUpload"):
                 client.meta.events.register(f"before-sign.s3.{operation}", add)
         return client
@@ -302,55 +271,8 @@ class S3ReplicaClient(ReplicaClient):
             raise self._error(exc, "check bucket", None, BucketNotFoundError) from exc
 
     def probe_create_only(self) -> str:
-        """Two create-only PUTs of one new key under ``<prefix>/ltxvfs-probe/``: the first must
-        be stored, the second refused (412, or the vendor's 409); then one DELETE. Needs
-        s3:PutObject and s3:DeleteObject there (the writer needs both anyway)."""
-        key = f"{self._prefix}/{PROBE_DIR}/{probe_name()}"
-        args = {"Bucket": self._bucket, "Key": key, "Body": PROBE_BODY, "IfNoneMatch": "*",
-                **self._put_args}
-        try:
-            try:
-                self._s3.put_object(**args)
-            except (ClientError, BotoCoreError) as exc:
-                err = self._error(exc, "create-only probe: PUT", key)
-                # 412 here: botocore retried a PUT whose answer was lost and met it. Fine.
-                if not isinstance(err, ObjectExistsError):
-                    raise self._probe_failed(err, exc, "the first") from exc
-            try:
-                self._s3.put_object(**args)
-            except (ClientError, BotoCoreError) as exc:
-                err = self._error(exc, "create-only probe: PUT", key)
-                if isinstance(err, ObjectExistsError):
-                    return self.create_only  # refused, as promised
-                raise self._probe_failed(err, exc, "the second") from exc
-            raise UnsafeStoreError(
-                f"the store {self.store} does not keep create-only writes: a second PUT of "
-                f"{key} with {self.create_only} replaced the object instead of failing with 412 "
-                f"Precondition Failed", overwrote=True)
-        finally:
-            try:
-                self._s3.delete_object(Bucket=self._bucket, Key=key)
-            except (ClientError, BotoCoreError) as exc:
-                log.warning("create-only probe: could not delete %s from %s (harmless, safe to "
-                            "delete): %s", key, self.url, exc)
-
-    def _probe_failed(self, err: StorageError, exc: Exception, which: str) -> StorageError:
-        """What a probe PUT that failed means: no permission (say which); a store that rejects
-        create-only writes (4xx other than that, or 501: UnsafeStoreError); or trouble to retry
-        at the next start (5xx after botocore's retries, network: as it is)."""
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") \
-            if isinstance(exc, ClientError) else None
-        if isinstance(err, AccessDeniedError):
-            return AccessDeniedError(
-                f"{err}; write mode first checks that the store refuses to overwrite, with two "
-                f"PUTs and a DELETE under {self._prefix}/{PROBE_DIR}/: it needs s3:PutObject and "
-                f"s3:DeleteObject there")
-        if isinstance(err, BucketNotFoundError) or status is None or \
-                (status >= 500 and status != 501):
-            return err
-        return UnsafeStoreError(
-            f"the store {self.store} rejects create-only writes: {which} PUT with "
-            f"{self.create_only} failed: {err}")
+        """Prove that the store refuses to overwrite (s3_stores.probe_create_only)."""
+        return probe_create_only(self)
 
     def close(self) -> None:
         with self._lock:
@@ -605,28 +527,3 @@ def warm_up() -> None:
     client.close()
 
 
-def _add_content_md5(request: Any, **_: Any) -> None:
-    """Content-MD5 on DeleteObjects: stores that predate CRC checksums still require it."""
-    if "Content-MD5" not in request.headers and request.body:
-        body = request.body if isinstance(request.body, bytes) else request.body.encode()
-        request.headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
-
-
-def forbid_overwrite_header(cfg: ReplicaURL) -> str:
-    """The store's own create-only header (Aliyun OSS, Tencent COS) by endpoint host, or ""."""
-    host = cfg.endpoint_host
-    host = host if host.startswith("[") else host.partition(":")[0]
-    return next((h for suffix, h in _FORBID_OVERWRITE_HEADERS if host.endswith(suffix)), "")
-
-
-def _forbid_overwrite_adder(header: str) -> Any:
-    """A before-sign hook: a request that says If-None-Match also says ``header: true``."""
-    def add(request: Any, **_: Any) -> None:
-        if "If-None-Match" in request.headers and header not in request.headers:
-            request.headers[header] = "true"
-    return add
-
-
-def _add_tigris_header(request: Any, **_: Any) -> None:
-    """Tigris serves strongly consistent listings only when asked (Litestream always asks)."""
-    request.headers["X-Tigris-Consistent"] = "true"
