@@ -415,8 +415,19 @@ def test_a_deleted_polls_directory_is_recreated_and_polls_go_on(vfs, primary, tm
     replica.poll(fresh=3600)
     assert replica.last_error is None
     assert _record_path(replica).exists()
-    shutil.rmtree(replica.shared.directory.parent)  # the whole replica directory: poll alone
-    primary.commit("INSERT INTO t VALUES (3, 'three')")
+    assert con.execute("SELECT count(*) FROM t").fetchall() == [(2,)]
+    con.close()
+
+
+def test_an_unusable_cache_dir_leaves_each_process_polling_alone(vfs, primary, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    con = apsw.Connection(uri(primary.url, poll_interval="1h", max_lag="1h",
+                              cache_dir=str(blocker / "cache")), flags=RO)
+    replica = _replica(vfs, primary.url)
+    assert replica.shared is None
+    primary.commit("INSERT INTO t VALUES (2, 'two')")
     replica.poll(fresh=3600)
-    assert con.execute("SELECT count(*) FROM t").fetchall() == [(3,)]
+    assert replica.lists == 1
+    assert con.execute("SELECT count(*) FROM t").fetchall() == [(2,)]
     con.close()

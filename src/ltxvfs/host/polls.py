@@ -77,12 +77,18 @@ class Listing:
 
 
 def shared_polls(cache_dir: str | os.PathLike[str] | None, identity: str) -> SharedPolls | None:
-    """The poll record of the replica ``identity`` under ``cache_dir``; None without one."""
+    """The poll record of the replica ``identity`` under ``cache_dir``; None without one, or
+    when the directory cannot be made (each process then polls alone; the disk cache warns about
+    the directory once). A directory that is not private raises ConfigError (paths.py)."""
     if cache_dir is None:
         return None
     from .paths import replica_dir
 
-    return SharedPolls(replica_dir(cache_dir, identity) / "polls", identity)
+    try:
+        return SharedPolls(replica_dir(cache_dir, identity) / "polls", identity)
+    except OSError as err:
+        log.info("poll results of %s not shared: %s", identity, err.strerror or err)
+        return None
 
 
 class SharedPolls:
