@@ -466,9 +466,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="comma list of small (~20 MB), large (~200 MB); default: small "
                          "with --quick, else both")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
-    ap.add_argument("--suite", choices=("main", "workloads"), default="main",
+    ap.add_argument("--suite", choices=("main", "workloads", "fleet"), default="main",
                     help="main: the workloads below; workloads: the access-pattern suite of "
-                         "bench/workloads.py (its own report section, --datasets default small)")
+                         "bench/workloads.py (its own report section, --datasets default small); "
+                         "fleet: many processes on one replica (bench/fleet.py -h)")
     ap.add_argument("--workloads", default=None,
                     help="comma list (default: all of the chosen suite)")
     ap.add_argument("--ltxvfs", default="HEAD",
@@ -507,6 +508,10 @@ def _terminate(signum, frame):  # SIGTERM: unwind so that children and servers a
 
 
 def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else argv
+    if "fleet" in given and "--suite" in given:  # its own options: bench/fleet.py -h
+        import fleet
+        return fleet.main(given)
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
     if args.suite == "workloads":

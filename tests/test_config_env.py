@@ -91,6 +91,8 @@ def test_write_mode_configured_by_environment_alone(tmp_path):
         "LITESTREAM_BUFFER_PATH": str(buffer),
         "LITESTREAM_SYNC_INTERVAL": "-1s",  # explicit syncs only
         "LITESTREAM_POLL_INTERVAL": "1m30s",
+        "LITESTREAM_IDLE_POLL_INTERVAL": "10m",
+        "LITESTREAM_MAX_LAG": "4m",
         "LITESTREAM_CACHE_SIZE": "3MiB",
         "LITESTREAM_OPEN_TIMEOUT": "2500ms",
         "LITESTREAM_LOG_LEVEL": "debug",
@@ -103,7 +105,8 @@ def test_write_mode_configured_by_environment_alone(tmp_path):
     }
     config, state, levels, closed = _run(WRITER, env, tmp_path)
     assert config == {
-        "replica_url": url, "poll_interval": 90.0, "cache_size": 3 * 1024 * 1024,
+        "replica_url": url, "poll_interval": 90.0, "idle_poll_interval": 600.0,
+        "max_lag": 240.0, "cache_size": 3 * 1024 * 1024,
         "open_timeout": 2.5, "log_level": "DEBUG", "write_enabled": True, "sync_interval": -1.0,
         "buffer_path": str(buffer), "compaction_levels": [0.15, 0.4], "snapshot_interval": 0.6,
         "snapshot_retention": 3600.0, "l0_retention": 0.0, "hydration_enabled": False,

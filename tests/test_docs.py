@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 #: Blocks marked "not run", by document: installs, the test suite, the benchmark, an app.
-NOT_RUN = {"README.md": 3, "benchmarks.md": 1, "getting-started.md": 1, "hydration.md": 1}
+NOT_RUN = {"README.md": 3, "benchmarks.md": 2, "getting-started.md": 1, "hydration.md": 1}
 #: Lines of run shell blocks that are not ltxvfs commands and are skipped: placeholders.
 SKIPPED_LINES = {"export AWS_ACCESS_KEY_ID=… AWS_SECRET_ACCESS_KEY=…"}
 #: Local replica directories named by the docs -> the test's directory for them.

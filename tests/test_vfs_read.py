@@ -411,23 +411,29 @@ def test_storage_outage_is_busy_then_recovers(vfs, tmp_path):
     con.close()
 
 
-def test_idle_follower_polls_half_as_often(vfs, primary):
-    # The poll job is driven by hand (the scheduler's interval is an hour), so the count does
-    # not depend on how promptly a loaded machine runs the scheduler.
-    con = connect(primary.url, "poll_interval=1h")
+def test_idle_follower_backs_off_to_its_ceiling(vfs, primary):
+    # The poll job is driven by hand (the scheduler's tick is an hour), so the count does not
+    # depend on how promptly a loaded machine runs the scheduler. Ceiling: 8 ticks.
+    con = connect(primary.url, "poll_interval=1h&idle_poll_interval=8h")
     replica = next(r for r in vfs.replicas() if r.client.url == primary.url)
     rows(con, "SELECT count(*) FROM t")
     replica.poll_job()  # consumes the read above
-    start = replica.polls
-    for _ in range(20):  # idle: nobody starts a read
+    start, polled = replica.polls, []
+    for tick in range(1, 41):  # idle: nobody starts a read
+        before = replica.polls
         replica.poll_job()
-    idle = replica.polls - start
+        if replica.polls > before:
+            polled.append(tick)
+    assert replica.polls - start == len(polled)
+    assert polled == [2, 6, 14, 22, 30, 38]  # waits of 2, 4, 8, then the ceiling of 8 ticks
+    assert replica.interval == 8 * 3600
     start = replica.polls
     for _ in range(20):  # busy: a read between every two ticks
         rows(con, "SELECT count(*) FROM t")
         replica.poll_job()
     busy = replica.polls - start
-    assert (idle, busy) == (10, 20)
+    assert busy == 20
+    assert replica.interval == 3600
     con.close()
 
 

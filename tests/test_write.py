@@ -770,8 +770,8 @@ def test_a_poll_in_flight_never_replaces_the_writers_install(vfs, tmp_path):
     con.execute("INSERT INTO t VALUES (1)")
     real = replica._advance
 
-    def advance(state):
-        out = real(state)  # listed: nothing new
+    def advance(state, *args):
+        out = real(state, *args)  # listed: nothing new
         replica.writer.sync()  # TXID 2 lands and is installed
         return out
 

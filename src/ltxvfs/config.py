@@ -87,6 +87,12 @@ class VFSConfig:
     replica_url: str | None = None
     #: Seconds between polls for new LTX files. Env ``LITESTREAM_POLL_INTERVAL`` (ours).
     poll_interval: float = 1.0
+    #: Ceiling of the idle back-off: a replica no connection reads polls less and less often
+    #: (2, 4, 8, ... intervals), up to this. Env ``LITESTREAM_IDLE_POLL_INTERVAL`` (ours).
+    idle_poll_interval: float = 30.0
+    #: A read transaction starts from data at most this old: when the last completed check is
+    #: older, it checks first. None: 3 × ``poll_interval``. Env ``LITESTREAM_MAX_LAG`` (ours).
+    max_lag: float | None = None
     #: Bytes of decompressed pages kept per replica. Env ``LITESTREAM_CACHE_SIZE`` (ours).
     cache_size: int = 10 * MIB
     #: Seconds a read-only open waits for an empty replica to get its first file, then fails.
@@ -157,6 +163,14 @@ class VFSConfig:
                 value = parse_duration(raw, label)
                 if value < 0:  # type: ignore[operator]
                     raise ConfigError(f"invalid {label} {raw!r}: must not be negative")
+            elif f.name in ("idle_poll_interval", "max_lag"):
+                value = parse_duration(raw, label)
+                if f.name == "idle_poll_interval" and value <= 0:  # type: ignore[operator]
+                    raise ConfigError(f"invalid {label} {raw!r}: must be positive (equal to "
+                                      "poll_interval: no idle back-off)")
+                if f.name == "max_lag" and value < 0:  # type: ignore[operator]
+                    raise ConfigError(f"invalid {label} {raw!r}: must not be negative (0: "
+                                      "every read transaction checks for new data first)")
             elif f.name in ("poll_interval", "sync_interval", "open_timeout"):
                 value: object = parse_duration(raw, label)
                 if f.name == "sync_interval" and value == 0:
@@ -191,7 +205,13 @@ class VFSConfig:
             else:
                 value = raw
             changes[f.name] = value
-        return replace(self, **changes)
+        new = replace(self, **changes)
+        if "idle_poll_interval" in params and new.idle_poll_interval < new.poll_interval:
+            label = f"{source}{'IDLE_POLL_INTERVAL' if source.startswith('env') else 'idle_poll_interval'}"
+            raise ConfigError(f"invalid {label} {params['idle_poll_interval']!r}: less than poll_interval "
+                              f"({new.poll_interval:g}s); the idle back-off only lengthens the "
+                              "interval (equal: no back-off)")
+        return new
 
     @property
     def hydration(self) -> bool:
@@ -207,7 +227,8 @@ SQLITE_URI_PARAMETERS = frozenset({"vfs", "mode", "cache", "immutable", "nolock"
 
 #: Settings of a replica (not of one connection), by when they are in force: always; while
 #: write mode is on; while hydrating. ``open_timeout`` only matters to the first open.
-REPLICA_SETTINGS = ("poll_interval", "cache_size", "cache_dir", "cache_dir_size")
+REPLICA_SETTINGS = ("poll_interval", "idle_poll_interval", "max_lag", "cache_size", "cache_dir",
+                    "cache_dir_size")
 WRITE_SETTINGS = ("sync_interval", "buffer_path", "compaction_levels", "snapshot_interval",
                   "snapshot_retention", "l0_retention", "single_writer")
 HYDRATION_SETTINGS = ("hydration_path", "hydration_persistent")
@@ -265,6 +286,8 @@ def check_joining(current: VFSConfig, new: VFSConfig, given: set[str], writing: 
 
 
 def _show(value: object) -> str:
+    if value is None:
+        return "(default)"
     if isinstance(value, tuple):
         return ",".join(f"{v:g}s" for v in value) or "off"
     if isinstance(value, float):

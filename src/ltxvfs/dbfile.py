@@ -145,6 +145,10 @@ class LitestreamFile:
                                          "PRAGMA litestream_time = 'latest' first")
             if not self._may_write:
                 raise apsw.ReadOnlyError("litestream: the database is read-only (write mode is off)")
+        elif level == SHARED and self._lock_level == NONE and self._pinned is None:
+            # A read transaction starts: its view will be the latest state, which must be no
+            # older than max_lag (checked here, outside the lock table: a check does I/O).
+            self.replica.ensure_fresh()
         try:
             self.replica.locks.lock(id(self), level, self._granting)
         except LitestreamError as err:
@@ -397,6 +401,11 @@ class LitestreamFile:
             "cache_evictions": store.cache.evictions,
             "indexed_pages": len(replica.state.index),
             "polls": replica.polls,
+            "poll_lists": replica.lists,  # LISTs our polls made ...
+            "poll_shared": replica.shared_used,  # ... and polls another process's record answered
+            "poll_interval": replica.interval,  # seconds; more than poll_interval while idle
+            "lag_checks": replica.checks,  # read transactions that checked first (max_lag)
+            "lag_checks_late": replica.checks_late,  # ... that read older data (logged)
             "poll_error": replica.last_error or "",
             "syncs": writer.syncs if writer else 0,
             "conflicts": writer.conflicts if writer else 0,

@@ -10,7 +10,12 @@ we have as little as possible (plan.choose_bridge; per page the newest TXID wins
 latest plan's files beyond our TXID. Nothing here can freeze the follower: every poll starts again
 from the TXID we have.
 
-Polls run as jobs on the shared scheduler (jobs.py).
+Polls run as jobs on the shared scheduler (jobs.py), one tick every ``poll_interval``. A replica
+no connection read since its last poll is *idle*: it polls after 2, 4, 8, ... ticks, up to
+``idle_poll_interval``; the first read transaction makes it busy again (a poll every tick). A
+read transaction that starts when the last completed check is older than ``max_lag`` checks
+first (:meth:`Replica.ensure_fresh`), so it sees data no older than that. With a cache directory
+the processes of a host share their poll results (host/polls.py).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from .errors import LitestreamError, ObjectNotFoundError
+from .host.polls import Listing, SharedPolls
 from .locks import LockTable
 from .ltx import HEADER_SIZE, Header
 from .pages import (
@@ -44,21 +50,54 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ltxvfs.follow")
 
+#: How long a read transaction waits for its ``max_lag`` check before it reads what the replica
+#: has (logged); after a failed or late check, reads do not wait again for ``max_lag``.
+CHECK_WAIT = 5.0
+
 class Replica:
     """The latest known state of one replica, plus its page store. Shared by its connections."""
 
     def __init__(self, client: ReplicaClient, store: PageStore, pool: ThreadPoolExecutor,
-                 state: DatabaseState, poll_interval: float) -> None:
+                 state: DatabaseState, poll_interval: float, *,
+                 idle_poll_interval: float | None = None, max_lag: float | None = None,
+                 shared: SharedPolls | None = None) -> None:
         self.client = client
         self.store = store
         self.pool = pool
         self.poll_interval = poll_interval
+        #: Idle back-off ceiling, in ticks of ``poll_interval`` (1: no back-off).
+        self._max_wait = max(1, round((idle_poll_interval or poll_interval) / poll_interval))
+        #: A read transaction starts from data at most this old (seconds). The default leaves
+        #: room for a busy replica's own polls (data up to two intervals old with shared polls:
+        #: a record nearly an interval old, then an interval until the next poll).
+        self.max_lag = 3 * poll_interval if max_lag is None else max_lag
+        #: Poll results shared with the host's other processes (cache_dir), or None.
+        self.shared = shared
         self._state = state
         self._lock = threading.Lock()
         self._poll_lock = threading.Lock()
+        #: When the data of the latest state was known current (monotonic): the moment the
+        #: LIST behind the last successful poll was sent (ours or another process's).
         self.last_poll_success: float | None = time.monotonic()
+        self._checked_wall = time.time()  # the same moment, wall clock (records are compared)
         self.last_error: str | None = None
         self.polls = 0
+        #: LISTs our polls made; polls answered by another process's record instead.
+        self.lists = 0
+        self.shared_used = 0
+        #: Read transactions that checked first (max_lag), and those that went on without.
+        self.checks = 0
+        self.checks_late = 0
+        self._checking: threading.Event | None = None
+        self._check_failed: float | None = None
+        #: Idle back-off: ticks to wait before the next idle poll, ticks waited so far; the
+        #: interval (seconds) of the last scheduled poll.
+        self._wait = min(2, self._max_wait)
+        self._waited = 0
+        self.interval = poll_interval
+        self.ticks = 0  # scheduler ticks seen (poll_job calls)
+        self._polled_at = time.monotonic()
+        self._taken: float | None = None  # when the listing of the poll under way was sent
         self.refcount = 0
         #: The replica's identity (ReplicaURL.identity), set by the VFS that opened it.
         self.key = client.identity
@@ -69,7 +108,6 @@ class Replica:
         self.locks = LockTable()
         #: Set when a connection starts a read transaction; cleared by the poll job.
         self.touched = True
-        self._skipped = False
         #: Write mode: the replica's writer (buffer, syncs); None when read-only.
         self.writer: Writer | None = None
         #: Hydration: the local full copy being built or kept current; None if off.
@@ -111,25 +149,83 @@ class Replica:
             listener()
 
     def poll_job(self) -> None:
-        """The scheduled poll. While no connection has started a read since the last poll, only
-        every other tick polls: an idle follower makes half the LISTs (object stores bill LISTs
-        most), and a reader that comes back sees data at most two intervals old."""
-        if not self.touched and not self._skipped:
-            self._skipped = True
-            return
-        self.touched = False
-        self._skipped = False
-        self.poll()
+        """The scheduled poll, one tick every ``poll_interval``. Busy (a read transaction began
+        since the last poll): poll now. Idle: poll after 2, 4, 8, ... ticks, up to the idle
+        ceiling — object stores bill LISTs most, and a reader that comes back checks first
+        anyway when the data is older than ``max_lag`` (:meth:`ensure_fresh`)."""
+        self.ticks += 1
+        if self.touched:
+            self.touched = False
+            self._wait, self._waited = min(2, self._max_wait), 0
+            self.interval = self.poll_interval
+        else:
+            self._waited += 1
+            if self._waited < self._wait:
+                return
+            self.interval = self._wait * self.poll_interval
+            self._wait, self._waited = min(self._wait * 2, self._max_wait), 0
+        # Another process's record is as good as our own LIST if it was made since our last
+        # poll: so a late tick (a loaded machine) does not make us LIST what was just listed.
+        now = time.monotonic()
+        since, self._polled_at = now - self._polled_at, now
+        self.poll(fresh=max(self.interval, since))
 
-    def poll(self, strict: bool = False) -> DatabaseState:
+    def ensure_fresh(self) -> bool:
+        """Called when a read transaction is about to choose its view: if the last completed
+        check is older than ``max_lag``, check now (one check for all connections starting
+        together), waiting at most :data:`CHECK_WAIT`. False when the data may be older than
+        ``max_lag`` (the check failed or is late: logged); then reads do not wait again for
+        ``max_lag`` seconds, so a storage outage does not slow every read transaction."""
+        if self.writer is not None or self.lag() <= self.max_lag:
+            return True
+        failed = self._check_failed
+        if failed is not None and time.monotonic() - failed < max(self.max_lag, self.poll_interval):
+            return False
+        asked = time.monotonic()
+        with self._lock:
+            done = self._checking
+            if done is None:
+                done = self._checking = threading.Event()
+                self.checks += 1
+                threading.Thread(target=self._check, args=(done,), name="ltxvfs-check",
+                                 daemon=True).start()
+        if done.wait(CHECK_WAIT) and self.last_poll_success is not None and \
+                self.last_poll_success >= asked - self.max_lag:
+            return True
+        self.checks_late += 1
+        self._check_failed = time.monotonic()
+        log.warning("%s: could not check for new data before a read (%s); reading data "
+                    "%.1fs old (max_lag %gs)", self.client.url,
+                    self.last_error or f"no answer within {CHECK_WAIT:g}s", self.lag(),
+                    self.max_lag)
+        return False
+
+    def _check(self, done: threading.Event) -> None:
+        try:
+            self.poll(fresh=self.max_lag)
+        except Exception:  # never leave the waiting readers without an answer
+            log.exception("check of %s failed", self.client.url)
+        finally:
+            with self._lock:
+                self._checking = None
+            done.set()
+
+    def lag(self) -> float:
+        """Seconds since the data of the latest state was known current (inf: never)."""
+        last = self.last_poll_success
+        return float("inf") if last is None else time.monotonic() - last
+
+    def poll(self, strict: bool = False, fresh: float = 0.0) -> DatabaseState:
         """Check for new LTX files and advance the latest state. Errors are logged and kept in
         ``last_error``; the previous state stays in force (``strict``: and the error is raised,
-        for a caller that must start from the replica's newest state)."""
+        for a caller that must start from the replica's newest state). ``fresh``: another
+        process's poll record younger than that many seconds may answer instead of a LIST."""
         with self._poll_lock:
             self.polls += 1
             start = self._state
+            self._taken = None
             try:
-                state = self._advance(start)
+                state = self._advance(start, fresh)
             except LitestreamError as err:
                 self.last_error = str(err)
                 log.warning("poll of %s failed: %s", self.client.url, err)
@@ -138,14 +234,40 @@ class Replica:
                 return self._state
             if not self.replace_state(start, state):  # a writer installed its upload meanwhile
                 state = self._state
-            self.last_poll_success = time.monotonic()
+            taken = self._taken if self._taken is not None else time.time()
+            self.last_poll_success = time.monotonic() - max(time.time() - taken, 0.0)
+            self._checked_wall = taken
+            self._check_failed = None
             self.last_error = None
             return state
 
-    def _advance(self, state: DatabaseState) -> DatabaseState:
+    def _list(self, seek: int, fresh: float) -> Listing:
+        """L0 from ``seek``: our own LIST, or another process's record (shared polls)."""
+        def list_now(start: int) -> list[FileInfo]:
+            self.lists += 1
+            return self.client.list_files(0, seek=start)
+
+        if self.shared is None:
+            taken = time.time()
+            return Listing(seek, taken, list_now(seek), shared=False)
+        listing = self.shared.listing(seek, fresh, self._checked_wall, list_now)
+        if listing.shared:
+            self.shared_used += 1
+        return listing
+
+    def _advance(self, state: DatabaseState, fresh: float = 0.0) -> DatabaseState:
         # From our own TXID: the file our state ends with comes back in the same LIST.
-        files = self.client.list_files(0, seek=max(state.txid, 1))
+        seek = max(state.txid, 1)
+        listing = self._list(seek, fresh)
+        files = listing.from_txid(seek)
         at = files[0] if files and files[0].min_txid == state.txid else None
+        if listing.shared and _disagrees(files, state.tip, seek):
+            # Another process's record disagrees with our tip (it predates a change of history,
+            # or retention): only our own LIST may decide that the history was replaced.
+            listing = self._list(seek, 0.0)
+            files = listing.from_txid(seek)
+            at = files[0] if files and files[0].min_txid == state.txid else None
+        self._taken = listing.taken_at
         if state.txid and not self._same_history(state, at):
             return self._replaced(state)
         files = [f for f in files if f.min_txid > state.txid]
@@ -332,6 +454,17 @@ def _same_object(a: FileInfo, b: FileInfo) -> bool:
     if a.etag and b.etag:
         return a.etag == b.etag
     return a.created_at == b.created_at
+
+
+def _disagrees(files: list[FileInfo], tip: FileInfo | None, seek: int) -> bool:
+    """A listing from ``seek`` should hold our tip (an L0 file at or after ``seek``), the very
+    same object: True when it does not."""
+    if tip is None or tip.level != 0 or tip.min_txid < seek:
+        return False
+    for f in files:
+        if (f.min_txid, f.max_txid) == (tip.min_txid, tip.max_txid):
+            return not _same_object(f, tip)
+    return True
 
 
 def _unchanged(latest: DatabaseState, pgno: int, state: DatabaseState) -> bool:

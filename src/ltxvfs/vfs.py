@@ -39,6 +39,7 @@ from .dbfile import LitestreamFile
 from .errors import ConflictError, LitestreamError, TxNotAvailableError
 from .follow import Replica
 from .host.frames import DiskCache
+from .host.polls import shared_polls
 from .hydrate import PARALLEL as HYDRATION_PARALLEL
 from .hydrate import Hydrator
 from .jobs import JOB_THREADS, POOL_THREADS, Scheduler
@@ -271,6 +272,7 @@ class LitestreamVFS(apsw.VFS):
             if isinstance(client, FileReplicaClient) and not cfg.write_enabled:
                 client.check()  # a mistyped directory fails now, not after open_timeout
             deadline = time.monotonic() + cfg.open_timeout
+            shared = shared_polls(cfg.cache_dir, client.identity)  # ConfigError: unsafe dir
             disk = DiskCache.open(cfg.cache_dir, client.identity, cfg.cache_dir_size) \
                 if cfg.cache_dir else None
             store = PageStore(client, cfg.cache_size, disk)
@@ -293,7 +295,9 @@ class LitestreamVFS(apsw.VFS):
             raise
         log.info("opened %s at TXID %016x (%d pages of %d bytes)", client.url, state.txid,
                  state.commit, state.page_size)
-        return Replica(client, store, self.pool, state, cfg.poll_interval)
+        return Replica(client, store, self.pool, state, cfg.poll_interval,
+                       idle_poll_interval=cfg.idle_poll_interval, max_lag=cfg.max_lag,
+                       shared=shared)
 
     # --- write mode -------------------------------------------------------------------------------
 
@@ -478,7 +482,7 @@ class LitestreamVFS(apsw.VFS):
         """A connection opens a lingering replica: bring it up to date and follow again."""
         self.scheduler.remove(("linger", id(replica)))
         replica.lingering = False
-        replica.poll()
+        replica.poll(fresh=replica.max_lag)
         self._start_polling(replica)
 
     def _close_replica(self, replica: Replica) -> None:
