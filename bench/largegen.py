@@ -1,0 +1,622 @@
+"""Synthetic large replicas: a valid SQLite database of N pages written directly as LTX files.
+
+    python bench/largegen.py --size 4g --out /tmp/ltxvfs-bench/large      # 1,000,000 pages
+    python bench/largegen.py --pages 3000 --out /tmp/x                     # any page count
+
+Real ``litestream replicate`` needs ~100 s per GB of rows; a 40 GB database would take over an
+hour and 40 GB of disk. Here the database is described, not written: one table
+``t(id INTEGER PRIMARY KEY, v BLOB)`` laid out by hand as a table b-tree over pages 1..N
+(4 KiB pages):
+
+* page 1: the database header + the ``sqlite_schema`` leaf with the CREATE TABLE row;
+* page 2: the root of ``t``; then the interior pages (0x05), upper levels first; then the leaf
+  pages (0x0D), one row each, in rowid order (row ``r`` = leaf ``r``);
+* SQLite's lock page (the page holding byte 1 GiB, pgno 262,145 at 4 KiB) is used by nothing
+  and left out of every LTX file, as Litestream does;
+* every row's ``v`` is a 3,000-byte blob: a distinct ASCII prefix ``r<rowid>@<txid>;`` (the TXID
+  that last wrote the row) then zeros. Pages are mostly zeros, so a 10-million-page (40 GB)
+  snapshot is ~0.8 GB of LTX: what grows is the page index (one entry per page).
+
+Every page count is used exactly (``PRAGMA integrity_check`` passes): the tree's interior fan-out
+absorbs the difference. History, as real Litestream 0.5 leaves it (file:// layout
+``ltx/<level>/<min>-<max>.ltx``, 16-hex TXIDs, mtime = header timestamp):
+
+* L9 ``1-1``: the snapshot (all pages, TXID 1);
+* L0 ``2-2`` .. ``(H+1)-(H+1)``: H small transactions, each rewriting ``ROWS_PER_TXN`` rows
+  (their leaf pages); TXID 2 always rewrites the first and the last row;
+* L1 ``2-(H+1)``: the compaction of those L0 files (newest page wins);
+* ``poll/ltx/0/(H+2)-(H+2).ltx``: one more L0 file kept aside, for the bench to append to a
+  copy of the replica (a follower's poll).
+
+So the latest state is snapshot + L1, and TXID ``t`` (2 <= t <= H+1) is snapshot + L0 2..t.
+:func:`row_txid` says which TXID wrote a row as of a TXID; :func:`row_prefix` what it reads.
+
+Files are written with ltxvfs's own LTX code (``ltxvfs.ltx``: header, frames, index, CRC); the
+snapshot is encoded in chunks on all cores (multiprocessing) and the chunks' CRCs are joined with
+a CRC-64 combine, so the file checksum is exactly what a sequential encoder writes: the real
+``litestream restore`` accepts the result (tests/test_largegen.py). The generated replica is
+cached: ``generate`` reuses a directory whose manifest matches the spec.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import struct
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+try:
+    from ltxvfs.ltx import Encoder, Header, crc64, encode_page_frame, lock_pgno
+    from ltxvfs.ltx.format import END_OF_PAGES, PAGE_HEADER_SIZE, U64
+except ImportError:  # run from a checkout without PYTHONPATH
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+    from ltxvfs.ltx import Encoder, Header, crc64, encode_page_frame, lock_pgno
+    from ltxvfs.ltx.format import END_OF_PAGES, PAGE_HEADER_SIZE, U64
+
+#: Bump when the layout, the row contents or the file set change (invalidates cached datasets).
+RECIPE = 1
+SIZES = {"1g": 250_000, "4g": 1_000_000, "40g": 10_000_000}
+PAGE_SIZE = 4096
+FANOUT = 400  # children per interior page at most (4 + 4 + 2 bytes per cell: 408 fit)
+BLOB_LEN = 3000
+TABLE_SQL = "CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)"
+EPOCH_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z: the snapshot's header timestamp
+STEP_MS = 60_000  # one minute between transactions
+SQLITE_VERSION = 3_045_000
+
+
+@dataclass(frozen=True)
+class Spec:
+    pages: int  # database size in pages (the commit), lock page included
+    history: int = 20  # L0 files after the snapshot (TXIDs 2..history+1)
+    rows_per_txn: int = 3
+    seed: int = 1
+    page_size: int = PAGE_SIZE
+
+    @property
+    def latest_txid(self) -> int:
+        return self.history + 1
+
+    @property
+    def poll_txid(self) -> int:
+        return self.history + 2
+
+
+# --------------------------------------------------------------------------------------------
+# The b-tree's shape
+# --------------------------------------------------------------------------------------------
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class Layout:
+    """Which page is what. ``levels[0]`` = leaves, ``levels[-1]`` = 1 (the root, page 2)."""
+
+    def __init__(self, pages: int, page_size: int = PAGE_SIZE) -> None:
+        if page_size != PAGE_SIZE:
+            raise ValueError("only 4096-byte pages are laid out")
+        if pages < 4:
+            raise ValueError("need at least 4 pages (schema, root, two leaves)")
+        self.pages = pages
+        self.page_size = page_size
+        self.lock = lock_pgno(page_size)
+        used = pages - 1 - (1 if pages >= self.lock else 0)  # all but page 1 and the lock page
+        self.levels = self._solve(used)
+        self.rows = self.levels[0]
+        self.interior = sum(self.levels[1:])
+        # slot of the first node of each level: root first, leaves last
+        self.base = [0] * len(self.levels)
+        b = 0
+        for h in range(len(self.levels) - 1, -1, -1):
+            self.base[h] = b
+            b += self.levels[h]
+        assert b == used
+
+    @staticmethod
+    def _chain(leaves: int, n1: int | None = None) -> list[int]:
+        levels = [leaves]
+        n = n1 if n1 is not None else _ceil(leaves, FANOUT)
+        levels.append(n)
+        while n > 1:
+            n = _ceil(n, FANOUT)
+            levels.append(n)
+        return levels
+
+    @classmethod
+    def _solve(cls, used: int) -> list[int]:
+        """Leaves + interior pages = ``used`` exactly; extra interior pages at level 1 absorb
+        the rounding (each interior page keeps >= 2 children)."""
+        leaves = used - _ceil(used, FANOUT - 1) - 3
+        leaves = max(2, leaves)
+        for _ in range(used + 10):
+            chain = cls._chain(leaves)
+            total = sum(chain)
+            if total > used:
+                leaves -= total - used
+                continue
+            slack = used - total
+            n1 = chain[1] + slack
+            if slack and n1 * 2 > leaves:
+                leaves -= 1
+                continue
+            chain = cls._chain(leaves, n1) if slack else chain
+            if sum(chain) == used:
+                return chain
+            if sum(chain) > used:
+                leaves -= 1
+                continue
+            leaves += 1
+        raise ValueError(f"cannot lay out {used} pages")
+
+    def pgno(self, slot: int) -> int:
+        p = slot + 2
+        return p + 1 if p >= self.lock else p
+
+    def slot(self, pgno: int) -> int:
+        if pgno == 1 or pgno == self.lock:
+            raise ValueError(f"page {pgno} is not in the tree")
+        return pgno - 2 - (1 if pgno > self.lock else 0)
+
+    def leaf_pgno(self, rowid: int) -> int:
+        if not 1 <= rowid <= self.rows:
+            raise ValueError(f"rowid {rowid} out of range 1..{self.rows}")
+        return self.pgno(self.base[0] + rowid - 1)
+
+    def node(self, pgno: int) -> tuple[int, int]:
+        """(level, index in level) of a tree page."""
+        s = self.slot(pgno)
+        for h in range(len(self.levels) - 1, -1, -1):
+            if s < self.base[h] + self.levels[h]:
+                return h, s - self.base[h]
+        raise AssertionError(pgno)
+
+    def children(self, h: int, j: int) -> range:
+        n, m = self.levels[h - 1], self.levels[h]
+        return range(j * n // m, (j + 1) * n // m)
+
+    def last_leaf(self, h: int, j: int) -> int:
+        while h > 0:
+            j = self.children(h, j)[-1]
+            h -= 1
+        return j
+
+
+# --------------------------------------------------------------------------------------------
+# Page contents
+# --------------------------------------------------------------------------------------------
+
+
+def _varint(v: int) -> bytes:
+    """SQLite's big-endian varint (<= 9 bytes; values here stay far below 2^56)."""
+    if v < 0x80:
+        return bytes((v,))
+    out = [v & 0x7F]
+    v >>= 7
+    while v:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    return bytes(reversed(out))
+
+
+def row_prefix(rowid: int, txid: int) -> bytes:
+    """The first bytes of row ``rowid``'s blob as written by TXID ``txid``."""
+    return b"r%d@%d;" % (rowid, txid)
+
+
+_ZEROS = bytes(PAGE_SIZE)
+_BLOB_TYPE = _varint(BLOB_LEN * 2 + 12)
+_REC_HDR = _varint(2 + len(_BLOB_TYPE)) + b"\x00" + _BLOB_TYPE  # id (NULL: rowid alias), v
+_PAYLOAD = _varint(len(_REC_HDR) + BLOB_LEN)
+
+
+def leaf_page(rowid: int, txid: int) -> bytes:
+    prefix = row_prefix(rowid, txid)
+    cell_head = _PAYLOAD + _varint(rowid) + _REC_HDR
+    cell_len = len(cell_head) + BLOB_LEN
+    start = PAGE_SIZE - cell_len
+    hdr = b"\x0d\x00\x00\x00\x01" + struct.pack(">H", start) + b"\x00" + struct.pack(">H", start)
+    return b"".join((hdr, _ZEROS[:start - 10], cell_head, prefix,
+                     _ZEROS[:BLOB_LEN - len(prefix)]))
+
+
+def interior_page(layout: Layout, h: int, j: int) -> bytes:
+    kids = layout.children(h, j)
+    cells = []
+    for c in kids[:-1]:
+        key = layout.last_leaf(h - 1, c) + 1
+        cells.append(struct.pack(">I", layout.pgno(layout.base[h - 1] + c)) + _varint(key))
+    right = layout.pgno(layout.base[h - 1] + kids[-1])
+    content = b"".join(cells)
+    start = PAGE_SIZE - len(content)
+    ptrs = bytearray()
+    off = start
+    for cell in cells:
+        ptrs += struct.pack(">H", off)
+        off += len(cell)
+    hdr = (b"\x05\x00\x00" + struct.pack(">H", len(cells)) + struct.pack(">H", start) + b"\x00"
+           + struct.pack(">I", right))
+    gap = start - 12 - len(ptrs)
+    if gap < 0:
+        raise AssertionError(f"interior page ({h},{j}) overflows")
+    return b"".join((hdr, ptrs, _ZEROS[:gap], content))
+
+
+def schema_page(layout: Layout) -> bytes:
+    sql = TABLE_SQL.encode()
+    values = [b"table", b"t", b"t"]
+    types = [_varint(len(v) * 2 + 13) for v in values] + [b"\x01", _varint(len(sql) * 2 + 13)]
+    hdr_body = b"".join(types)
+    rec_hdr = _varint(len(hdr_body) + 1) + hdr_body
+    body = b"".join(values) + b"\x02" + sql  # rootpage 2 as a 1-byte integer
+    payload = rec_hdr + body
+    cell = _varint(len(payload)) + b"\x01" + payload
+    start = PAGE_SIZE - len(cell)
+    db = bytearray(100)
+    db[0:16] = b"SQLite format 3\x00"
+    db[16:18] = struct.pack(">H", PAGE_SIZE)
+    db[18], db[19], db[20] = 1, 1, 0  # rollback journal (legacy) file format, no reserved bytes
+    db[21], db[22], db[23] = 64, 32, 32
+    struct.pack_into(">I", db, 24, 1)  # file change counter
+    struct.pack_into(">I", db, 28, layout.pages)  # in-header database size (valid: 24 == 92)
+    struct.pack_into(">I", db, 40, 1)  # schema cookie
+    struct.pack_into(">I", db, 44, 4)  # schema format
+    struct.pack_into(">I", db, 56, 1)  # UTF-8
+    struct.pack_into(">I", db, 92, 1)  # version-valid-for
+    struct.pack_into(">I", db, 96, SQLITE_VERSION)
+    leaf = (b"\x0d\x00\x00\x00\x01" + struct.pack(">H", start) + b"\x00"
+            + struct.pack(">H", start))
+    return b"".join((bytes(db), leaf, _ZEROS[:start - 110], cell))
+
+
+def page_bytes(layout: Layout, pgno: int, versions: dict[int, int] | None = None) -> bytes:
+    """Page ``pgno`` with every row at TXID 1 except ``versions`` (rowid -> writing TXID)."""
+    if pgno == 1:
+        return schema_page(layout)
+    h, j = layout.node(pgno)
+    if h == 0:
+        rowid = j + 1
+        return leaf_page(rowid, (versions or {}).get(rowid, 1))
+    return interior_page(layout, h, j)
+
+
+# --------------------------------------------------------------------------------------------
+# History: which rows each transaction rewrites
+# --------------------------------------------------------------------------------------------
+
+
+def changes(spec: Spec, rows: int) -> dict[int, list[int]]:
+    """TXID -> rowids it rewrites, for TXIDs 2 .. poll_txid (the last one is the poll file)."""
+    rng = random.Random(spec.seed)
+    out: dict[int, list[int]] = {}
+    for txid in range(2, spec.poll_txid + 1):
+        picked = {1, rows} if txid == 2 else set()
+        while len(picked) < min(rows, spec.rows_per_txn):
+            picked.add(rng.randint(1, rows))
+        out[txid] = sorted(picked)
+    return out
+
+
+def row_txid(spec: Spec, rows: int, rowid: int, txid: int) -> int:
+    """The TXID that last wrote ``rowid`` as of TXID ``txid`` (1 = the snapshot)."""
+    best = 1
+    for t, rs in changes(spec, rows).items():
+        if t <= txid and rowid in rs:
+            best = max(best, t)
+    return best
+
+
+# --------------------------------------------------------------------------------------------
+# CRC-64/GO-ISO combine (zlib's crc32_combine, 64-bit): crc(A + B) from crc(A), crc(B), len(B)
+# --------------------------------------------------------------------------------------------
+
+_POLY_REFLECTED = 0xD800000000000000
+
+
+def _gf2_times(mat: list[int], vec: int) -> int:
+    s, i = 0, 0
+    while vec:
+        if vec & 1:
+            s ^= mat[i]
+        vec >>= 1
+        i += 1
+    return s
+
+
+def _gf2_square(mat: list[int]) -> list[int]:
+    return [_gf2_times(mat, mat[n]) for n in range(64)]
+
+
+def crc64_combine(crc1: int, crc2: int, len2: int) -> int:
+    if len2 == 0:
+        return crc1
+    odd = [_POLY_REFLECTED] + [1 << (n - 1) for n in range(1, 64)]
+    even = _gf2_square(odd)
+    odd = _gf2_square(even)
+    while True:
+        even = _gf2_square(odd)
+        if len2 & 1:
+            crc1 = _gf2_times(even, crc1)
+        len2 >>= 1
+        if not len2:
+            break
+        odd = _gf2_square(even)
+        if len2 & 1:
+            crc1 = _gf2_times(odd, crc1)
+        len2 >>= 1
+        if not len2:
+            break
+    return crc1 ^ crc2
+
+
+# --------------------------------------------------------------------------------------------
+# The snapshot, in parallel chunks
+# --------------------------------------------------------------------------------------------
+
+
+def _uvarint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _chunk_pgnos(layout: Layout, a: int, b: int) -> range | list[int]:
+    if a <= layout.lock < b:
+        return [p for p in range(a, b) if p != layout.lock]
+    return range(a, b)
+
+
+def _encode_frames(args: tuple) -> tuple[int, int, int, int]:
+    """Worker: frames of pages [a, b) into ``part``; frame sizes into ``part.sizes``.
+    Returns (chunk number, bytes written, CRC of the hashed stream from 0, pages)."""
+    n, pages, a, b, part = args
+    layout = Layout(pages)
+    sizes = array.array("I")
+    crc = 0
+    written = 0
+    lock = layout.lock
+    leaf0 = layout.pgno(layout.base[0])  # first leaf page
+    with open(part, "wb", buffering=1 << 20) as f:
+        for pgno in _chunk_pgnos(layout, a, b):
+            if pgno >= leaf0 and pgno != lock:
+                data = leaf_page(layout.slot(pgno) - layout.base[0] + 1, 1)
+            else:
+                data = page_bytes(layout, pgno)
+            frame = encode_page_frame(pgno, data)
+            f.write(frame)
+            sizes.append(len(frame))
+            written += len(frame)
+            crc = crc64(data, crc64(frame[:PAGE_HEADER_SIZE + 4], crc))
+    with open(f"{part}.sizes", "wb") as f:
+        sizes.tofile(f)
+    return n, written, crc, len(sizes)
+
+
+def _encode_index(args: tuple) -> tuple[int, int, int]:
+    """Worker: the page-index varints of chunk [a, b) whose first frame is at ``base``."""
+    n, pages, a, b, base, part = args
+    layout = Layout(pages)
+    sizes = array.array("I")
+    with open(f"{part}.sizes", "rb") as f:
+        sizes.frombytes(f.read())
+    out = bytearray()
+    off = base
+    uv = _uvarint
+    for pgno, size in zip(_chunk_pgnos(layout, a, b), sizes, strict=True):
+        out += uv(pgno)
+        out += uv(off)
+        out += uv(size)
+        off += size
+    with open(f"{part}.index", "wb") as f:
+        f.write(out)
+    os.unlink(f"{part}.sizes")
+    return n, len(out), crc64(out)
+
+
+def write_snapshot(spec: Spec, path: Path, *, workers: int, progress) -> int:
+    """The L9 snapshot 1-1 of all pages; returns its size. Parallel: ``workers`` processes."""
+    layout = Layout(spec.pages)
+    header = Header(page_size=spec.page_size, commit=spec.pages, min_txid=1, max_txid=1,
+                    timestamp=EPOCH_MS).pack()
+    nchunks = max(1, min(64, spec.pages // 20_000)) * max(1, workers)
+    step = _ceil(spec.pages, nchunks)
+    bounds = [(i, min(spec.pages + 1, 1 + i * step), min(spec.pages + 1, 1 + (i + 1) * step))
+              for i in range(nchunks)]
+    bounds = [x for x in bounds if x[1] < x[2]]
+    tmp = path.parent / f".{path.name}.parts"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    parts = {n: tmp / f"{n:05d}" for n, _, _ in bounds}
+    frames: dict[int, tuple[int, int, int]] = {}
+    t0 = time.monotonic()
+    ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    with ctx.Pool(workers) as pool:
+        done_pages = 0
+        for n, written, crc, count in pool.imap_unordered(
+                _encode_frames, [(n, spec.pages, a, b, parts[n]) for n, a, b in bounds]):
+            frames[n] = (written, crc, count)
+            done_pages += count
+            progress(f"snapshot frames: {done_pages:,}/{spec.pages:,} pages "
+                     f"({done_pages / max(1e-9, time.monotonic() - t0):,.0f}/s)")
+        bases = {}
+        off = len(header)
+        for n, _, _ in bounds:
+            bases[n] = off
+            off += frames[n][0]
+        index: dict[int, tuple[int, int]] = {}
+        for n, length, crc in pool.imap_unordered(
+                _encode_index, [(n, spec.pages, a, b, bases[n], parts[n]) for n, a, b in bounds]):
+            index[n] = (length, crc)
+        progress(f"snapshot index encoded ({time.monotonic() - t0:.1f}s)")
+    crc = crc64(header)
+    tmp_out = path.with_name(path.name + ".tmp")
+    with open(tmp_out, "wb") as out:
+        out.write(header)
+        for n, _, _ in bounds:  # frames: the hashed stream is page header + size + page
+            written, c, count = frames[n]
+            crc = crc64_combine(crc, c, count * (PAGE_HEADER_SIZE + 4 + spec.page_size))
+            _append(out, parts[n])
+        out.write(END_OF_PAGES)
+        crc = crc64(END_OF_PAGES, crc)
+        total_index = 0
+        for n, _, _ in bounds:
+            length, c = index[n]
+            crc = crc64_combine(crc, c, length)
+            total_index += length
+            _append(out, Path(f"{parts[n]}.index"))
+        tail = b"\x00" + U64.pack(total_index + 1) + U64.pack(0)  # terminator, length, post
+        crc = crc64(tail, crc)
+        out.write(tail)
+        out.write(U64.pack((1 << 63) | crc))
+        size = out.tell()
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.replace(tmp_out, path)
+    os.utime(path, ns=(EPOCH_MS * 1_000_000, EPOCH_MS * 1_000_000))
+    return size
+
+
+def _append(out, part: Path) -> None:
+    with open(part, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        out.flush()
+        done = 0
+        while done < size:
+            n = os.copy_file_range(f.fileno(), out.fileno(), size - done) \
+                if hasattr(os, "copy_file_range") else 0
+            if n <= 0:
+                out.write(f.read())
+                break
+            done += n
+        out.seek(0, os.SEEK_END)
+    part.unlink()
+
+
+# --------------------------------------------------------------------------------------------
+# Small files (L0, L1, the poll file) and the whole replica
+# --------------------------------------------------------------------------------------------
+
+
+def ltx_name(min_txid: int, max_txid: int) -> str:
+    return f"{min_txid:016x}-{max_txid:016x}.ltx"
+
+
+def _write_small(layout: Layout, path: Path, min_txid: int, max_txid: int, ts: int,
+                 versions: dict[int, int]) -> int:
+    pgnos = sorted({layout.leaf_pgno(r) for r in versions})
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        enc = Encoder(f, Header(page_size=layout.page_size, commit=layout.pages,
+                                min_txid=min_txid, max_txid=max_txid, timestamp=ts))
+        for p in pgnos:
+            enc.write_page(p, page_bytes(layout, p, versions))
+        enc.close()
+        size = enc.size
+    os.replace(tmp, path)
+    os.utime(path, ns=(ts * 1_000_000, ts * 1_000_000))
+    return size
+
+
+def txid_time_ms(txid: int) -> int:
+    return EPOCH_MS + (txid - 1) * STEP_MS
+
+
+def generate(spec: Spec, out: Path, *, workers: int | None = None, progress=print,
+             rebuild: bool = False) -> dict:
+    """Write (or reuse) the replica for ``spec`` under ``out``; returns the manifest:
+    ``replica`` (a file:// replica directory), ``poll_file`` (the extra L0 file), ``files``
+    (level, min, max, size, timestamp), ``layout`` and ``changes``."""
+    workers = workers or os.cpu_count() or 1
+    manifest_path = out / "manifest.json"
+    if manifest_path.exists() and not rebuild:
+        m = json.loads(manifest_path.read_text())
+        if (m.get("recipe") == RECIPE and m.get("spec") == asdict(spec)
+                and all((out / f["path"]).exists() and (out / f["path"]).stat().st_size == f["size"]
+                        for f in m["files"] + [m["poll"]])):
+            progress(f"reusing {out} ({spec.pages:,} pages)")
+            return m
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "replica" / "ltx").mkdir(parents=True)
+    t0 = time.monotonic()
+    layout = Layout(spec.pages)
+    ch = changes(spec, layout.rows)
+    files = []
+
+    def add(level: int, lo: int, hi: int, size: int, ts: int, path: Path) -> None:
+        files.append({"level": level, "min": lo, "max": hi, "size": size, "timestamp": ts,
+                      "path": str(path.relative_to(out))})
+
+    d9 = out / "replica" / "ltx" / "9"
+    d9.mkdir()
+    snap = d9 / ltx_name(1, 1)
+    size = write_snapshot(spec, snap, workers=workers, progress=progress)
+    add(9, 1, 1, size, EPOCH_MS, snap)
+    d0, d1 = out / "replica" / "ltx" / "0", out / "replica" / "ltx" / "1"
+    d0.mkdir()
+    d1.mkdir()
+    merged: dict[int, int] = {}
+    for txid in range(2, spec.latest_txid + 1):
+        versions = dict.fromkeys(ch[txid], txid)
+        p = d0 / ltx_name(txid, txid)
+        add(0, txid, txid, _write_small(layout, p, txid, txid, txid_time_ms(txid), versions),
+            txid_time_ms(txid), p)
+        merged.update(versions)
+    p = d1 / ltx_name(2, spec.latest_txid)
+    ts = txid_time_ms(spec.latest_txid)
+    add(1, 2, spec.latest_txid, _write_small(layout, p, 2, spec.latest_txid, ts, merged), ts, p)
+    pd = out / "poll" / "ltx" / "0"
+    pd.mkdir(parents=True)
+    pt = spec.poll_txid
+    pp = pd / ltx_name(pt, pt)
+    poll = {"level": 0, "min": pt, "max": pt, "timestamp": txid_time_ms(pt),
+            "size": _write_small(layout, pp, pt, pt, txid_time_ms(pt), dict.fromkeys(ch[pt], pt)),
+            "path": str(pp.relative_to(out))}
+    m = {"recipe": RECIPE, "spec": asdict(spec), "replica": str(out / "replica"),
+         "files": files, "poll": poll, "page_size": spec.page_size, "pages": spec.pages,
+         "rows": layout.rows, "max_id": layout.rows, "levels": layout.levels,
+         "lock_pgno": layout.lock, "latest_txid": spec.latest_txid,
+         "changes": {str(k): v for k, v in ch.items()},
+         "ltx_bytes": sum(f["size"] for f in files),
+         "build_seconds": round(time.monotonic() - t0, 1), "workers": workers}
+    manifest_path.write_text(json.dumps(m, indent=1))
+    progress(f"generated {spec.pages:,} pages ({spec.pages * spec.page_size / 1e9:.1f} GB "
+             f"logical) as {m['ltx_bytes'] / 1e6:.1f} MB of LTX in {m['build_seconds']}s")
+    return m
+
+
+def spec_for(size: str) -> Spec:
+    if size in SIZES:
+        return Spec(pages=SIZES[size])
+    return Spec(pages=int(size))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    g = ap.add_mutually_exclusive_group(required=True)
+    g.add_argument("--size", choices=sorted(SIZES), help="1g, 4g or 40g")
+    g.add_argument("--pages", type=int, help="any page count (>= 4)")
+    ap.add_argument("--out", type=Path, required=True, help="output directory (replaced)")
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--rebuild", action="store_true")
+    args = ap.parse_args(argv)
+    spec = spec_for(args.size) if args.size else Spec(pages=args.pages)
+    m = generate(spec, args.out, workers=args.workers, rebuild=args.rebuild,
+                 progress=lambda s: print(f"[{time.strftime('%H:%M:%S')}] {s}", flush=True))
+    print(json.dumps({k: m[k] for k in ("replica", "pages", "rows", "levels", "ltx_bytes",
+                                        "build_seconds")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
