@@ -136,26 +136,18 @@ class Layout:
     def _solve(cls, used: int) -> list[int]:
         """Leaves + interior pages = ``used`` exactly; extra interior pages at level 1 absorb
         the rounding (each interior page keeps >= 2 children)."""
-        leaves = used - _ceil(used, FANOUT - 1) - 3
-        leaves = max(2, leaves)
-        for _ in range(used + 10):
+        top = min(used - 1, used - used // (FANOUT + 1) + 5)
+        for leaves in range(top, max(1, top - 10_000), -1):
             chain = cls._chain(leaves)
-            total = sum(chain)
-            if total > used:
-                leaves -= total - used
+            slack = used - sum(chain)
+            if slack < 0:
                 continue
-            slack = used - total
-            n1 = chain[1] + slack
-            if slack and n1 * 2 > leaves:
-                leaves -= 1
-                continue
-            chain = cls._chain(leaves, n1) if slack else chain
-            if sum(chain) == used:
+            if slack == 0:
                 return chain
-            if sum(chain) > used:
-                leaves -= 1
-                continue
-            leaves += 1
+            for n1 in range(chain[1] + 1, min(chain[1] + slack, leaves // 2) + 1):
+                chain = cls._chain(leaves, n1)  # more level-1 pages (and maybe a new root)
+                if sum(chain) == used:
+                    return chain
         raise ValueError(f"cannot lay out {used} pages")
 
     def pgno(self, slot: int) -> int:
@@ -427,7 +419,6 @@ def _encode_index(args: tuple) -> tuple[int, int, int]:
 
 def write_snapshot(spec: Spec, path: Path, *, workers: int, progress) -> int:
     """The L9 snapshot 1-1 of all pages; returns its size. Parallel: ``workers`` processes."""
-    layout = Layout(spec.pages)
     header = Header(page_size=spec.page_size, commit=spec.pages, min_txid=1, max_txid=1,
                     timestamp=EPOCH_MS).pack()
     nchunks = max(1, min(64, spec.pages // 20_000)) * max(1, workers)
