@@ -111,7 +111,8 @@ def _read(ctx) -> dict:
     s1 = ctx.stats()
     out.update(open_s=t1 - t0, first_row_s=(t1 - t0) + first_s, first_lookup_s=first_s,
                rss_before_kb=st0["VmRSS"], rss_after_kb=st1["VmRSS"], hwm_after_kb=st1["VmHWM"],
-               rss_growth_kb=st1["VmRSS"] - st0["VmRSS"])
+               rss_growth_kb=st1["VmRSS"] - st0["VmRSS"],
+               peak_growth_kb=st1["VmHWM"] - st0["VmRSS"])
     out["bytes_per_page"] = out["rss_growth_kb"] * 1024 / p["pages"]
     if s0 is not None:
         d, d_open = stats_delta(s0, s1), stats_delta(s0, s_open)
@@ -142,6 +143,16 @@ def _read(ctx) -> dict:
             out.update(travel_requests=d["requests"], travel_bytes=d["bytes_down"],
                        travel_req_counts=d["counts"])
         out["hwm_travel_kb"] = proc_status()["VmHWM"]
+    con.close()
+    # Reconnect in the same process (a connection per request): open + a random lookup again.
+    s5 = ctx.stats()
+    t = time.perf_counter()
+    con = ctx.system.connect()
+    _check(con.cursor(), p["randoms"][0][0], p["randoms"][0][1])
+    out["reopen_s"] = time.perf_counter() - t
+    if s5 is not None:
+        out["reopen_requests"] = ctx.delta(s5)["requests"]
+    out["hwm_end_kb"] = proc_status()["VmHWM"]
     con.close()
     return out
 
@@ -487,9 +498,14 @@ READ_ROWS = (
     ("rand_requests", "requests per random lookup", "n"),
     ("rss_growth_kb", "RSS growth, open + first row", "KiB"),
     ("bytes_per_page", "RSS growth per page of the database", "B/page"),
+    ("peak_growth_kb", "peak RSS growth (VmHWM after the first row − RSS before the open)",
+     "KiB"),
     ("hwm_after_kb", "peak RSS of the process (VmHWM) after the first row", "KiB"),
     ("travel_s", f"time travel to TXID {TRAVEL_TXID} (PRAGMA litestream_time) + 3 lookups", "s"),
     ("travel_requests", "requests of the time travel", "n"),
+    ("hwm_travel_kb", "peak RSS of the process after the time travel", "KiB"),
+    ("reopen_s", "close, open again in the same process → a random row", "s"),
+    ("reopen_requests", "requests of that reopen", "n"),
 )
 POLL_ROWS = (
     ("visible_s", "new L0 file appears → a lookup returns the new row", "s"),
