@@ -217,3 +217,49 @@ def test_replica_across_the_lock_page(tmp_path):
         assert con.execute("SELECT count(*) FROM t").fetchone()[0] == m["rows"]
     finally:
         con.close()
+
+
+def test_bench_stand_in_publishes_it_as_litestream_s3_replica(small, tmp_path, monkeypatch):
+    """``POST /__bench__/import`` (what the large suite reads over S3): S3 keys
+    ``<prefix>/<level %04x>/…`` and ``litestream-timestamp`` metadata, so the real restore takes
+    it and time travel by timestamp (metadata) resolves the same TXIDs as on file://."""
+    import json
+    import urllib.parse
+    import urllib.request
+
+    from common import ACCESS_KEY, SECRET_KEY, child_env, s3_url, start_stub
+
+    stub = start_stub(tmp_path / "s3", tmp_path / "stub.log")
+    try:
+        q = urllib.parse.urlencode({"bucket": "bench", "prefix": "gen", "dir": small["replica"]})
+        req = urllib.request.Request(f"{stub.url}/__bench__/import?{q}", data=b"", method="POST")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert json.loads(r.read())["objects"] == 22
+        with urllib.request.urlopen(f"{stub.url}/bench?list-type=2&prefix=gen/", timeout=30) as r:
+            listing = r.read().decode()
+        assert "gen/0009/0000000000000001-0000000000000001.ltx" in listing
+        assert "gen/0001/0000000000000002-0000000000000015.ltx" in listing
+        head = urllib.request.Request(
+            f"{stub.url}/bench/gen/0000/0000000000000003-0000000000000003.ltx", method="HEAD")
+        with urllib.request.urlopen(head, timeout=30) as r:
+            assert r.headers["x-amz-meta-litestream-timestamp"] == "2026-01-01T00:02:00Z"
+        url = s3_url(stub.url, "bench", "gen")
+        out = litestream_restore(url, tmp_path / "s3.db", txid=7, env=child_env())
+        con = sqlite3.connect(out)
+        assert _rows(con) == _expected(small, 7)
+        con.close()
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
+        con = _ltxvfs(url)
+        try:
+            assert _rows(con) == _expected(small, 21)
+            t = dt.datetime.fromtimestamp((largegen.txid_time_ms(12) + 30_000) / 1000, dt.UTC)
+            con.execute(f"PRAGMA litestream_time = '{t.strftime('%Y-%m-%dT%H:%M:%SZ')}'")
+            assert con.execute("PRAGMA litestream_txid").fetchone()[0] == f"{12:016x}"
+            assert _rows(con) == _expected(small, 12)
+        finally:
+            con.close()
+    finally:
+        stub.stop()
