@@ -32,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import apsw
+import largechild
 import workloads
 from common import proxy_stats, stats_delta
 
@@ -592,6 +593,7 @@ WORKLOADS: dict[str, Callable[[Ctx], dict]] = {
     "commit_visible_100ms": wl_commit_visible_100ms,
     "hydration": wl_hydration,
     "suite": workloads.wl_suite,  # the workload suite (bench/workloads.py, bench/suite.py)
+    "large": largechild.wl_large,  # the large suite (bench/large.py, bench/largechild.py)
 }
 
 

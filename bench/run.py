@@ -169,10 +169,23 @@ def child_env_for(system: str, url: str, pythonpath: Path | None, extra: dict | 
     return child_env(env)
 
 
+def _rss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def run_child(system: str, workload: str, spec: dict, work: Path, env: dict[str, str],
-              timeout: float, profile_to: Path | None = None) -> dict:
+              timeout: float, profile_to: Path | None = None,
+              rss_cap_kb: int | None = None) -> dict:
     """One fresh child process; returns its result with ``peak_rss_kb`` (wait4) and
-    ``wall_s``, or ``{"error": ...}``."""
+    ``wall_s``, or ``{"error": ...}``. ``rss_cap_kb``: the child is killed when its resident
+    set exceeds it (checked every 20 ms; the error says so)."""
     spec_path = work / "spec.json"
     out = work / "out.json"
     spec_path.write_text(json.dumps(spec))
@@ -188,6 +201,7 @@ def run_child(system: str, workload: str, spec: dict, work: Path, env: dict[str,
                             stderr=errf)
     status, rusage = None, None
     deadline = t0 + timeout
+    killed = ""
     try:
         for _ in range(int(timeout / 0.02) + 100):  # bounded wait
             pid, st, ru = os.wait4(proc.pid, os.WNOHANG)
@@ -195,6 +209,11 @@ def run_child(system: str, workload: str, spec: dict, work: Path, env: dict[str,
                 status, rusage = st, ru
                 break
             if time.monotonic() > deadline:
+                killed = f"killed after the {timeout:.0f}s timeout"
+                break
+            if rss_cap_kb and (rss := _rss_kb(proc.pid)) > rss_cap_kb:
+                killed = (f"killed at RSS {rss / 1024:.0f} MiB (cap {rss_cap_kb / 1024:.0f} MiB) "
+                          f"after {time.monotonic() - t0:.1f}s")
                 break
             time.sleep(0.02)
     finally:
@@ -207,7 +226,9 @@ def run_child(system: str, workload: str, spec: dict, work: Path, env: dict[str,
     err = errf.read().decode(errors="replace")
     errf.close()
     if proc.returncode != 0 or not out.exists():
-        return {"error": f"rc={proc.returncode} after {wall:.1f}s: {err[-1500:]}", "wall_s": wall}
+        return {"error": f"{killed + '; ' if killed else ''}rc={proc.returncode} after "
+                         f"{wall:.1f}s: {err[-1500:]}", "wall_s": wall,
+                "peak_rss_kb": rusage.ru_maxrss if rusage is not None else None}
     res = json.loads(out.read_text())
     res["peak_rss_kb"] = rusage.ru_maxrss
     res["wall_s"] = wall
@@ -460,16 +481,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="ltxvfs vs the Go VFS vs local SQLite",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="~20 MB dataset only, shorter idle window")
-    ap.add_argument("--runs", type=int, default=3, help="runs per measurement (medians reported)")
+    ap.add_argument("--runs", type=int, default=None,
+                    help="runs per measurement (medians reported); default 3 (--suite large: the "
+                         "read children; poll and hydration run once)")
     ap.add_argument("--latency-ms", type=float, default=20.0, help="added to every S3 request")
     ap.add_argument("--datasets", default=None,
                     help="comma list of small (~20 MB), large (~200 MB); default: small "
                          "with --quick, else both")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
-    ap.add_argument("--suite", choices=("main", "workloads", "fleet"), default="main",
+    ap.add_argument("--suite", choices=("main", "workloads", "fleet", "large"), default="main",
                     help="main: the workloads below; workloads: the access-pattern suite of "
                          "bench/workloads.py (its own report section, --datasets default small); "
-                         "fleet: many processes on one replica (bench/fleet.py -h)")
+                         "fleet: many processes on one replica (bench/fleet.py -h); "
+                         "large: generated 1-40 GB replicas (bench/large.py, --datasets "
+                         "default 1g,4g)")
     ap.add_argument("--workloads", default=None,
                     help="comma list (default: all of the chosen suite)")
     ap.add_argument("--ltxvfs", default="HEAD",
@@ -491,6 +516,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--zipf-lookups", type=int, default=4000, help="suite: Zipf lookups")
     ap.add_argument("--suite-timeout", type=float, default=900.0,
                     help="suite: seconds one child may take before it is killed")
+    ap.add_argument("--large-timeout", type=float, default=600.0,
+                    help="large: seconds one child may take before it is killed")
+    ap.add_argument("--rss-cap-mb", type=float, default=12_000.0,
+                    help="large: a child whose resident set exceeds this is killed")
+    ap.add_argument("--large-lookups", type=int, default=20,
+                    help="large: random point lookups after the first one")
+    ap.add_argument("--transports", default="s3,file",
+                    help="large: s3 (stand-in behind the latency proxy) and/or file (file://)")
+    ap.add_argument("--poll-datasets", default="4g",
+                    help="large: datasets for the poll measurement ('' = none)")
+    ap.add_argument("--hydrate-datasets", default="4g",
+                    help="large: datasets for the hydration measurement ('' = none)")
+    ap.add_argument("--local-max-pages", type=int, default=1_000_000,
+                    help="large: restore a local copy (the 'local' column) up to this size")
     ap.add_argument("--ltxvfs-patch", type=Path, default=None,
                     help="EXPERIMENT: a Python file run in each ltxvfs child after register() "
                          "(e.g. bench/experiments/readahead_streams.py); results are labelled")
@@ -513,10 +552,15 @@ def main(argv: list[str] | None = None) -> int:
         import fleet
         return fleet.main(given)
     args = parse_args(argv)
+    if args.runs is None:
+        args.runs = 3
     signal.signal(signal.SIGTERM, _terminate)
     if args.suite == "workloads":
         import suite
         return suite.main(args, argv, sys.modules[__name__])
+    if args.suite == "large":
+        import large
+        return large.main(args, argv, sys.modules[__name__])
     args.workloads = args.workloads or ",".join(w.name for w in WORKLOAD_TABLE)
     mode = "quick" if args.quick else "full"
     datasets = (args.datasets.split(",") if args.datasets

@@ -179,6 +179,33 @@ class Store:
                 n += 1
         return n
 
+    def import_dir(self, b: str, prefix: str, src: Path) -> int:
+        """Bench control: publish a file:// replica directory (``src/ltx/<level>/*.ltx``, as
+        bench/largegen.py writes them) under ``prefix`` with S3 keys
+        ``<prefix>/<level %04x>/<name>`` and Litestream's ``litestream-timestamp`` metadata
+        (from each file's LTX header). Hard links when possible. Returns the count."""
+        n = 0
+        for level_dir in sorted((src / "ltx").iterdir()):
+            if not level_dir.name.isdigit():
+                continue
+            for f in sorted(level_dir.glob("*.ltx")):
+                with open(f, "rb") as fh:
+                    head = fh.read(40)
+                ms = int.from_bytes(head[32:40], "big", signed=True)
+                ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000))
+                ts += (f".{ms % 1000:03d}".rstrip("0") if ms % 1000 else "") + "Z"
+                key = f"{prefix}/{int(level_dir.name):04x}/{f.name}"
+                tmp = self.tmpfile()
+                try:
+                    os.link(f, tmp)
+                except OSError:
+                    shutil.copyfile(f, tmp)
+                etag = f'"{hashlib.md5(f"{f}:{f.stat().st_size}".encode()).hexdigest()}"'
+                self.put_file(b, key, tmp, etag, "application/octet-stream",
+                              {"litestream-timestamp": ts}, False)
+                n += 1
+        return n
+
     def delete_prefix(self, b: str, prefix: str) -> int:
         with self.lock:
             self._need_bucket(b)
@@ -331,7 +358,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _bench_control(self) -> None:
         """``POST /__bench__/copy?bucket=&src=&dst=`` and ``POST /__bench__/delete?bucket=&prefix=``
-        (the harness's fresh replica per write run; not S3)."""
+        (the harness's fresh replica per write run), ``POST /__bench__/import?bucket=&prefix=&dir=``
+        (a generated file:// replica published under a prefix); not S3."""
         u = urllib.parse.urlsplit(self.path)
         q = {k: v[0] for k, v in urllib.parse.parse_qs(u.query, keep_blank_values=True).items()}
         self._read_body()
@@ -339,6 +367,9 @@ class Handler(BaseHTTPRequestHandler):
             n = self.store.copy_prefix(q["bucket"], q["src"], q["dst"])
         elif u.path == "/__bench__/delete" and self.command == "POST":
             n = self.store.delete_prefix(q["bucket"], q["prefix"])
+        elif u.path == "/__bench__/import" and self.command == "POST":
+            self.store.create_bucket(q["bucket"])
+            n = self.store.import_dir(q["bucket"], q["prefix"].rstrip("/"), Path(q["dir"]))
         else:
             raise S3Error(404, "NoSuchControl", resource=u.path)
         self._send(200, json.dumps({"objects": n}).encode(), content_type="application/json")
