@@ -42,8 +42,9 @@ def test_sweep_removes_only_dead_processes_dirs_of_ours(tmp_path):
 
 
 CHILD = textwrap.dedent("""
-    import os, sys, apsw, ltxvfs
+    import os, sys, apsw, ltxvfs, ltxvfs.localfiles
     from urllib.parse import quote
+    ltxvfs.localfiles.SPILL = 0  # journals past SPILL bytes live in the scratch directory
     ltxvfs.register(warm_up=False)
     con = apsw.Connection("file:db?vfs=litestream&write_enabled=true&replica_url="
                           + quote(sys.argv[1], safe="") + "&buffer_path=" + quote(sys.argv[3]),
