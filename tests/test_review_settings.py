@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import apsw
 import pytest
+from test_settings import RO, one, uri, url  # noqa: F401  (url: fixture)
 
 import ltxvfs
-from test_settings import RO, one, uri, url  # noqa: F401  (url: fixture)
 
 
 @pytest.fixture(scope="module")
