@@ -7,6 +7,7 @@ from pathlib import Path
 from test_host_cache import ROWS, expected, in_process, vfs  # noqa: F401  (vfs: fixture)
 
 from ltxvfs.storage import open_replica
+
 from replicas import FakePrimary
 
 
