@@ -50,3 +50,28 @@ def test_a_file_replica_rewritten_in_place_with_the_same_inode_size_and_mtime(tm
     assert in_process(url, None, vfs)[0] == expected(new) != expected(old)  # without the cache
     rows, st = in_process(url, cache, vfs)
     assert rows == expected(new)
+
+
+def test_a_follower_reading_a_file_replica_rewritten_in_place(tmp_path, vfs):  # noqa: F811
+    """The same in-place rewrite under a follower that stays open (no cache_dir): its next read
+    transaction must read the new history, never the old index over the new bytes."""
+    import apsw
+    from test_host_cache import connect, look
+
+    root, other = tmp_path / "replica", tmp_path / "other"
+    old = build(root.as_uri(), tmp_path, "qqq")
+    new = build(other.as_uri(), tmp_path, "zzz")
+    con = connect(root.as_uri(), None, extra="&max_lag=0")
+    assert look(con) == expected(old)
+    a, b = _files(root), _files(other)
+    for k, path in a.items():
+        st0 = path.stat()
+        with open(path, "r+b") as f:
+            f.truncate(0)
+            f.write(b[k].read_bytes())
+        os.utime(path, ns=(st0.st_atime_ns, st0.st_mtime_ns))
+    try:
+        assert look(con) == expected(new)
+    except apsw.BusyError:  # the history changed under it: the next transaction reads it
+        assert look(con) == expected(new)
+    con.close()
