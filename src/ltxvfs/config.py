@@ -218,6 +218,15 @@ class VFSConfig:
         """A path alone turns hydration on, as the product announcement says."""
         return self.hydration_enabled or bool(self.hydration_path)
 
+    def resolved(self, name: str) -> object:
+        """The value of setting ``name`` in force: ``max_lag`` left out is 3 × ``poll_interval``;
+        the idle ceiling is never below ``poll_interval`` (a longer interval alone: no back-off)."""
+        if name == "max_lag":
+            return 3 * self.poll_interval if self.max_lag is None else self.max_lag
+        if name == "idle_poll_interval":
+            return max(self.idle_poll_interval, self.poll_interval)
+        return getattr(self, name)
+
 
 #: URI parameter names we read. ``log_level`` is process-wide (one ``ltxvfs`` logger), so only
 #: its environment variable sets it.
@@ -278,7 +287,9 @@ def check_joining(current: VFSConfig, new: VFSConfig, given: set[str], writing: 
     if hydrating:
         in_force.update(HYDRATION_SETTINGS)
     for name in sorted(given & in_force):
-        mine, theirs = getattr(new, name), getattr(current, name)
+        # Compare the values in force (a default resolved from poll_interval equals the same
+        # value given explicitly), not the raw fields.
+        mine, theirs = new.resolved(name), current.resolved(name)
         if mine != theirs:
             raise ConfigError(f"{name}={_show(mine)} conflicts with {name}={_show(theirs)}, in "
                               "force for this replica since an earlier connection opened it: "

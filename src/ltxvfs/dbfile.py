@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -41,6 +42,10 @@ def to_apsw_error(err: Exception) -> apsw.Error:
         return apsw.CorruptError(str(err))
     if isinstance(err, StorageError):
         return apsw.BusyError(f"object storage unavailable: {err}")
+    if isinstance(err, OSError):  # the write buffer's file (a full disk, an I/O error)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return apsw.FullError(f"litestream: write buffer: {err}")
+        return apsw.IOError(f"litestream: write buffer: {err}")
     return apsw.IOError(str(err))
 
 
@@ -196,7 +201,7 @@ class LitestreamFile:
             return
         try:
             writer.commit(fsync=fsync)
-        except LitestreamError as err:
+        except (LitestreamError, OSError) as err:
             raise to_apsw_error(err) from err
 
     def _rollback(self) -> None:
@@ -208,8 +213,7 @@ class LitestreamFile:
         try:
             writer.rollback()
         except (LitestreamError, OSError) as err:
-            raise to_apsw_error(LitestreamError(str(err)) if isinstance(err, OSError) else err) \
-                from err
+            raise to_apsw_error(err) from err
 
     def xCheckReservedLock(self) -> bool:  # noqa: N802
         return self.replica.locks.reserved_by_other(id(self))
@@ -234,7 +238,7 @@ class LitestreamFile:
                 page[start:start + len(data)] = data
                 data = bytes(page)
             writer.write_page(pgno + 1, data)
-        except LitestreamError as err:
+        except (LitestreamError, OSError) as err:
             raise to_apsw_error(err) from err
 
     def _writing(self) -> Writer:
@@ -248,7 +252,7 @@ class LitestreamFile:
         writer = self._writing()
         try:
             writer.truncate(newsize // max(writer.page_size, 1))
-        except LitestreamError as err:
+        except (LitestreamError, OSError) as err:
             raise to_apsw_error(err) from err
 
     def xSync(self, flags: int) -> None:  # noqa: N802

@@ -296,7 +296,8 @@ class LitestreamVFS(apsw.VFS):
         log.info("opened %s at TXID %016x (%d pages of %d bytes)", client.url, state.txid,
                  state.commit, state.page_size)
         return Replica(client, store, self.pool, state, cfg.poll_interval,
-                       idle_poll_interval=cfg.idle_poll_interval, max_lag=cfg.max_lag,
+                       idle_poll_interval=cfg.resolved("idle_poll_interval"),  # type: ignore[arg-type]
+                       max_lag=cfg.resolved("max_lag"),  # type: ignore[arg-type]
                        shared=shared)
 
     # --- write mode -------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 Lives in ``<cache_dir>/<replica>/frames/`` (see :func:`..host.replica_dir`), one file per entry
 (:mod:`.entries`: header + value, written to a temp name and renamed). Every key holds the
-file's identity — level, TXID range, size and ETag (S3: the content's MD5; file://: inode and
-mtime) — so a replaced history, which reuses file names, never meets the old history's entries;
+file's identity — level, TXID range, size and ETag (S3: the content's MD5; file://: inode, mtime
+and ctime) — so a replaced history, which reuses file names, never meets the old history's entries;
 files without an ETag are never cached on disk.
 
 Policy:

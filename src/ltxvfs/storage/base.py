@@ -80,7 +80,7 @@ class FileInfo:
     #: UTC, timezone-aware. LastModified (S3) or mtime (file) by default; the LTX header
     #: timestamp (``litestream-timestamp`` metadata / mtime) when listed with ``use_metadata``.
     created_at: datetime
-    #: Which version of the object this is: the S3 ETag, or the file's inode and mtime; "" when
+    #: Which version of the object this is: the S3 ETag, or the file's inode, mtime and ctime; "" when
     #: unknown. A replaced history reuses names, so names alone never identify a file's bytes
     #: (cache keys, the follower's continuity check). Not part of equality.
     etag: str = field(default="", compare=False)

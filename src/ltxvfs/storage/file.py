@@ -57,8 +57,11 @@ _NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 def _etag(st: os.stat_result) -> str:
     """Which file this is (FileInfo.etag): every write is a new inode (temp file + rename), and
-    the mtime (the LTX timestamp) tells apart a new file that reuses a freed inode number."""
-    return f"{st.st_ino:x}.{st.st_mtime_ns:x}"
+    the mtime (the LTX timestamp) tells apart a new file that reuses a freed inode number. The
+    ctime, which no one can set back, tells apart a file rewritten in place (``cp -p``, ``rsync
+    --inplace -t``: same inode, size and mtime, other bytes). It also moves on chmod, chown or a
+    new hard link: the file then reads as another version (fetched again, never stale)."""
+    return f"{st.st_ino:x}.{st.st_mtime_ns:x}.{st.st_ctime_ns:x}"
 
 
 def _ns_to_datetime(ns: int) -> datetime:
@@ -171,7 +174,6 @@ class FileReplicaClient(ReplicaClient):
                         size = f.tell()
                         os.utime(f.fileno(), ns=(ns, ns))
                         os.fsync(f.fileno())
-                        etag = _etag(os.fstat(f.fileno()))
                     if exclusive:
                         self._link_exclusive(dfd, tmp, final)
                     else:
@@ -185,6 +187,8 @@ class FileReplicaClient(ReplicaClient):
                         except FileNotFoundError:
                             pass
                 os.fsync(dfd)  # make the rename/link durable
+                # After placing: a link, an unlink or a rename moves the ctime (in the ETag).
+                etag = _etag(os.stat(final.name, dir_fd=dfd, follow_symlinks=False))
         except OSError as exc:
             raise self._error(exc, "write", final) from exc
         return FileInfo(level, min_txid, max_txid, size, _ns_to_datetime(ns), etag)
