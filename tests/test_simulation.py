@@ -60,6 +60,7 @@ from sim_model import (
 )
 
 import ltxvfs
+import ltxvfs.modes as modes_mod
 import ltxvfs.vfs as vfs_mod
 from ltxvfs import registry
 from ltxvfs.compact import compact_level, enforce_l0_retention, enforce_snapshot_retention, snapshot
@@ -133,9 +134,9 @@ class Simulation(RuleBasedStateMachine):
         self.root = Path(tempfile.mkdtemp(prefix="ltxvfs-sim-"))
         self.faults = Faults()
         self.faulted = False
-        self._saved = (vfs_mod.open_replica, vfs_mod.DISABLE_WAIT, vfs_mod.LINGER)
+        self._saved = (vfs_mod.open_replica, modes_mod.DISABLE_WAIT, vfs_mod.LINGER)
         vfs_mod.open_replica = lambda url: FaultyClient(self._saved[0](url), self.faults)
-        vfs_mod.DISABLE_WAIT = 0.2
+        modes_mod.DISABLE_WAIT = 0.2
         vfs_mod.LINGER = 0  # the model: a replica closes with its last connection
         self.reps: dict[str, ReplicaModel] = {}
         for name, page_size in (("r1", 1024), ("r2", 4096)):
@@ -719,7 +720,7 @@ class Simulation(RuleBasedStateMachine):
         try:
             self._teardown()
         finally:
-            vfs_mod.open_replica, vfs_mod.DISABLE_WAIT, vfs_mod.LINGER = self._saved
+            vfs_mod.open_replica, modes_mod.DISABLE_WAIT, vfs_mod.LINGER = self._saved
 
     def _teardown(self) -> None:
         for _slot in list(self.slots):

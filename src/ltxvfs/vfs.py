@@ -26,10 +26,8 @@ from pathlib import Path
 
 import apsw
 
-from .compact import Compactor
 from .config import (
     HYDRATION_SETTINGS,
-    WRITE_SETTINGS,
     ConfigError,
     VFSConfig,
     check_joining,
@@ -44,26 +42,19 @@ from .hydrate import PARALLEL as HYDRATION_PARALLEL
 from .hydrate import Hydrator
 from .jobs import JOB_THREADS, POOL_THREADS, Scheduler
 from .localfiles import LocalFiles
+from .modes import WriteModes
 from .pages import DatabaseState, PageStore, state_at
 from .plan import list_levels
 from .scratch import make_scratch_dir, remove_scratch_dir
-from .singlewriter import check_store
 from .storage import FileReplicaClient, open_replica, parse_replica_url
-from .writer import Writer, default_buffer_path
 
 log = logging.getLogger("ltxvfs")
 
-#: How long closing (or switching modes) waits for a background run in progress to finish: a
-#: compaction or sync may take a while and must not lose its storage client half-way; a poll is
-#: only worth a short wait (its result would be dropped anyway).
-JOB_STOP_WAIT = 30.0
+#: How long closing waits for a poll in progress (its result would be dropped anyway).
 POLL_STOP_WAIT = 2.0
 #: How long a read-mode replica (no writer, no hydration) stays open after its last connection
 #: closed, for the next open to reuse its cache and page index.
 LINGER = 30.0
-#: How long turning write mode off waits for transactions that write or read the buffer to end
-#: (new ones are held back meanwhile, as SQLite's PENDING lock does).
-DISABLE_WAIT = 5.0
 
 _MAIN_DB = apsw.SQLITE_OPEN_MAIN_DB
 
@@ -77,7 +68,7 @@ def display_name(name: str) -> str:
     return _OPEN_MARK_RE.sub("", name)
 
 
-class LitestreamVFS(apsw.VFS):
+class LitestreamVFS(WriteModes, apsw.VFS):
     """Register with :func:`ltxvfs.register`; keep a reference (APSW drops unreferenced VFSes)."""
 
     def __init__(self, name: str = "litestream", config: VFSConfig | None = None,
@@ -300,87 +291,7 @@ class LitestreamVFS(apsw.VFS):
                        max_lag=cfg.resolved("max_lag"),  # type: ignore[arg-type]
                        shared=shared)
 
-    # --- write mode -------------------------------------------------------------------------------
-
-    def enable_writes(self, replica: Replica, cfg: VFSConfig | None = None) -> None:
-        """Turn write mode on for ``replica``: open (and recover) its buffer, stop polling, sync
-        every ``sync_interval``. Raises ConflictError when a crashed buffer cannot be applied.
-        Connections already inside a read transaction keep their view until it ends."""
-        cfg = cfg or self._configs.get(id(replica), self.config)
-        with replica.mode_lock:  # one switch at a time: never two writers for one replica
-            if replica.writer is not None:
-                return
-            check_store(replica.client, cfg.single_writer)  # UnsafeStoreError (issue 16)
-            self._adopt(replica, cfg, WRITE_SETTINGS)
-            path = Path(cfg.buffer_path) if cfg.buffer_path else \
-                default_buffer_path(replica.client.identity)
-            with self._lock:
-                owner = self._buffer_paths.get(path)
-                if owner is not None:
-                    raise ConfigError(f"buffer_path {path} is already the write buffer of "
-                                      "another replica in this process; give each its own")
-                self._buffer_paths[path] = replica.key
-            self._stop_polling(replica)
-            writer = Writer(replica, path)
-            try:
-                # Start from the newest remote state, never from one a failed poll left: the
-                # replica may have moved on or been replaced (a restored primary) meanwhile.
-                replica.poll(strict=True)
-                writer.open()
-            except BaseException:
-                with self._lock:
-                    self._buffer_paths.pop(path, None)
-                self._start_polling(replica)
-                raise
-            self._install_writer(replica, writer)
-            if cfg.sync_interval > 0:  # a negative interval: sync only on close (as Go)
-                self.scheduler.add(("sync", id(replica)), writer.sync_in_background,
-                                   cfg.sync_interval)
-            writer.compactor = Compactor(replica.client, cfg.compaction_levels,
-                                         cfg.snapshot_interval, cfg.snapshot_retention,
-                                         cfg.l0_retention)
-            for name, fn, interval in writer.compactor.jobs():
-                self.scheduler.add((name, id(replica)), fn, interval)
-        log.info("write mode on for %s (buffer %s)", replica.client.url, path)
-
-    def disable_writes(self, replica: Replica, owner: int = 0) -> None:
-        """Sync what is buffered, then go back to read mode (polling). Waits (up to
-        ``DISABLE_WAIT``, holding new transactions back) for transactions that write or read the
-        buffer to end, then BusyError; at once if ``owner`` (the asking connection) is inside
-        one. On a failed sync write mode stays on, whole, and the error is raised."""
-        with replica.mode_lock:
-            writer = replica.writer
-            if writer is None:
-                return
-            for _ in range(3):
-                writer.sync()  # raises: nothing changed, write mode stays on
-                if replica.locks.when_idle(lambda: self._detach_writer(replica, writer), owner,
-                                           DISABLE_WAIT):
-                    break
-            else:
-                raise apsw.BusyError("commits keep arriving; write mode stays on, try again")
-            self._stop_writer_jobs(replica, writer)
-            try:
-                writer.close()  # nothing left to sync: closes and removes the buffer
-            finally:
-                with self._lock:
-                    self._buffer_paths.pop(writer.buffer.path, None)
-                self._start_polling(replica)
-        log.info("write mode off for %s", replica.client.url)
-
-    @staticmethod
-    def _install_writer(replica: Replica, writer: Writer) -> None:
-        with replica.locks.mutex:  # views are chosen under it (dbfile._granting)
-            replica.writer = writer
-
-    @staticmethod
-    def _detach_writer(replica: Replica, writer: Writer) -> bool:
-        """Under the lock table's mutex, with no writer and no buffer reader: detach the writer
-        if everything it holds is synced (new transactions then read the replica's state)."""
-        if writer.buffer.has_unsynced:
-            return False
-        replica.writer = None
-        return True
+    # --- settings in force -----------------------------------------------------------------
 
     def _adopt(self, replica: Replica, cfg: VFSConfig, names: tuple[str, ...]) -> None:
         """The settings ``names`` of ``cfg`` come into force for ``replica`` (write mode or
@@ -414,18 +325,6 @@ class LitestreamVFS(apsw.VFS):
         if hydrator.error is not None:
             log.error("hydration of %s: %s", replica.client.url, hydrator.error)
         replica.hydrator = hydrator
-
-    def _stop_writer_jobs(self, replica: Replica, writer: Writer) -> None:
-        """Unschedule the sync and compaction jobs and let a run in progress finish (bounded),
-        so the final sync and closing the client do not cut a compaction short."""
-        keys = [("sync", id(replica))]
-        if writer.compactor is not None:
-            keys += [(name, id(replica)) for name, _, _ in writer.compactor.jobs()]
-        deadline = time.monotonic() + JOB_STOP_WAIT
-        for key in keys:
-            if not self.scheduler.remove(key, wait=max(deadline - time.monotonic(), 0.0)):
-                log.warning("background job %s of %s still running after %gs; closing anyway",
-                            key[0], replica.client.url, JOB_STOP_WAIT)
 
     def _start_polling(self, replica: Replica) -> None:
         self.scheduler.add(("poll", id(replica)), replica.poll_job, replica.poll_interval)
