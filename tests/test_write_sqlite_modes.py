@@ -130,9 +130,13 @@ def test_no_acknowledged_commit_is_lost_to_kill_nine(tmp_path, synchronous, lock
     try:
         found = scan(fd, tmp_path / "buf", HEADER.unpack(os.pread(fd, HEADER.size, 0))[5])
         size = os.fstat(fd).st_size
-        assert size % PREALLOC == 0 and size > found.end, "no preallocated tail at the crash"
-        # A kill does not tear a write: what follows the records is the zero tail, untouched.
-        assert os.pread(fd, size - found.end, found.end) == bytes(size - found.end)
+        # The kill lands anywhere: inside a zero tail, between the write of records that
+        # reached the tail's end and the next tail's zeros, or in the middle of a transaction's
+        # pwrite (a fatal signal can cut a write to a regular file short: measured here, the
+        # bytes after the last whole record were a torn record in 2-3 of 8 runs on a quiet
+        # machine). scan() has already refused the file if a whole COMMIT followed a torn
+        # record; what recovery makes of the rest is checked below.
+        assert size >= found.end, "the scan read past the file"
     finally:
         os.close(fd)
     assert found.commits >= len(seen) + 1  # CREATE TABLE, then each acknowledged row at least
