@@ -54,11 +54,11 @@ from pathlib import Path
 
 try:
     from ltxvfs.ltx import Encoder, Header, crc64, encode_page_frame
-    from ltxvfs.ltx.format import END_OF_PAGES, PAGE_HEADER_SIZE, U64
+    from ltxvfs.ltx.format import END_OF_PAGES, PAGE_HEADER_SIZE, U64, _uvarint
 except ImportError:  # run from a checkout without PYTHONPATH
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
     from ltxvfs.ltx import Encoder, Header, crc64, encode_page_frame
-    from ltxvfs.ltx.format import END_OF_PAGES, PAGE_HEADER_SIZE, U64
+    from ltxvfs.ltx.format import END_OF_PAGES, PAGE_HEADER_SIZE, U64, _uvarint
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from largetree import (  # re-exported: the tests and large.py use them from here
     BLOB_LEN,
@@ -171,15 +171,6 @@ def crc64_combine(crc1: int, crc2: int, len2: int) -> int:
 # --------------------------------------------------------------------------------------------
 # The snapshot, in parallel chunks
 # --------------------------------------------------------------------------------------------
-
-
-def _uvarint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def _chunk_pgnos(layout: Layout, a: int, b: int) -> range | list[int]:
