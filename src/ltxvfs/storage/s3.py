@@ -37,6 +37,7 @@ from .base import (
     ltx_filename,
     parse_ltx_filename,
 )
+from .counter import RequestCounter
 from .redact import SECRETS
 from .s3_metadata import METADATA_KEY, format_timestamp, ms_to_datetime, parse_timestamp
 from .s3_stores import (
@@ -87,36 +88,6 @@ def bucket_region(client: Any, bucket: str) -> str:
     """GetBucketLocation → region name (None/"" is us-east-1, legacy "EU" is eu-west-1)."""
     constraint = client.get_bucket_location(Bucket=bucket).get("LocationConstraint") or ""
     return {"": DEFAULT_REGION, "EU": "eu-west-1"}.get(constraint, constraint)
-
-
-class RequestCounter:
-    """Thread-safe count of S3 API calls by kind (GET, PUT, LIST, HEAD, DELETE).
-
-    One count per API call (each listing page, each multipart part), not per retry attempt:
-    benchmarks and ``PRAGMA litestream_stats`` read it to show what the access pattern costs.
-    """
-
-    KINDS = ("GET", "PUT", "LIST", "HEAD", "DELETE")
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts = dict.fromkeys(self.KINDS, 0)
-
-    def add(self, kind: str, n: int = 1) -> None:
-        with self._lock:
-            self._counts[kind] += n
-
-    def __getitem__(self, kind: str) -> int:
-        with self._lock:
-            return self._counts[kind]
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._counts)
-
-    def reset(self) -> None:
-        with self._lock:
-            self._counts = dict.fromkeys(self.KINDS, 0)
 
 
 class S3ReplicaClient(ReplicaClient):
