@@ -195,23 +195,19 @@ class LitestreamFile:
 
     def _commit(self, fsync: bool) -> None:
         """End of a write transaction: what SQLite wrote becomes a commit in the buffer."""
-        view = self._view
-        writer = view.writer if view is not None else None
-        if writer is None:
-            return
-        try:
-            writer.commit(fsync=fsync)
-        except (LitestreamError, OSError) as err:
-            raise to_apsw_error(err) from err
+        self._end_transaction(lambda writer: writer.commit(fsync=fsync))
 
     def _rollback(self) -> None:
         """End of a write transaction SQLite did not commit: its records are void."""
+        self._end_transaction(lambda writer: writer.rollback())
+
+    def _end_transaction(self, end) -> None:
         view = self._view
         writer = view.writer if view is not None else None
         if writer is None:
             return
         try:
-            writer.rollback()
+            end(writer)
         except (LitestreamError, OSError) as err:
             raise to_apsw_error(err) from err
 

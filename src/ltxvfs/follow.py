@@ -435,9 +435,9 @@ class Replica:
         self.replace_state(start, state)
 
     def lag_seconds(self) -> int:
-        if self.last_poll_success is None:
-            return -1
-        return int(time.monotonic() - self.last_poll_success)
+        """Whole seconds of :meth:`lag`; -1 if never current."""
+        lag = self.lag()
+        return -1 if lag == float("inf") else int(lag)
 
     def state_at(self, *, txid: int | None = None, timestamp: datetime | None = None
                  ) -> DatabaseState:
