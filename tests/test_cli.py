@@ -200,6 +200,9 @@ def test_shell_banner_ends_before_the_prompt(replica, tmp_path):
             proc.wait()
         os.close(master)
     text = re.sub(r"\x1b\[[0-9;]*m", "", out.decode())
+    # The read that brought the prompt may also bring the start of the escape sequence that
+    # follows it (its rest in the next read, never made): what follows the prompt is not ours.
+    text = text[:text.index("sqlite> ") + len("sqlite> ")]
     assert text == (f"ltxvfs shell on {replica.url}; try PRAGMA litestream_time = "
                     "'5 minutes ago';\r\nsqlite> ")
 
